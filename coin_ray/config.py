@@ -1,0 +1,355 @@
+"""The one typed config of an adaptation run: YAML plus dotted command-line overrides.
+
+    cfg = load_config("my.yaml", ["train.distill.gamma1=0.2", "cloud.backend=dds"])
+
+Every field is checked on load: an unknown key, a wrong type or an out-of-range value
+raises ``ConfigError`` with one line naming the dotted key and what is allowed. Secrets
+are never stored: ``cloud.token_env`` holds the *name* of an environment variable.
+The YAML key ``lambda`` maps to the field ``lambda_`` (a Python keyword).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+FOGGY_SHAPES_CATEGORIES = ["truck", "car", "rider", "person", "train", "motorcycle", "bicycle", "bus"]
+DEFAULT_TEMPLATES = ["a photo of a {}.", "a photo of the {}.", "a blurry photo of a {}.",
+                     "a photo of a small {}.", "a photo of a large {}."]
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message is one line naming the key."""
+
+
+def _range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+           hi_open: bool = False, **kw: Any) -> Any:
+    return field(metadata={"range": (lo, hi, lo_open, hi_open)}, **kw)
+
+
+@dataclass
+class DataConfig:
+    """Where the target images and (optional) labelled validation split live."""
+
+    target_images: str = ""  # folder or s3:// prefix of unlabeled target images; "" = Foggy-Shapes
+    val_images: str = ""  # images of the labelled target split (for the metric)
+    val_annotations: str = ""  # COCO JSON file or VOC Annotations folder for val_images
+    val_format: Literal["coco", "voc"] = "coco"
+    categories: list[str] = field(default_factory=lambda: list(FOGGY_SHAPES_CATEGORIES))
+    style: str = "foggy street scene"  # the dataset's style phrase for CLIP prompts
+    world: Literal["tiny", "demo", "bench"] = "demo"  # Foggy-Shapes size when target_images == ""
+    world_cache: str = ""  # where Foggy-Shapes and its stand-ins are cached; "" = ~/.cache/coin_ray
+    max_images: int = _range(0, default=0)  # 0 = all
+
+
+@dataclass
+class CloudConfig:
+    """The cloud detector backend and how politely we call it."""
+
+    backend: Literal["http", "dds", "rekognition", "hf", "replay"] = "http"
+    url: str = ""  # http: server URL; dds: base URL (DDS_CLOUDAPI_ENDPOINT overrides); replay: file
+    model: str = ""  # dds model name, hf hub id / local dir
+    token_env: str = ""  # NAME of the environment variable holding the API token
+    prompts: dict[str, list[str]] = field(default_factory=dict)  # category -> prompt phrases
+    label_map: dict[str, str] = field(default_factory=dict)  # vendor label -> category
+    threshold: float = _range(0.0, 1.0, default=0.25)
+    requests_per_second: float = _range(0.0, None, lo_open=True, default=10.0)
+    max_in_flight: int = _range(1, None, default=8)
+    timeout_s: float = _range(0.0, None, lo_open=True, default=30.0)
+    max_retries: int = _range(0, None, default=5)
+    poll_deadline_s: float = _range(0.0, None, lo_open=True, default=120.0)
+    num_actors: int = _range(1, None, default=2)
+    price_per_call: float = _range(0.0, None, default=0.0)
+    cache: str = ""  # "" = <storage>/cache
+
+
+@dataclass
+class ClipConfig:
+    """The CLIP model used to score cloud boxes and to build the CLIP detector."""
+
+    model: str = ""  # hub id, local dir or s3:// dir; "" = the Foggy-Shapes stand-in
+    templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
+    batch_size: int = _range(1, None, default=64)
+    num_actors: int = _range(1, None, default=1)
+
+
+@dataclass
+class ModelConfig:
+    """The CLIP detector / target detector architecture."""
+
+    context_init: str = "a photo of a"
+    num_extra_context: int = _range(0, None, default=4)  # M learnable tokens after the init
+    frozen_vision_layers: int = _range(0, None, default=0)
+    backbone_lr_mult: float = _range(0.0, None, default=0.1)
+    target_backbone: Literal["clip", "resnet18"] = "clip"
+    min_size: int = _range(32, None, default=160)  # shorter image side fed to the detector
+    max_size: int = _range(32, None, default=320)
+    detections_per_image: int = _range(1, None, default=50)
+    score_threshold: float = _range(0.0, 1.0, default=0.05)
+
+
+@dataclass
+class DisseminateConfig:
+    """Stage 1: pre-training the CLIP detector on cloud detections."""
+
+    steps: int = _range(0, None, default=600)
+    batch_size: int = _range(1, None, default=4)
+    lr: float = _range(0.0, None, lo_open=True, default=2e-3)
+    weight_decay: float = _range(0.0, None, default=1e-4)
+    lambda_: float = _range(0.0, None, default=10.0)
+    eta: float = _range(0.0, 1.0, default=0.9996)
+    background_weight: float = _range(0.0, None, default=1.0)
+    min_cloud_score: float = _range(0.0, 1.0, default=0.3)
+    checkpoint_every: int = _range(1, None, default=100)
+    log_every: int = _range(1, None, default=10)
+
+
+@dataclass
+class DistillConfig:
+    """Stage 3: distilling the target detector (the paper's five hyperparameters live here)."""
+
+    steps: int = _range(0, None, default=800)
+    batch_size: int = _range(1, None, default=4)
+    lr: float = _range(0.0, None, lo_open=True, default=2e-3)
+    weight_decay: float = _range(0.0, None, default=1e-4)
+    gamma1: float = _range(0.0, None, default=0.1)  # L_inc weight
+    gamma2: float = _range(0.0, None, default=0.1)  # L_pri weight
+    lambda_: float = _range(0.0, None, default=10.0)  # L_align weight
+    eta: float = _range(0.0, 1.0, default=0.9996)  # prototype EMA rate
+    pi: float = _range(0.0, 1.0, default=0.7)  # CKG confidence threshold
+    burn_up: float = _range(0.0, 1.0, default=0.7)  # fraction of steps before L_inc/EMA teacher
+    teacher_keep_rate: float = _range(0.0, 1.0, default=0.9996)
+    match_iou: float = _range(0.0, 1.0, lo_open=True, default=0.5)
+    fusion: Literal["ckg", "cloud", "clip", "avg", "score_avg"] = "ckg"
+    use_align: bool = True
+    use_con: bool = True
+    use_inc: bool = True
+    use_pri: bool = True
+    ckg_lr: float = _range(0.0, None, lo_open=True, default=1e-3)
+    ckg_heads: int = _range(1, None, default=4)
+    checkpoint_every: int = _range(1, None, default=100)
+    log_every: int = _range(1, None, default=10)
+    eval_every: int = _range(0, None, default=0)  # 0 = only at the end
+
+
+@dataclass
+class TrainConfig:
+    disseminate: DisseminateConfig = field(default_factory=DisseminateConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+@dataclass
+class RayConfig:
+    """Ray resources; ``num_cpus`` only applies when starting a local instance."""
+
+    num_cpus: int = _range(0, None, default=0)  # 0 = let Ray decide
+    num_workers: int = _range(0, None, default=1)  # Ray Train workers; 0 = in the driver
+    use_gpu: bool = False
+    cpus_per_worker: float = _range(0.0, None, lo_open=True, default=1.0)
+
+
+@dataclass
+class Config:
+    """A whole adaptation run."""
+
+    run_id: str = ""  # "" = derived from the config (stable across re-runs)
+    storage: str = "runs"  # local folder or s3:// prefix holding every run
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    cloud: CloudConfig = field(default_factory=CloudConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.data.categories)
+
+    def resolved_run_id(self) -> str:
+        """The run id: ``run_id`` if set, else a hash of what defines the collected data."""
+        if self.run_id:
+            return self.run_id
+        key = json.dumps({"data": to_dict(self.data), "cloud": to_dict(self.cloud),
+                          "seed": self.seed}, sort_keys=True)
+        return "run-" + hashlib.sha1(key.encode()).hexdigest()[:10]
+
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _yaml_key(f: dataclasses.Field) -> str:
+    return "lambda" if f.name == "lambda_" else f.name
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted (int -> float)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not allowed (allowed: {', '.join(map(str, args))})")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, inner[0], value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", args[0], v) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {_coerce(f"{key} key", args[0], k): _coerce(f"{key}.{k}", args[1], v)
+                for k, v in value.items()}
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _check_range(key: str, f: dataclasses.Field, value: Any) -> None:
+    if "range" not in f.metadata or value is None:
+        return
+    lo, hi, lo_open, hi_open = f.metadata["range"]
+    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or \
+          (hi is not None and (value >= hi if hi_open else value > hi))
+    if bad:
+        left = "(" if lo_open else "["
+        right = ")" if hi_open else "]"
+        allowed = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+        raise ConfigError(f"{key}: {value!r} is out of range (allowed: {allowed})")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    fields = {_yaml_key(f): f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        raise ConfigError(f"{key}: unknown key (allowed: {', '.join(fields)})")
+    kwargs = {}
+    for ykey, value in data.items():
+        f = fields[ykey]
+        key = f"{prefix}{ykey}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, value, key + ".")
+            continue
+        value = _coerce(key, tp, value)
+        _check_range(key, f, value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    if cfg.cloud.token_env and not _ENV_NAME.match(cfg.cloud.token_env):
+        raise ConfigError("cloud.token_env: must be the NAME of an environment variable "
+                          "(letters, digits, _), never the token itself")
+    if not cfg.data.categories:
+        raise ConfigError("data.categories: at least one category is needed")
+    if len(set(cfg.data.categories)) != len(cfg.data.categories):
+        raise ConfigError("data.categories: categories must be unique")
+    for name in (*cfg.cloud.prompts, *cfg.cloud.label_map.values()):
+        if name not in cfg.data.categories:
+            raise ConfigError(f"cloud: {name!r} is not a category "
+                              f"(allowed: {', '.join(cfg.data.categories)})")
+    if cfg.model.min_size > cfg.model.max_size:
+        raise ConfigError("model.min_size: must not exceed model.max_size")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.distill.gamma1=0.2' -> (['train', 'distill', 'gamma1'], 0.2) (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"{text}: an override must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _set_dotted(tree: dict[str, Any], parts: list[str], value: Any) -> None:
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts)}: {p} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build and validate a Config from a plain mapping plus dotted overrides."""
+    tree = json.loads(json.dumps(data or {}))
+    for text in overrides:
+        parts, value = parse_override(text)
+        _set_dotted(tree, parts, value)
+    cfg = _build(Config, tree, "")
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML file (local or s3://; None = all defaults) and apply dotted overrides."""
+    data: dict[str, Any] = {}
+    if path:
+        from coin_ray import storage
+
+        try:
+            text = storage.read_text(path)
+        except FileNotFoundError as err:
+            raise ConfigError(f"config file not found: {path}") from err
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
+    return from_dict(data, overrides)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A plain mapping with YAML keys (``lambda``, not ``lambda_``)."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        out[_yaml_key(f)] = to_dict(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
+def to_yaml(cfg: Config) -> str:
+    """The config as YAML; it holds environment-variable names, never their values."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def with_updates(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """A validated copy of ``cfg`` with dotted overrides applied."""
+    return from_dict(to_dict(cfg), overrides)
