@@ -1,0 +1,65 @@
+import pytest
+import yaml
+
+from coin_ray.config import Config, ConfigError, from_dict, load_config, to_yaml, with_updates
+
+
+def test_defaults_are_the_papers():
+    cfg = load_config()
+    d = cfg.train.distill
+    assert (d.gamma1, d.gamma2, d.lambda_, d.eta, d.pi) == (0.1, 0.1, 10.0, 0.9996, 0.7)
+
+
+def test_yaml_and_dotted_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"train": {"distill": {"lambda": 5, "pi": 0.5}},
+                                    "data": {"categories": ["car", "traffic light"]}}))
+    cfg = load_config(str(path), ["train.distill.gamma1=0.2", "cloud.backend=dds"])
+    assert cfg.train.distill.gamma1 == 0.2
+    assert cfg.train.distill.lambda_ == 5.0 and isinstance(cfg.train.distill.lambda_, float)
+    assert cfg.train.distill.pi == 0.5
+    assert cfg.cloud.backend == "dds"
+    assert cfg.data.categories == ["car", "traffic light"]
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.distill.gama1=0.2", "train.distill.gama1: unknown key (allowed: steps"),
+    ("train.distill.gamma1=abc", "train.distill.gamma1: expected a number, got 'abc'"),
+    ("train.distill.pi=1.5", "train.distill.pi: 1.5 is out of range (allowed: [0.0, 1.0])"),
+    ("cloud.backend=azure", "cloud.backend: 'azure' is not allowed (allowed: http, dds, rekognition, hf, replay)"),
+    ("ray.num_workers=1.5", "ray.num_workers: expected an integer, got 1.5"),
+    ("train.distill.use_inc=maybe", "train.distill.use_inc: expected true or false, got 'maybe'"),
+])
+def test_bad_values_are_one_line_errors_naming_the_key(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    message = str(err.value)
+    assert message.startswith(expected)
+    assert "\n" not in message
+
+
+def test_prompts_must_name_known_categories():
+    with pytest.raises(ConfigError, match="'lorry' is not a category"):
+        from_dict({"cloud": {"prompts": {"lorry": ["lorry"]}}})
+
+
+def test_token_is_referenced_by_env_name_and_never_saved(tmp_path, monkeypatch):
+    secret = "sk-live-0123456789abcdef"
+    monkeypatch.setenv("DDS_TOKEN", secret)
+    cfg = load_config(None, ["cloud.backend=dds", "cloud.token_env=DDS_TOKEN"])
+    text = to_yaml(cfg)
+    assert "DDS_TOKEN" in text and secret not in text
+    # pasting the token itself where the variable name belongs is refused, without echoing it
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"cloud.token_env={secret}"])
+    assert secret not in str(err.value)
+    with pytest.raises(ConfigError, match="cloud.token: unknown key"):
+        load_config(None, [f"cloud.token={secret}"])
+
+
+def test_saved_yaml_round_trips():
+    cfg = with_updates(Config(), ["train.distill.gamma2=0.3", "data.style=night street"])
+    again = from_dict(yaml.safe_load(to_yaml(cfg)))
+    assert again == cfg
+    assert again.resolved_run_id() == cfg.resolved_run_id()
+    assert with_updates(cfg, ["seed=1"]).resolved_run_id() != cfg.resolved_run_id()
