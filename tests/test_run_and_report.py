@@ -42,7 +42,7 @@ def test_report_files(tmp_path):
     results = {"Cloud det": evaluate(split, [cloud]), "CLIP det": evaluate(split, [clip_det])}
     md = write_tables(results, cats, str(tmp_path))
     assert "| Cloud det | 100.0 | - | 100.0 |" in md
-    assert json.loads((tmp_path / "metrics.json").read_text())["Cloud det"]["map50"] == 100.0
+    assert json.loads((tmp_path / "metrics.json").read_text())["Cloud det"]["map50"] == pytest.approx(100.0)
     plot_ap_bars(results, cats, str(tmp_path / "ap.png"))
     plot_losses({"distill": [{"step": i, "loss": 1.0 / (i + 1)} for i in range(5)]}, str(tmp_path / "l.png"))
     detection_grid([np.zeros((48, 64, 3), np.uint8)], [cloud], [clip_det], [cloud], cats, str(tmp_path / "g.png"))
