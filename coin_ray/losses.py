@@ -32,3 +32,124 @@ def l_align(text_embeddings: torch.Tensor, prototypes: torch.Tensor) -> torch.Te
         raise ValueError(f"text embeddings {tuple(text_embeddings.shape)} and prototypes "
                          f"{tuple(prototypes.shape)} differ in shape")
     return (text_embeddings - prototypes.detach().to(text_embeddings.dtype)).abs().mean()
+
+
+def _empty_loss(like: torch.Tensor) -> torch.Tensor:
+    # A zero that still belongs to the graph, so backward and DDP see every parameter.
+    return like.sum() * 0.0
+
+
+def kl_to_target(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """KL(target || softmax(logits)), summed over classes and averaged over rows.
+
+    Args:
+        logits: (R, K+1) raw scores of the model being taught.
+        target_probs: (R, K+1) target distribution (detached here: it is a teacher).
+    Returns:
+        A scalar; 0 (still attached to ``logits``) when R == 0.
+    """
+    if len(logits) == 0:
+        return _empty_loss(logits)
+    target = target_probs.detach().to(logits.dtype)
+    log_p = torch.log_softmax(logits, dim=-1)
+    log_t = torch.log(target.clamp_min(1e-12))
+    return (target * (log_t - log_p)).sum(dim=-1).mean()
+
+
+def l_con(class_logits: torch.Tensor, class_targets: torch.Tensor, box_deltas: torch.Tensor,
+          box_targets: torch.Tensor, *, background_weight: float = 1.0) -> torch.Tensor:
+    """L_con: Fast R-CNN loss on proposals assigned to consistent boxes plus background.
+
+    Classification is a cross-entropy (foreground weight 1, background ``background_weight``);
+    box regression is a smooth-L1 (beta 1/9) on foreground proposals only, normalised by the
+    number of proposals (as torchvision's ``fastrcnn_loss``).
+
+    Args:
+        class_logits: (R, K+1) student scores of the sampled proposals.
+        class_targets: (R,) int64 in [0, K]; K = background.
+        box_deltas: (R, 4) predicted class-agnostic deltas.
+        box_targets: (R, 4) encoded regression targets (ignored for background rows).
+    Returns:
+        A scalar; 0 when R == 0.
+    """
+    if len(class_logits) == 0:
+        return _empty_loss(class_logits) + _empty_loss(box_deltas)
+    background = class_logits.shape[1] - 1
+    weight = torch.ones(background + 1, dtype=class_logits.dtype, device=class_logits.device)
+    weight[background] = background_weight
+    per_row = torch.nn.functional.cross_entropy(class_logits, class_targets, reduction="none")
+    row_weight = weight[class_targets]
+    cls = (per_row * row_weight).sum() / row_weight.sum().clamp_min(1e-6)
+    fg = class_targets < background
+    box = torch.nn.functional.smooth_l1_loss(box_deltas[fg], box_targets[fg].to(box_deltas.dtype),
+                                             beta=1 / 9, reduction="sum") / len(class_targets)
+    return cls + box
+
+
+def l_pri(logits: torch.Tensor, source_probs: torch.Tensor) -> torch.Tensor:
+    """L_pri: KL between each private box's source probs and the student's distribution.
+
+    Args:
+        logits: (Q, K+1) student scores on the private boxes.
+        source_probs: (Q, K+1) probs of whichever source found the box (cloud or CLIP det).
+    """
+    return kl_to_target(logits, source_probs)
+
+
+def l_inc(logits: torch.Tensor, fused_probs: torch.Tensor, pi: float) -> torch.Tensor:
+    """L_inc: KL to the fused probs of inconsistent boxes, kept where max(fused) >= pi.
+
+    Args:
+        logits: (P, K+1) student scores on the inconsistent boxes.
+        fused_probs: (P, K+1) the fusion's output (CKG's p_ckg by default), detached here.
+        pi: confidence threshold on the fused distribution.
+    Returns:
+        A scalar averaged over the kept boxes; 0 when none is kept.
+    """
+    keep = fused_probs.detach().max(dim=-1).values >= pi
+    if not bool(keep.any()):
+        return _empty_loss(logits)
+    return kl_to_target(logits[keep], fused_probs[keep])
+
+
+def squared_error(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """|| p - target ||^2 summed over classes, averaged over rows: the loss whose gradient
+    direction the CKG aligns (probs, target: (R, K+1)). 0 when R == 0."""
+    if len(probs) == 0:
+        return _empty_loss(probs)
+    return ((probs - target) ** 2).sum(dim=-1).mean()
+
+
+def gradient_direction_loss(g_consistent: torch.Tensor, g_inconsistent: torch.Tensor) -> torch.Tensor:
+    """1 - cos(g^, g~): 0 for parallel gradients, 2 for opposite ones.
+
+    g^ (from consistent boxes) is the supervision and is detached; g~ (from inconsistent
+    boxes, through the CKG's fused probs) carries the graph back to the CKG.
+
+    Args:
+        g_consistent, g_inconsistent: (P,) flattened gradients w.r.t. one student layer.
+    """
+    a, b = g_consistent.detach().flatten(), g_inconsistent.flatten()
+    # Rescale each by its (detached) largest entry: the cosine and its gradient are
+    # unchanged, and tiny gradients no longer underflow when squared for the norm.
+    a = a / a.abs().max().clamp_min(torch.finfo(a.dtype).tiny)
+    b = b / b.detach().abs().max().clamp_min(torch.finfo(b.dtype).tiny)
+    return 1.0 - torch.nn.functional.cosine_similarity(a, b, dim=0, eps=1e-12)
+
+
+def l_ckg(g_consistent: torch.Tensor, g_inconsistent: torch.Tensor, ckg_probs_consistent: torch.Tensor,
+          consistent_labels: torch.Tensor) -> torch.Tensor:
+    """L_ckg = (1 - cos(g^, g~)) + KL(onehot(l^) || p^_ckg).
+
+    Args:
+        g_consistent, g_inconsistent: flattened layer gradients (see ``gradient_direction_loss``).
+        ckg_probs_consistent: (P, K+1) CKG output on consistent boxes (probabilities).
+        consistent_labels: (P,) int64 in [0, K), the label both sources agree on.
+    Returns:
+        A scalar. The KL to a one-hot target is -log p[l] (the one-hot has no entropy).
+    """
+    direction = gradient_direction_loss(g_consistent, g_inconsistent)
+    if len(ckg_probs_consistent) == 0:
+        return direction + _empty_loss(ckg_probs_consistent)
+    picked = ckg_probs_consistent.gather(1, consistent_labels[:, None]).squeeze(1)
+    return direction - torch.log(picked.clamp_min(1e-7)).mean()

@@ -1,0 +1,210 @@
+"""Stage 2, knowledge separation: consistent, inconsistent and private detections.
+
+For one image, the cloud detections and the CLIP-detector detections are matched one to
+one by IoU (``coin_ray.boxes.match_one_to_one``, cloud first). Then (paper, Sec. 3.3):
+
+    consistent P^    matched pairs whose labels agree
+    inconsistent P~  matched pairs whose labels differ (both probability vectors kept)
+    private Q        cloud boxes that matched nothing, and CLIP-detector boxes that
+                     matched nothing (each remembers its source)
+
+A matched pair's box is the cloud box before burn-up and the score-weighted fusion of
+both boxes after it (``coin_ray.boxes.fuse_boxes``).
+
+Shapes (K categories, index K is background; all boxes xyxy in pixels of the frame the
+inputs were given in, usually the original image):
+    boxes (N, 4) float32, labels (N,) int64 in [0, K), scores (N,) float32,
+    probs (N, K+1) float32.
+
+This module is pure tensor code: no model, no Ray. ``SeparationStats`` counts the sets and,
+given ground truth, how often each set's label is right (the diagnosis the paper's story
+rests on: consistent labels should be the most reliable).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from coin_ray.boxes import MATCH_IOU_THRESHOLD, fuse_boxes, match_one_to_one, pairwise_iou
+
+# A set box counts as "right" when it overlaps a ground-truth box of its label this much.
+GT_MATCH_IOU = 0.5
+
+
+@dataclass
+class SourceBoxes:
+    """Detections of one image from one source, as tensors (see module docstring)."""
+
+    boxes: torch.Tensor
+    labels: torch.Tensor
+    scores: torch.Tensor
+    probs: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    def select(self, index: torch.Tensor) -> "SourceBoxes":
+        return SourceBoxes(self.boxes[index], self.labels[index], self.scores[index],
+                           self.probs[index])
+
+
+def as_source(detections: Any, min_score: float = 0.0) -> SourceBoxes:
+    """Tensors from a ``schema.Detections`` record or a ``detect()`` output dict.
+
+    Boxes whose score is below ``min_score`` are dropped (a low-confidence box is neither
+    evidence of an object nor of a disagreement).
+    """
+    get = detections.get if isinstance(detections, dict) else lambda k: getattr(detections, k)
+    boxes = torch.as_tensor(get("boxes"), dtype=torch.float32).reshape(-1, 4)
+    probs = torch.as_tensor(get("probs"), dtype=torch.float32)
+    if probs.dim() != 2:
+        # A flat array: one row per box (an empty flat array cannot tell K: width 0).
+        probs = probs.reshape(len(boxes), -1) if len(boxes) else probs.reshape(0, 0)
+    src = SourceBoxes(boxes, torch.as_tensor(get("labels"), dtype=torch.int64).reshape(-1),
+                      torch.as_tensor(get("scores"), dtype=torch.float32).reshape(-1), probs)
+    return src.select(src.scores >= min_score)
+
+
+@dataclass
+class PairedSet:
+    """Matched (cloud, CLIP-det) pairs: the consistent or the inconsistent set (P pairs).
+
+    ``boxes`` (P, 4) is the cloud box or the fused box; every other field is kept per
+    source: labels (P,), scores (P,), probs (P, K+1). For the consistent set
+    ``cloud_labels == clip_labels``.
+    """
+
+    boxes: torch.Tensor
+    cloud_labels: torch.Tensor
+    clip_labels: torch.Tensor
+    cloud_scores: torch.Tensor
+    clip_scores: torch.Tensor
+    cloud_probs: torch.Tensor
+    clip_probs: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+
+@dataclass
+class PrivateSet:
+    """Boxes only one source found (Q boxes): boxes (Q, 4), labels (Q,), scores (Q,),
+    probs (Q, K+1) of that source, and ``from_cloud`` (Q,) bool (False = CLIP detector)."""
+
+    boxes: torch.Tensor
+    labels: torch.Tensor
+    scores: torch.Tensor
+    probs: torch.Tensor
+    from_cloud: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+
+@dataclass
+class Separation:
+    """The three sets of one image."""
+
+    consistent: PairedSet
+    inconsistent: PairedSet
+    private: PrivateSet
+
+
+def _paired(cloud: SourceBoxes, clip: SourceBoxes, fuse: bool) -> PairedSet:
+    boxes = fuse_boxes(cloud.boxes, cloud.scores, clip.boxes, clip.scores) if fuse else cloud.boxes
+    return PairedSet(boxes.reshape(-1, 4), cloud.labels, clip.labels, cloud.scores, clip.scores,
+                     cloud.probs, clip.probs)
+
+
+def separate(cloud: SourceBoxes, clip_det: SourceBoxes, *,
+             iou_threshold: float = MATCH_IOU_THRESHOLD, fuse: bool = False) -> Separation:
+    """Split one image's detections into consistent, inconsistent and private sets.
+
+    Args:
+        cloud: the cloud detector's boxes (xyxy pixels), labels, scores, probs (N, K+1).
+        clip_det: the CLIP detector's (teacher's) detections in the same frame, (M, ...).
+        iou_threshold: a pair needs IoU >= this (``cfg.train.distill.match_iou``).
+        fuse: False before burn-up (a matched pair takes the cloud box), True after it
+            (score-weighted fusion of the two boxes).
+    Returns:
+        ``Separation``; every input box lands in exactly one set (a pair counts once).
+    """
+    pairs = match_one_to_one(cloud.boxes, clip_det.boxes, iou_threshold)
+    ci, ji = pairs[:, 0], pairs[:, 1]
+    cloud_m, clip_m = cloud.select(ci), clip_det.select(ji)
+    same = cloud_m.labels == clip_m.labels
+    consistent = _paired(cloud_m.select(same), clip_m.select(same), fuse)
+    inconsistent = _paired(cloud_m.select(~same), clip_m.select(~same), fuse)
+
+    cloud_free = torch.ones(len(cloud), dtype=torch.bool)
+    cloud_free[ci] = False
+    clip_free = torch.ones(len(clip_det), dtype=torch.bool)
+    clip_free[ji] = False
+    a, b = cloud.select(cloud_free), clip_det.select(clip_free)
+    private = PrivateSet(torch.cat([a.boxes, b.boxes]).reshape(-1, 4), torch.cat([a.labels, b.labels]),
+                         torch.cat([a.scores, b.scores]), _cat_probs(a.probs, b.probs),
+                         torch.cat([torch.ones(len(a), dtype=torch.bool),
+                                    torch.zeros(len(b), dtype=torch.bool)]))
+    return Separation(consistent, inconsistent, private)
+
+
+def _cat_probs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # An empty side may carry a (0, 0) probs tensor; keep the other side's width.
+    width = max(a.shape[1], b.shape[1])
+    return torch.cat([a.reshape(-1, width), b.reshape(-1, width)])
+
+
+def _label_right(boxes: torch.Tensor, labels: torch.Tensor, gt_boxes: torch.Tensor,
+                 gt_labels: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: the box overlaps (IoU >= GT_MATCH_IOU) a ground-truth box of its label."""
+    iou = pairwise_iou(boxes, gt_boxes)
+    if iou.numel() == 0:
+        return torch.zeros(len(boxes), dtype=torch.bool)
+    same = labels[:, None] == gt_labels[None, :]
+    return ((iou >= GT_MATCH_IOU) & same).any(dim=1)
+
+
+@dataclass
+class SeparationStats:
+    """Counts of each set over many images, and how often each set's label is right.
+
+    ``counts[name]`` is the number of boxes; ``right[name]`` how many of them carry a
+    correct label against ground truth (only counted for images given ground truth).
+    Names: consistent, inconsistent_cloud / inconsistent_clip (the same boxes, judged by
+    each source's label), private_cloud, private_clip.
+    """
+
+    counts: dict[str, int] = field(default_factory=dict)
+    judged: dict[str, int] = field(default_factory=dict)
+    right: dict[str, int] = field(default_factory=dict)
+
+    def add(self, sep: Separation, gt_boxes: torch.Tensor | None = None,
+            gt_labels: torch.Tensor | None = None) -> None:
+        """Count one image's sets; with ``gt_boxes`` (G, 4) xyxy pixels and ``gt_labels``
+        (G,), also count right labels."""
+        p = sep.private
+        groups = {
+            "consistent": (sep.consistent.boxes, sep.consistent.cloud_labels),
+            "inconsistent_cloud": (sep.inconsistent.boxes, sep.inconsistent.cloud_labels),
+            "inconsistent_clip": (sep.inconsistent.boxes, sep.inconsistent.clip_labels),
+            "private_cloud": (p.boxes[p.from_cloud], p.labels[p.from_cloud]),
+            "private_clip": (p.boxes[~p.from_cloud], p.labels[~p.from_cloud]),
+        }
+        for name, (boxes, labels) in groups.items():
+            self.counts[name] = self.counts.get(name, 0) + len(boxes)
+            if gt_boxes is None or gt_labels is None:
+                continue
+            ok = _label_right(boxes, labels, torch.as_tensor(gt_boxes, dtype=torch.float32).reshape(-1, 4),
+                              torch.as_tensor(gt_labels, dtype=torch.int64).reshape(-1))
+            self.judged[name] = self.judged.get(name, 0) + len(boxes)
+            self.right[name] = self.right.get(name, 0) + int(ok.sum())
+
+    def accuracy(self) -> dict[str, float]:
+        """Fraction of judged boxes with a right label, per set name (NaN when none)."""
+        return {k: (self.right.get(k, 0) / n if n else float("nan")) for k, n in self.judged.items()}
+
+    def summary(self) -> dict[str, Any]:
+        return {"counts": dict(self.counts), "label_accuracy": self.accuracy()}
