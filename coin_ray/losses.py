@@ -11,7 +11,12 @@ buffer or an optimizer; the training step calls the updates explicitly.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from coin_ray.models.roi_heads import RegionOutputs, RegionTargets
 
 
 def l_align(text_embeddings: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
@@ -56,34 +61,28 @@ def kl_to_target(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tens
     return (target * (log_t - log_p)).sum(dim=-1).mean()
 
 
-def l_con(class_logits: torch.Tensor, class_targets: torch.Tensor, box_deltas: torch.Tensor,
-          box_targets: torch.Tensor, *, background_weight: float = 1.0) -> torch.Tensor:
-    """L_con: Fast R-CNN loss on proposals assigned to consistent boxes plus background.
+def l_con(outputs: RegionOutputs, targets: RegionTargets, rpn_losses: dict[str, torch.Tensor], *,
+          background_weight: float = 1.0) -> torch.Tensor:
+    """L_con: the detector's loss on the consistent boxes, as if they were ground truth.
 
-    Classification is a cross-entropy (foreground weight 1, background ``background_weight``);
-    box regression is a smooth-L1 (beta 1/9) on foreground proposals only, normalised by the
-    number of proposals (as torchvision's ``fastrcnn_loss``).
+    The RoI part is the Fast R-CNN loss of proposals assigned to consistent boxes plus
+    background proposals (``roi_heads.assign_targets`` with one-hot targets of the agreed
+    label): cross-entropy (background rows weigh ``background_weight``) and smooth-L1 box
+    regression on foreground rows. The RPN part is whatever the RPN returned for its
+    targets (the step gives it every matched box: both detectors agree an object is there).
 
     Args:
-        class_logits: (R, K+1) student scores of the sampled proposals.
-        class_targets: (R,) int64 in [0, K]; K = background.
-        box_deltas: (R, 4) predicted class-agnostic deltas.
-        box_targets: (R, 4) encoded regression targets (ignored for background rows).
+        outputs: student ``RegionOutputs`` on the sampled proposals (R rows).
+        targets: ``RegionTargets`` of those proposals (labels (R,) in [0, K]).
+        rpn_losses: {"loss_objectness": scalar, "loss_rpn_box_reg": scalar} or {}.
     Returns:
-        A scalar; 0 when R == 0.
+        A scalar; its RoI part is 0 (still attached) when R == 0.
     """
-    if len(class_logits) == 0:
-        return _empty_loss(class_logits) + _empty_loss(box_deltas)
-    background = class_logits.shape[1] - 1
-    weight = torch.ones(background + 1, dtype=class_logits.dtype, device=class_logits.device)
-    weight[background] = background_weight
-    per_row = torch.nn.functional.cross_entropy(class_logits, class_targets, reduction="none")
-    row_weight = weight[class_targets]
-    cls = (per_row * row_weight).sum() / row_weight.sum().clamp_min(1e-6)
-    fg = class_targets < background
-    box = torch.nn.functional.smooth_l1_loss(box_deltas[fg], box_targets[fg].to(box_deltas.dtype),
-                                             beta=1 / 9, reduction="sum") / len(class_targets)
-    return cls + box
+    # Imported here: the detector's modules import this file (L_align), not the reverse.
+    from coin_ray.models.roi_heads import fastrcnn_soft_loss
+
+    roi = fastrcnn_soft_loss(outputs, targets, background_weight)
+    return sum(rpn_losses.values(), roi["loss_classifier"] + roi["loss_box_reg"])
 
 
 def l_pri(logits: torch.Tensor, source_probs: torch.Tensor) -> torch.Tensor:

@@ -31,14 +31,14 @@ def test_ckg_shapes_and_rows_sum_to_one():
 
 def test_ckg_prototypes_follow_the_ema_of_their_own_labels():
     ckg = _ckg()
-    before_cloud, before_clip = ckg.cloud_prototypes.clone(), ckg.clip_prototypes.clone()
+    before_cloud, before_clip = ckg.cloud_prototypes.vectors.clone(), ckg.clip_prototypes.vectors.clone()
     feats = torch.tensor([[1.0] * D, [2.0] * D, [4.0] * D])
     ckg.update_prototypes(feats, torch.tensor([0, 0, 1]), torch.tensor([2, 2, 2]), eta=0.5)
-    assert torch.allclose(ckg.cloud_prototypes[0], 0.5 * before_cloud[0] + 0.5 * 1.5)
-    assert torch.allclose(ckg.cloud_prototypes[1], 0.5 * before_cloud[1] + 0.5 * 4.0)
-    assert torch.equal(ckg.cloud_prototypes[2:], before_cloud[2:])
-    assert torch.allclose(ckg.clip_prototypes[2], 0.5 * before_clip[2] + 0.5 * 7 / 3)
-    assert torch.equal(ckg.clip_prototypes[:2], before_clip[:2])
+    assert torch.allclose(ckg.cloud_prototypes.vectors[0], 0.5 * before_cloud[0] + 0.5 * 1.5)
+    assert torch.allclose(ckg.cloud_prototypes.vectors[1], 0.5 * before_cloud[1] + 0.5 * 4.0)
+    assert torch.equal(ckg.cloud_prototypes.vectors[2:], before_cloud[2:])
+    assert torch.allclose(ckg.clip_prototypes.vectors[2], 0.5 * before_clip[2] + 0.5 * 7 / 3)
+    assert torch.equal(ckg.clip_prototypes.vectors[:2], before_clip[:2])
 
 
 def test_fusions_are_the_table_6_variants():

@@ -8,6 +8,7 @@ from torch import nn
 
 from coin_ray.losses import (gradient_direction_loss, kl_to_target, l_align, l_ckg, l_con, l_inc, l_pri,
                              squared_error)
+from coin_ray.models.roi_heads import RegionOutputs, RegionTargets
 from coin_ray.models.teacher import ema_update, make_teacher
 
 K = 3
@@ -76,7 +77,12 @@ def test_l_con_against_cross_entropy_and_smooth_l1_by_hand():
         return 0.5 * x * x / beta if abs(x) < beta else abs(x) - 0.5 * beta
 
     box = sum(sl1(v) for v in (deltas[:2] - box_targets[:2]).flatten().tolist()) / 4
-    got = l_con(logits, targets, deltas, box_targets, background_weight=bg_w)
+    outputs = RegionOutputs(torch.zeros(4, 2), logits, deltas)
+    targets = RegionTargets([torch.zeros(4, 4)], targets, torch.nn.functional.one_hot(targets, K + 1).float(),
+                            box_targets)
+    rpn = {"loss_objectness": torch.tensor(0.25), "loss_rpn_box_reg": torch.tensor(0.5)}
+    got = l_con(outputs, targets, rpn, background_weight=bg_w)
+    box += 0.75
     assert got.item() == pytest.approx(cls + box, rel=1e-5)
 
 
@@ -84,7 +90,8 @@ def test_every_loss_is_an_attached_zero_on_empty_input():
     empty = torch.zeros(0, K + 1, requires_grad=True)
     deltas = torch.zeros(0, 4, requires_grad=True)
     for loss in (l_pri(empty, empty), l_inc(empty, empty, 0.7), squared_error(empty, empty),
-                 l_con(empty, torch.zeros(0, dtype=torch.int64), deltas, deltas)):
+                 l_con(RegionOutputs(empty, empty, deltas),
+                       RegionTargets([], torch.zeros(0, dtype=torch.int64), empty, deltas), {})):
         assert loss.item() == 0.0 and loss.requires_grad
 
 

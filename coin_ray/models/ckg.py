@@ -30,11 +30,11 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
 from coin_ray.losses import squared_error
+from coin_ray.models.prototypes import Prototypes
 
 
 class CrossAttention(nn.Module):
@@ -63,44 +63,32 @@ class CKG(nn.Module):
         self.num_classes = num_classes
         self.cloud_attention = CrossAttention(dim, num_classes + 1, heads)
         self.clip_attention = CrossAttention(dim, num_classes + 1, heads)
-        init = init_prototypes.detach().float().clone()
-        self.register_buffer("cloud_prototypes", init.clone())
-        self.register_buffer("clip_prototypes", init.clone())
+        self.cloud_prototypes = Prototypes(init_prototypes)
+        self.clip_prototypes = Prototypes(init_prototypes)
 
     def forward(self, features: torch.Tensor, cloud_probs: torch.Tensor,
                 clip_probs: torch.Tensor) -> torch.Tensor:
         """p_ckg (R, K+1) from region features (R, D) and the two sources' probs (R, K+1)."""
         if len(features) == 0:
             return cloud_probs.new_zeros((0, self.num_classes + 1))
-        w_cld = self.cloud_attention(features, self.cloud_prototypes)
-        w_clip = self.clip_attention(features, self.clip_prototypes)
+        w_cld = self.cloud_attention(features, self.cloud_prototypes.vectors)
+        w_clip = self.clip_attention(features, self.clip_prototypes.vectors)
         mixed = w_cld * cloud_probs.to(w_cld.dtype) + w_clip * clip_probs.to(w_clip.dtype)
         return torch.softmax(mixed.float(), dim=-1)
 
     @torch.no_grad()
     def update_prototypes(self, features: torch.Tensor, cloud_labels: torch.Tensor,
                           clip_labels: torch.Tensor, eta: float) -> None:
-        """EMA of the student features per class, once under each source's labels.
-
-        e[i] <- eta * e[i] + (1 - eta) * mean(features labelled i), only for classes seen.
-        Under torch.distributed the class sums and counts are summed over ranks first, so
-        every rank keeps identical prototypes.
+        """EMA of the student's region features per class, once under each source's labels.
 
         Args:
             features: (R, D) normalised region embeddings (consistent, inconsistent and
                 background regions together).
-            cloud_labels, clip_labels: (R,) int64 in [0, K] (K = background).
+            cloud_labels, clip_labels: (R,) int64 in [0, K] (K = background): the label
+                each region carries for the cloud detector and for the CLIP detector.
         """
-        for buffer, labels in ((self.cloud_prototypes, cloud_labels), (self.clip_prototypes, clip_labels)):
-            onehot = F.one_hot(labels, self.num_classes + 1).float()
-            sums = onehot.T @ features.detach().float()
-            counts = onehot.sum(dim=0)
-            if dist.is_available() and dist.is_initialized():
-                dist.all_reduce(sums)
-                dist.all_reduce(counts)
-            seen = counts > 0
-            means = sums[seen] / counts[seen, None]
-            buffer[seen] = eta * buffer[seen] + (1.0 - eta) * means
+        self.cloud_prototypes.update(features, cloud_labels, eta)
+        self.clip_prototypes.update(features, clip_labels, eta)
 
 
 def layer_gradients(layer: nn.Linear, head: Callable[[torch.Tensor], torch.Tensor],
