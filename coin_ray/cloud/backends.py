@@ -1,0 +1,72 @@
+"""Build the configured backend: the one place that knows every backend by name."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from coin_ray.cloud.base import DetectorBackend
+from coin_ray.cloud.errors import Secret, read_token
+from coin_ray.config import CloudConfig
+
+# Backends that cannot work without a token; the others use one only when given.
+NEEDS_TOKEN = {"dds"}
+
+
+def _http(c: CloudConfig, categories: list[str] | None, token: Secret, root: str) -> DetectorBackend:
+    from coin_ray.cloud.http_backend import HttpBackend
+
+    return HttpBackend(c.url, threshold=c.threshold, timeout_s=c.timeout_s, token=token,
+                       categories=categories)
+
+
+def _dds(c: CloudConfig, categories: list[str] | None, token: Secret, root: str) -> DetectorBackend:
+    from coin_ray.cloud.dds import DdsBackend
+
+    return DdsBackend(token=token, model=c.model, endpoint=c.url, threshold=c.threshold,
+                      timeout_s=c.timeout_s, poll_deadline_s=c.poll_deadline_s)
+
+
+def _rekognition(c: CloudConfig, categories: list[str] | None, token: Secret,
+                 root: str) -> DetectorBackend:
+    from coin_ray.cloud.rekognition import RekognitionBackend
+
+    return RekognitionBackend(threshold=c.threshold)
+
+
+def _hf(c: CloudConfig, categories: list[str] | None, token: Secret, root: str) -> DetectorBackend:
+    from coin_ray.cloud.hf import HfBackend
+
+    return HfBackend(c.model, threshold=c.threshold)
+
+
+def _replay(c: CloudConfig, categories: list[str] | None, token: Secret,
+            root: str) -> DetectorBackend:
+    from coin_ray.cloud.replay import ReplayBackend
+
+    # cloud.model names the COCO annotations JSON when cloud.url is a COCO results list.
+    return ReplayBackend(c.url, categories=categories, images_root=root, annotations=c.model)
+
+
+BACKENDS: dict[str, Callable[..., DetectorBackend]] = {
+    "http": _http, "dds": _dds, "rekognition": _rekognition, "hf": _hf, "replay": _replay}
+
+
+def build_backend(cloud: CloudConfig, categories: list[str] | None, token: Secret | None = None,
+                  images_root: str = "") -> DetectorBackend:
+    """The backend named by ``cloud.backend``.
+
+    Args:
+        categories: the run's K category names (used to order full probability answers).
+        token: the API token; None reads the variable named by ``cloud.token_env``.
+        images_root: folder that relative image names of replay sources live under.
+    """
+    if cloud.backend not in BACKENDS:
+        raise ValueError(f"unknown backend {cloud.backend!r} (known: {', '.join(BACKENDS)})")
+    if token is None:
+        token = read_token(cloud.token_env, cloud.backend, cloud.backend in NEEDS_TOKEN)
+    return BACKENDS[cloud.backend](cloud, categories, token, images_root)
+
+
+def model_id(cloud: CloudConfig) -> str:
+    """What identifies the model in cache keys (the URL stands in for remote http servers)."""
+    return cloud.model or cloud.url

@@ -1,0 +1,106 @@
+"""The ``http`` backend: the project's own small JSON protocol for self-hosted detectors.
+
+Protocol (version 1; served by ``python -m coin_ray.serve``)
+
+    POST <url>/v1/detect
+        Content-Type: application/json
+        Authorization: Bearer <token>          only when the client has a token
+        {"image": "<base64 of the original encoded image file>",
+         "prompts": ["car", "bus", ...],        text prompts, one or more per category
+         "threshold": 0.25}                     minimum score the server should return
+    200 {"boxes":  [[x1, y1, x2, y2], ...],     absolute pixels of the image sent
+         "phrases": ["car", ...],               one label per box (a prompt or a name)
+         "scores": [0.9, ...],                  one score per box, in [0, 1]
+         "probs": [[...], ...] | null,          optional full distributions, K+1 per box ...
+         "categories": ["car", ...] | null,     ... whose first K columns are these names
+         "model": "<name of the model>"}
+    400 {"error": "..."}   the request is wrong (not an image, missing field): not retried
+    401 / 403              token missing or refused: the client stops the run
+    429 + Retry-After: <seconds, decimals allowed>   over the server's rate limit
+    5xx                    server trouble: retried with backoff
+
+    GET <url>/v1/health -> {"backend": "<name>", "model": "<name>"}
+    GET <url>/stats     -> request counters (see ``coin_ray.serve``)
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import numpy as np
+
+from coin_ray.cloud.base import CloudAnswer
+from coin_ray.cloud.errors import Secret, TransientError
+from coin_ray.cloud.rest import request_json
+
+
+def answer_to_json(answer: CloudAnswer, categories: list[str] | None = None,
+                   model: str = "") -> dict[str, Any]:
+    """The 200 body for ``answer`` (probs only together with the names of their columns)."""
+    with_probs = answer.probs is not None and categories is not None
+    return {
+        "boxes": np.asarray(answer.boxes, np.float32).reshape(-1, 4).tolist(),
+        "phrases": list(answer.phrases),
+        "scores": np.asarray(answer.scores, np.float32).reshape(-1).tolist(),
+        "probs": np.asarray(answer.probs, np.float32).tolist() if with_probs else None,
+        "categories": list(categories) if with_probs else None,
+        "model": model,
+    }
+
+
+def answer_from_json(body: Any, categories: list[str] | None = None) -> CloudAnswer:
+    """Parse a 200 body; probs are re-ordered to ``categories`` (K+1, background last).
+
+    Probs are kept only when every one of ``categories`` is among the server's columns;
+    otherwise the answer is treated as class-only.
+
+    Raises:
+        TransientError("malformed body"): fields missing or of inconsistent lengths.
+    """
+    try:
+        boxes = np.asarray(body["boxes"], np.float32).reshape(-1, 4)
+        phrases = [str(p) for p in body["phrases"]]
+        scores = np.asarray(body["scores"], np.float32).reshape(-1)
+        if not (len(boxes) == len(phrases) == len(scores)):
+            raise ValueError("boxes, phrases and scores differ in length")
+        probs = _reorder_probs(body.get("probs"), body.get("categories"), categories, len(boxes))
+    except (KeyError, TypeError, ValueError) as err:
+        raise TransientError("malformed body", str(err)[:200]) from None
+    return CloudAnswer(boxes, phrases, scores, probs)
+
+
+def _reorder_probs(probs: Any, theirs: Any, ours: list[str] | None, n: int) -> np.ndarray | None:
+    if probs is None or theirs is None or ours is None or not set(ours) <= set(theirs):
+        return None
+    probs = np.asarray(probs, np.float32).reshape(n, len(theirs) + 1)
+    cols = [list(theirs).index(c) for c in ours] + [len(theirs)]
+    out = probs[:, cols]
+    total = out.sum(axis=1, keepdims=True)
+    # Categories the run does not ask for take their mass with them: renormalise.
+    return np.divide(out, total, out=np.zeros_like(out), where=total > 0)
+
+
+class HttpBackend:
+    """Client of the protocol above; one instance per caller, thread-safe (no shared state)."""
+
+    name = "http"
+
+    def __init__(self, url: str, *, threshold: float = 0.25, timeout_s: float = 30.0,
+                 token: Secret | None = None, categories: list[str] | None = None) -> None:
+        if not url:
+            raise ValueError("backend 'http' needs cloud.url (e.g. http://127.0.0.1:8500)")
+        self.url = url.rstrip("/")
+        self.threshold = threshold
+        self.timeout_s = timeout_s
+        self.token = token or Secret("")
+        self.categories = categories
+
+    def detect(self, image_bytes: bytes, image: np.ndarray, prompts: list[str]) -> CloudAnswer:
+        """POST the original bytes; boxes come back in pixels of that image (xyxy)."""
+        headers = {"Authorization": f"Bearer {self.token.reveal()}"} if self.token else {}
+        body = {"image": base64.b64encode(image_bytes).decode("ascii"),
+                "prompts": list(prompts), "threshold": self.threshold}
+        reply = request_json("POST", f"{self.url}/v1/detect", body, headers, self.timeout_s,
+                             self.token)
+        return answer_from_json(reply, self.categories)

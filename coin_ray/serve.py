@@ -1,0 +1,312 @@
+"""The detector server: any backend over the project's ``http`` protocol.
+
+    python -m coin_ray.serve --backend hf --model IDEA-Research/grounding-dino-tiny --port 8500
+    python -m coin_ray.serve --backend foggy-shapes --checkpoint ~/.cache/coin_ray/cloud.pt \
+        --latency-ms 250 --rps 50
+
+Users host their own "cloud" with it; tests and benchmarks use its knobs: added latency, a
+requests-per-second limit answered with 429 + Retry-After, and injected faults (500s,
+429s, hangs past the client's timeout, malformed 200 bodies). Every request is counted;
+``GET /stats`` returns the counts (``?arrivals=1`` adds the arrival time of every detect
+request, for checking rate limits from the outside). The protocol itself is documented in
+``coin_ray.cloud.http_backend``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import hmac
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+from coin_ray.cloud.base import DetectorBackend
+from coin_ray.cloud.http_backend import answer_to_json
+from coin_ray.data.images import ImageDecodeError, decode_image
+
+log = logging.getLogger("coin_ray.serve")
+
+
+@dataclass
+class Knobs:
+    """Test and benchmark behaviour; the defaults serve plainly.
+
+    Fractions are per detect request and drawn from one seeded generator, in this order:
+    500, 429, hang, malformed (their sum must be <= 1).
+    """
+
+    latency_s: float = 0.0  # added before every answered detect request
+    rps_limit: float = 0.0  # admitted detect requests per sliding second; 0 = no limit
+    fail_500: float = 0.0
+    fail_429: float = 0.0
+    fail_hang: float = 0.0
+    fail_malformed: float = 0.0
+    hang_s: float = 60.0  # how long a hang lasts before the connection is dropped
+    retry_after_s: float = 0.1  # Retry-After sent with injected 429s
+    token: str = ""  # when set, detect requests need "Authorization: Bearer <token>"
+    seed: int = 0
+
+
+class _Counters:
+    """Thread-safe request counters plus the sliding window of the rate limit."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests = 0
+        self.detect = 0
+        self.status: Counter = Counter()
+        self.faults: Counter = Counter()
+        self.arrivals: list[float] = []
+        self.window: deque[float] = deque()
+
+    def snapshot(self, with_arrivals: bool) -> dict[str, Any]:
+        with self.lock:
+            out = {"requests": self.requests, "detect_requests": self.detect,
+                   "status": {str(k): v for k, v in sorted(self.status.items())},
+                   "faults": dict(self.faults)}
+            if with_arrivals:
+                out["arrivals"] = list(self.arrivals)
+            return out
+
+
+class DetectorServer(ThreadingHTTPServer):
+    """A threaded HTTP server around one backend (one thread per connection)."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], backend: DetectorBackend, knobs: Knobs) -> None:
+        super().__init__(address, _Handler)
+        self.backend = backend
+        self.knobs = knobs
+        self.counters = _Counters()
+        self.rng = random.Random(knobs.seed)
+        self.model_name = str(getattr(backend, "model_name", "") or backend.name)
+
+    def admit(self) -> float | None:
+        """None if a detect request is within the rate limit, else seconds until a slot frees."""
+        c, limit = self.counters, self.knobs.rps_limit
+        with c.lock:
+            now = time.time()
+            while c.window and c.window[0] <= now - 1.0:
+                c.window.popleft()
+            if limit > 0 and len(c.window) >= limit:
+                return c.window[0] + 1.0 - now
+            c.window.append(now)
+            return None
+
+    def draw_fault(self) -> str:
+        """'' or one of '500', '429', 'hang', 'malformed' (seeded, thread-safe)."""
+        k = self.knobs
+        with self.counters.lock:
+            u = self.rng.random()
+        for name, p in (("500", k.fail_500), ("429", k.fail_429), ("hang", k.fail_hang),
+                        ("malformed", k.fail_malformed)):
+            if u < p:
+                return name
+            u -= p
+        return ""
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: DetectorServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib name)
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        with self.server.counters.lock:
+            self.server.counters.status[status] += 1
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
+        self._send(status, json.dumps(obj).encode(), headers)
+
+    def _count(self, detect: bool = False) -> None:
+        c = self.server.counters
+        with c.lock:
+            c.requests += 1
+            if detect:
+                c.detect += 1
+                c.arrivals.append(time.time())
+
+    def do_GET(self) -> None:  # noqa: N802 (stdlib name)
+        self._count()
+        url = urlparse(self.path)
+        if url.path == "/stats":
+            arrivals = parse_qs(url.query).get("arrivals", ["0"])[0] == "1"
+            self._json(200, self.server.counters.snapshot(arrivals))
+        elif url.path == "/v1/health":
+            self._json(200, {"backend": self.server.backend.name, "model": self.server.model_name})
+        else:
+            self._json(404, {"error": f"no such path {url.path}"})
+
+    def do_POST(self) -> None:  # noqa: N802 (stdlib name)
+        is_detect = urlparse(self.path).path == "/v1/detect"
+        self._count(detect=is_detect)
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if not is_detect:
+            self._json(404, {"error": "POST /v1/detect is the only POST path"})
+            return
+        if not self._authorised():
+            self._json(401, {"error": "missing or wrong token"})
+            return
+        wait = self.server.admit()
+        if wait is not None:
+            self._json(429, {"error": "rate limit"}, {"Retry-After": f"{max(wait, 0.001):.3f}"})
+            return
+        if self._inject_fault():
+            return
+        time.sleep(self.server.knobs.latency_s)
+        self._detect(body)
+
+    def _authorised(self) -> bool:
+        token = self.server.knobs.token
+        if not token:
+            return True
+        given = self.headers.get("Authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+
+    def _inject_fault(self) -> bool:
+        fault = self.server.draw_fault()
+        if not fault:
+            return False
+        with self.server.counters.lock:
+            self.server.counters.faults[fault] += 1
+        if fault == "500":
+            self._json(500, {"error": "injected fault"})
+        elif fault == "429":
+            self._json(429, {"error": "injected 429"},
+                       {"Retry-After": f"{self.server.knobs.retry_after_s:.3f}"})
+        elif fault == "hang":
+            time.sleep(self.server.knobs.hang_s)
+            self.close_connection = True
+        else:
+            self._send(200, b'{"boxes": [[1.0, 2.0')
+        return True
+
+    def _detect(self, body: bytes) -> None:
+        try:
+            request = json.loads(body)
+            image_bytes = base64.b64decode(request["image"], validate=True)
+            prompts = [str(p) for p in request["prompts"]]
+            image = decode_image(image_bytes, "request")
+        except (ValueError, KeyError, TypeError, binascii.Error, ImageDecodeError) as err:
+            self._json(400, {"error": f"bad request: {err}"[:300]})
+            return
+        try:
+            answer = self.server.backend.detect(image_bytes, image, prompts)
+        except Exception as err:  # a backend failure is the server's 500, never a crash
+            log.exception("backend failed")
+            self._json(500, {"error": f"backend failed: {type(err).__name__}"})
+            return
+        categories = getattr(self.server.backend, "categories", None)
+        self._json(200, answer_to_json(answer, categories, self.server.model_name))
+
+
+@dataclass
+class RunningServer:
+    """A server running in a background thread of this process."""
+
+    server: DetectorServer
+    thread: threading.Thread
+    url: str
+
+    def stats(self, arrivals: bool = False) -> dict[str, Any]:
+        return self.server.counters.snapshot(arrivals)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+def start_server(backend: DetectorBackend, knobs: Knobs | None = None, host: str = "127.0.0.1",
+                 port: int = 0) -> RunningServer:
+    """Serve ``backend`` from a daemon thread; port 0 picks a free port. Returns its URL."""
+    server = DetectorServer((host, port), backend, knobs or Knobs())
+    thread = threading.Thread(target=server.serve_forever, name="coin-ray-serve", daemon=True)
+    thread.start()
+    actual_host, actual_port = server.server_address[:2]
+    return RunningServer(server, thread, f"http://{actual_host}:{actual_port}")
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m coin_ray.serve", description=__doc__.split("\n")[0])
+    p.add_argument("--backend", required=True,
+                   choices=["hf", "dds", "rekognition", "replay", "http", "foggy-shapes"])
+    p.add_argument("--model", default="", help="hf hub id or local dir; dds model name")
+    p.add_argument("--url", default="", help="upstream URL (http, dds) or replay file")
+    p.add_argument("--checkpoint", default="", help="foggy-shapes stand-in checkpoint")
+    p.add_argument("--categories", default="",
+                   help="comma-separated category names (replaying Parquet needs them)")
+    p.add_argument("--threshold", type=float, default=0.25)
+    p.add_argument("--token-env", default="", help="NAME of the env var with the upstream token")
+    p.add_argument("--require-token-env", default="",
+                   help="NAME of an env var holding the token clients must send")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8500)
+    p.add_argument("--latency-ms", type=float, default=0.0)
+    p.add_argument("--rps", type=float, default=0.0, help="requests/s limit (429 above it)")
+    p.add_argument("--fail-500", type=float, default=0.0)
+    p.add_argument("--fail-429", type=float, default=0.0)
+    p.add_argument("--fail-hang", type=float, default=0.0)
+    p.add_argument("--fail-malformed", type=float, default=0.0)
+    p.add_argument("--hang-s", type=float, default=60.0)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def _backend_from_args(args: argparse.Namespace) -> DetectorBackend:
+    if args.backend == "foggy-shapes":
+        from coin_ray.world.cloud_standin import StandInCloudDetector
+
+        if not args.checkpoint:
+            raise SystemExit("--backend foggy-shapes needs --checkpoint PATH")
+        return StandInCloudDetector.load(args.checkpoint)
+    from coin_ray.cloud.backends import build_backend
+    from coin_ray.config import CloudConfig
+
+    cloud = CloudConfig(backend=args.backend, model=args.model, url=args.url,
+                        threshold=args.threshold, token_env=args.token_env)
+    categories = [c.strip() for c in args.categories.split(",") if c.strip()] or None
+    return build_backend(cloud, categories=categories)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse arguments, build the backend and serve until interrupted."""
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    token = os.environ.get(args.require_token_env, "") if args.require_token_env else ""
+    knobs = Knobs(latency_s=args.latency_ms / 1000.0, rps_limit=args.rps, fail_500=args.fail_500,
+                  fail_429=args.fail_429, fail_hang=args.fail_hang,
+                  fail_malformed=args.fail_malformed, hang_s=args.hang_s, token=token,
+                  seed=args.seed)
+    server = DetectorServer((args.host, args.port), _backend_from_args(args), knobs)
+    log.info("serving backend %s on http://%s:%d", server.backend.name, *server.server_address[:2])
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""Backends over the project's http protocol: server, retries, rate limit, auth, cache (no Ray)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cloud_world import CATEGORIES, ColourBoxes, draw, png_bytes
+from coin_ray.cloud.cache import AnswerCache
+from coin_ray.cloud.client import CloudClient, RetryPolicy
+from coin_ray.cloud.errors import AuthError, Secret
+from coin_ray.cloud.http_backend import HttpBackend
+from coin_ray.cloud.mapping import CategoryMap, answer_to_detections
+from coin_ray.cloud.ratelimit import LocalLimiter, SlotBook
+from coin_ray.schema import SOURCE_CLOUD, Detections, records_to_table
+from coin_ray.serve import Knobs, start_server
+from coin_ray import storage
+
+TOKEN = "tok-3f9a1c77e2b54d0e"
+FAST = RetryPolicy(max_retries=3, base_s=0.01, max_backoff_s=0.05)
+
+
+@pytest.fixture
+def served():
+    servers = []
+
+    def start(**knobs):
+        s = start_server(ColourBoxes(), Knobs(**knobs))
+        servers.append(s)
+        return s
+    yield start
+    for s in servers:
+        s.stop()
+
+
+def client_for(url: str, cache=None, limiter=None, token: str = "", timeout_s: float = 5.0,
+               policy=FAST) -> CloudClient:
+    backend = HttpBackend(url, timeout_s=timeout_s, token=Secret(token))
+    return CloudClient(backend, prompts=["car", "bus"], model="colour", threshold=0.25,
+                       cache=cache, limiter=limiter or LocalLimiter(1000, 8), policy=policy,
+                       token_env="COIN_TEST_TOKEN")
+
+
+def test_http_round_trip_maps_labels_and_counts_dropped(served):
+    server = served()
+    image, truth = draw(3)
+    outcome = client_for(server.url).ask(png_bytes(image), image)
+    assert outcome.calls == 1 and not outcome.cache_hit and outcome.error == ""
+    cmap = CategoryMap.build(CATEGORIES, {"car": ["car", "automobile"]})
+    rec, dropped = answer_to_detections(outcome.answer, cmap, "x", "x.png", 32, 24)
+    got = {CATEGORIES[l]: b.tolist() for l, b in zip(rec.labels, rec.boxes)}
+    assert got == {k: v for k, v in truth.items() if k != "tree"}
+    assert dropped == {"tree": 1} and rec.source == SOURCE_CLOUD
+    np.testing.assert_allclose(rec.probs[:, -1], 0.0)  # class-only rule: background 0
+    assert server.stats()["detect_requests"] == 1
+
+
+def test_category_map_normalises_and_maps_several_labels():
+    cmap = CategoryMap.build(["person", "car"], {"person": ["pedestrian", "person"]},
+                             {"Automobile": "car"})
+    assert cmap.prompt_list() == ["pedestrian", "person", "car"]
+    assert cmap.category_of("  The Pedestrian. ") == 0
+    assert cmap.category_of("AUTOMOBILE") == 1 and cmap.category_of("tree") is None
+
+
+def test_transient_failures_retry_then_give_up_with_reason(served):
+    flaky = served(fail_500=0.5, seed=1)
+    image, _ = draw(0)
+    outcomes = [client_for(flaky.url, policy=RetryPolicy(10, 0.001, 0.01)).ask(png_bytes(image), image)
+                for _ in range(6)]
+    assert all(o.answer is not None for o in outcomes)
+    assert sum(o.calls for o in outcomes) == flaky.stats()["detect_requests"] > 6
+    broken = served(fail_500=1.0)
+    out = client_for(broken.url).ask(png_bytes(image), image)
+    assert out.answer is None and out.reason == "http 500" and out.calls == FAST.max_retries + 1
+    assert "gave up after 4 attempts" in out.error
+
+
+@pytest.mark.parametrize("knob,reason", [("fail_hang", "timeout"), ("fail_malformed", "malformed body")])
+def test_hangs_and_malformed_bodies_are_transient(served, knob, reason):
+    server = served(**{knob: 1.0, "hang_s": 1.0})
+    image, _ = draw(0)
+    out = client_for(server.url, timeout_s=0.2, policy=RetryPolicy(1, 0.001, 0.01)).ask(
+        png_bytes(image), image)
+    assert out.reason == reason and out.calls == 2
+
+
+def test_429_retry_after_is_honoured(served):
+    server = served(rps_limit=2)
+    image, _ = draw(0)
+    client = client_for(server.url, policy=RetryPolicy(20, 0.01, 0.05))
+    start = time.monotonic()
+    outs = [client.ask(png_bytes(image), image) for _ in range(5)]
+    assert all(o.answer is not None for o in outs)
+    assert server.stats()["status"].get("429", 0) >= 1
+    assert time.monotonic() - start >= 1.0  # 5 answers at 2/s need more than one second
+
+
+def test_401_stops_every_caller_and_never_leaks_the_token(served, tmp_path):
+    server = served(token=TOKEN)
+    image, _ = draw(0)
+    limiter = LocalLimiter(1000, 8)
+    client = client_for(server.url, cache=AnswerCache(str(tmp_path), "http"), limiter=limiter,
+                        token="wrong-" + TOKEN)
+    with pytest.raises(AuthError) as err:
+        client.ask(png_bytes(image), image)
+    message = str(err.value)
+    assert "'http'" in message and "COIN_TEST_TOKEN" in message and TOKEN not in message
+    with pytest.raises(AuthError):  # a second caller is refused without a request
+        client.ask(png_bytes(image), image)
+    assert server.stats()["detect_requests"] == 1
+    good = client_for(server.url, token=TOKEN).ask(png_bytes(image), image)
+    assert good.answer is not None and TOKEN not in repr(Secret(TOKEN))
+
+
+def test_cache_answers_second_ask_and_keys_on_question(served, tmp_path):
+    server = served(token=TOKEN)
+    image, _ = draw(1)
+    data = png_bytes(image)
+    cache = AnswerCache(str(tmp_path / "cache"), "http")
+    first = client_for(server.url, cache=cache, token=TOKEN).ask(data, image)
+    second = client_for(server.url, cache=cache, token=TOKEN).ask(data, image)
+    assert (first.calls, second.calls, second.cache_hit) == (1, 0, True)
+    np.testing.assert_array_equal(first.answer.boxes, second.answer.boxes)
+    assert server.stats()["detect_requests"] == 1
+    files = storage.list_files(str(tmp_path / "cache"))
+    assert len(files) == 1 and TOKEN not in Path(files[0]).read_text()
+    other = client_for(server.url, cache=cache, token=TOKEN)
+    other.threshold = 0.5
+    assert other.key(data) != first and other.key(data) != client_for(server.url).key(data)
+
+
+def test_slot_book_spaces_requests_and_probes_first():
+    book = SlotBook(rps=10, max_in_flight=3)
+    lease, wait = book.reserve(100.0)
+    assert wait == 0.0 and book.reserve(100.0) is None  # probing: one at a time
+    book.release(lease, ok=True)
+    waits = [book.reserve(100.0)[1] for _ in range(3)]
+    np.testing.assert_allclose(waits, [0.1, 0.2, 0.3])
+    assert book.reserve(100.0) is None  # in-flight cap of 3
+    assert book.reserve(100.0 + 301.0) is not None  # stale leases are reclaimed
+
+
+def test_local_limiter_holds_rate_across_threads():
+    limiter = LocalLimiter(rps=50, max_in_flight=4)
+    times, lock = [], threading.Lock()
+
+    def work():
+        for _ in range(5):
+            lease = limiter.acquire()
+            with lock:
+                times.append(time.monotonic())
+            limiter.release(lease, ok=True)
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    times.sort()
+    assert len(times) == 20 and times[-1] - times[0] >= 19 / 50 - 0.02
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_subprocess_replays_parquet(tmp_path):
+    image, truth = draw(5)
+    (tmp_path / "a.png").write_bytes(png_bytes(image))
+    rec = Detections.from_class_only("a", str(tmp_path / "a.png"), 32, 24,
+                                     np.asarray([truth["car"]], np.float32), np.asarray([0]),
+                                     np.asarray([0.8]), 2, SOURCE_CLOUD)
+    storage.write_parquet(records_to_table([rec]), str(tmp_path / "cloud.parquet"))
+    port = _free_port()
+    env = {**os.environ, "COIN_SERVE_TOKEN": TOKEN}
+    proc = subprocess.Popen([sys.executable, "-m", "coin_ray.serve", "--backend", "replay",
+                             "--url", str(tmp_path / "cloud.parquet"), "--port", str(port),
+                             "--categories", ",".join(CATEGORIES),
+                             "--require-token-env", "COIN_SERVE_TOKEN"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(url + "/v1/health", timeout=1).read()
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read().decode()
+                time.sleep(0.1)
+        out = client_for(url, token=TOKEN).ask(png_bytes(image), image)
+        assert out.answer.phrases == ["car"]
+        np.testing.assert_allclose(out.answer.boxes, [truth["car"]])
+        stats = json.loads(urllib.request.urlopen(url + "/stats").read())
+        assert stats["detect_requests"] == 1 and stats["status"]["200"] >= 2
+    finally:
+        proc.terminate()
+        log = proc.communicate(timeout=10)[0].decode()
+    assert TOKEN not in log
