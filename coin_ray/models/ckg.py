@@ -69,8 +69,7 @@ class CKG(nn.Module):
     def forward(self, features: torch.Tensor, cloud_probs: torch.Tensor,
                 clip_probs: torch.Tensor) -> torch.Tensor:
         """p_ckg (R, K+1) from region features (R, D) and the two sources' probs (R, K+1)."""
-        if len(features) == 0:
-            return cloud_probs.new_zeros((0, self.num_classes + 1))
+        # No special case for R == 0: the empty result stays attached to the CKG's graph.
         w_cld = self.cloud_attention(features, self.cloud_prototypes.vectors)
         w_clip = self.clip_attention(features, self.clip_prototypes.vectors)
         mixed = w_cld * cloud_probs.to(w_cld.dtype) + w_clip * clip_probs.to(w_clip.dtype)

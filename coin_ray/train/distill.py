@@ -1,0 +1,265 @@
+"""Stage 3, knowledge distillation: the training step and a plain in-process loop (no Ray).
+
+One step reads like the paper: detect with the teacher, separate, compute the losses,
+update the CKG, update the student, update the teacher and the prototypes.
+
+Separation is online, inside the step: the teacher (the disseminated CLIP detector, an
+EMA of the student after burn-up) detects on the batch and the result is matched with the
+batch's stored cloud detections. After burn-up the teacher changes every step, so stored
+CLIP-detector detections would be stale; before burn-up the same path costs one no-grad
+forward and keeps one behaviour. (``clip_det/detections.parquet`` stays the evaluation
+record of the CLIP detector.)
+
+The student is the same ``OpenVocabularyRCNN`` architecture built fresh from the CLIP
+checkpoint: its vision layers and ``proj`` start as CLIP's (we keep CLIP's pretrained
+backbone, as a detector would keep ImageNet weights), its RPN head and box regressor are
+randomly initialised, and it has never seen a cloud detection: the paper's "randomly
+initialised target detector" up to the backbone.
+
+The phase (before / after burn-up) is decided once per step by ``phase_at`` and passed as
+a value. Under torch.distributed the student is DDP-wrapped by the caller; the CKG's
+gradients and all prototypes are averaged over ranks here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from coin_ray.config import DistillConfig
+from coin_ray.losses import l_align, l_ckg, l_con, l_inc, l_pri
+from coin_ray.models.ckg import CKG, FUSIONS, layer_gradients
+from coin_ray.models.ov_rcnn import OpenVocabularyRCNN
+from coin_ray.models.roi_heads import MAX_LOGIT_SCALE
+from coin_ray.models.student import DistillStudent, StudentPass
+from coin_ray.models.teacher import ema_update, make_teacher
+from coin_ray.separate import PairedSet, PrivateSet, Separation, SeparationStats, SourceBoxes, as_source, separate
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Before burn-up: teacher frozen, pairs take the cloud box, no L_inc. After: all on."""
+
+    after_burn_up: bool
+
+
+def burn_up_step(cfg: DistillConfig) -> int:
+    return int(round(cfg.burn_up * cfg.steps))
+
+
+def phase_at(step: int, cfg: DistillConfig) -> Phase:
+    """The one place the training phase is decided."""
+    return Phase(after_burn_up=step >= burn_up_step(cfg))
+
+
+@dataclass
+class Batch:
+    """Images (3,H,W) float in [0,1] and their cloud detections (original pixels)."""
+
+    images: list[torch.Tensor]
+    cloud: list[SourceBoxes]
+    gt: list[dict[str, torch.Tensor]] | None = None  # optional, for separation statistics only
+
+
+@dataclass
+class DistillState:
+    """Everything a distillation run keeps between steps (and in its checkpoint)."""
+
+    student: nn.Module  # DistillStudent, possibly wrapped in DDP
+    teacher: OpenVocabularyRCNN
+    ckg: CKG
+    optimizer: torch.optim.Optimizer
+    ckg_optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    step: int = 0
+    stats: SeparationStats = field(default_factory=SeparationStats)
+
+    @property
+    def detector(self) -> OpenVocabularyRCNN:
+        """The student detector itself (under DDP wrapper or not)."""
+        return getattr(self.student, "module", self.student).detector
+
+
+def build_state(teacher: OpenVocabularyRCNN, student: OpenVocabularyRCNN, cfg: DistillConfig,
+                seed: int = 0, wrap: Callable[[nn.Module], nn.Module] = lambda m: m) -> DistillState:
+    """Frozen teacher, student (``wrap`` e.g. DDP), CKG from the teacher's prototypes, optimizers."""
+    teacher = make_teacher(teacher)
+    joint = teacher.prototypes.vectors.shape[1]
+    ckg = CKG(joint, teacher.num_classes, cfg.ckg_heads, teacher.prototypes.vectors).to(
+        teacher.prototypes.vectors.device)
+    student_module = wrap(DistillStudent(student))
+    optimizer = torch.optim.AdamW(student.param_groups(cfg.lr), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ckg_optimizer = torch.optim.AdamW(ckg.parameters(), lr=cfg.ckg_lr)
+    return DistillState(student_module, teacher, ckg, optimizer, ckg_optimizer,
+                        torch.Generator().manual_seed(seed))
+
+
+def detect_and_separate(teacher: OpenVocabularyRCNN, batch: Batch, phase: Phase,
+                        cfg: DistillConfig) -> list[Separation]:
+    """The teacher's detections on the batch, separated against the cloud's, per image.
+
+    Boxes of either source scoring below ``cfg.min_score`` are left out; after burn-up a
+    matched pair's box is the score-weighted fusion of both.
+    """
+    clip_det = [as_source(d, cfg.min_score) for d in teacher.detect(batch.images)]
+    return [separate(c.select(c.scores >= cfg.min_score), d, iou_threshold=cfg.match_iou,
+                     fuse=phase.after_burn_up) for c, d in zip(batch.cloud, clip_det)]
+
+
+def distill_step(state: DistillState, batch: Batch, phase: Phase, cfg: DistillConfig) -> dict[str, float]:
+    """One COIN step on one batch; returns scalar metrics."""
+    # 1-2. Detect with the teacher and separate into consistent / inconsistent / private.
+    seps = detect_and_separate(state.teacher, batch, phase, cfg)
+    for i, sep in enumerate(seps):
+        gt = batch.gt[i] if batch.gt else {}
+        state.stats.add(sep, gt.get("boxes"), gt.get("labels"))
+    out = state.student(batch.images, seps, state.generator)
+    cons, inc = concat_paired([s.consistent for s in seps]), concat_paired([s.inconsistent for s in seps])
+    priv = concat_private([s.private for s in seps])
+    # 3. Fuse the inconsistent pairs (Table 6) and compute the student's losses.
+    p_ckg = state.ckg(out.inconsistent.embeddings.detach(), inc.cloud_probs, inc.clip_probs)
+    fused = FUSIONS[cfg.fusion](inc.cloud_probs, inc.clip_probs, inc.cloud_scores, inc.clip_scores,
+                                p_ckg.detach())
+    losses = student_losses(state.detector, out, inc_fused=fused, private=priv, phase=phase, cfg=cfg)
+    total = sum(losses.values())
+    # 4. Update the CKG with its own optimizer (gradient direction alignment).
+    loss_ckg = update_ckg(state, out, cons, p_ckg) if cfg.fusion == "ckg" else torch.zeros(())
+    # 5. Update the student.
+    state.optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    state.optimizer.step()
+    # 6. Update the prototypes and (after burn-up) the teacher.
+    update_prototypes(state, out, cons, inc, cfg.eta)
+    if phase.after_burn_up:
+        ema_update(state.teacher, state.detector, cfg.teacher_keep_rate)
+    state.step += 1
+    return {"loss": total.item(), "l_ckg": loss_ckg.item(), **{k: v.item() for k, v in losses.items()},
+            "consistent": len(cons), "inconsistent": len(inc), "private": len(priv),
+            "after_burn_up": float(phase.after_burn_up)}
+
+
+def student_losses(detector: OpenVocabularyRCNN, out: StudentPass, *, inc_fused: torch.Tensor,
+                   private: PrivateSet, phase: Phase, cfg: DistillConfig) -> dict[str, torch.Tensor]:
+    """The weighted terms of L_con + gamma1 L_inc + gamma2 L_pri + lambda L_align.
+
+    A switched-off term is kept with weight 0, so every parameter DDP saw in the forward
+    still receives a (zero) gradient. L_inc is on only after burn-up.
+    """
+    device = out.text_embeddings.device
+    w_inc = cfg.gamma1 * float(cfg.use_inc and phase.after_burn_up)
+    return {
+        "l_con": float(cfg.use_con) * l_con(out.proposals, out.regions, out.rpn_losses,
+                                             background_weight=cfg.background_weight),
+        "l_inc": w_inc * l_inc(out.inconsistent.logits, inc_fused.to(device), cfg.pi),
+        "l_pri": cfg.gamma2 * float(cfg.use_pri) * l_pri(out.private.logits, private.probs.to(device)),
+        "l_align": cfg.lambda_ * float(cfg.use_align) * l_align(out.text_embeddings,
+                                                                 detector.prototypes.vectors),
+    }
+
+
+def update_ckg(state: DistillState, out: StudentPass, cons: PairedSet, p_ckg_inc: torch.Tensor) -> torch.Tensor:
+    """One optimizer step of the CKG on L_ckg; the student's parameters are not touched."""
+    detector = state.detector
+    labels = cons.cloud_labels.to(out.consistent.embeddings.device)
+    p_ckg_cons = state.ckg(out.consistent.embeddings.detach(), cons.cloud_probs, cons.clip_probs)
+    scale = detector.roi_heads.logit_scale.detach().exp().clamp(max=MAX_LOGIT_SCALE)
+    text = out.text_embeddings.detach()
+
+    def head(projected: torch.Tensor) -> torch.Tensor:
+        # The classifier after ``proj`` (ClipRoIHeads.forward), with everything detached.
+        return scale * F.normalize(projected, dim=-1) @ text.t()
+
+    g_con, g_inc = layer_gradients(detector.roi_heads.box_head.proj, head, out.consistent_inputs,
+                                   F.one_hot(labels, detector.num_classes + 1).float(),
+                                   out.inconsistent_inputs, p_ckg_inc)
+    loss = l_ckg(g_con, g_inc, p_ckg_cons, labels)
+    state.ckg_optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    average_gradients(state.ckg)
+    state.ckg_optimizer.step()
+    return loss.detach()
+
+
+@torch.no_grad()
+def update_prototypes(state: DistillState, out: StudentPass, cons: PairedSet, inc: PairedSet,
+                      eta: float) -> None:
+    """The student's prototypes from its L_con regions; the CKG's from every labelled region."""
+    detector = state.detector
+    background = detector.num_classes
+    detector.prototypes.update(out.proposals.embeddings, out.regions.labels, eta)
+    bg = out.regions.labels == background
+    device = bg.device
+    features = torch.cat([out.consistent.embeddings, out.inconsistent.embeddings, out.proposals.embeddings[bg]])
+    fill = torch.full((int(bg.sum()),), background, dtype=torch.int64, device=device)
+    cloud_labels = torch.cat([cons.cloud_labels.to(device), inc.cloud_labels.to(device), fill])
+    clip_labels = torch.cat([cons.clip_labels.to(device), inc.clip_labels.to(device), fill])
+    state.ckg.update_prototypes(features, cloud_labels, clip_labels, eta)
+
+
+def average_gradients(module: nn.Module) -> None:
+    """All-reduce-mean ``module``'s gradients over ranks (a no-op outside torch.distributed).
+
+    Every rank calls it every step, with zeros where a parameter got no gradient, so the
+    collective calls always pair up.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size()
+    for p in module.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad.div_(world)
+
+
+def concat_paired(sets: list[PairedSet]) -> PairedSet:
+    """One PairedSet holding the pairs of every image, in order."""
+    return PairedSet(*(torch.cat([getattr(s, f) for s in sets]) for f in PairedSet.__dataclass_fields__))
+
+
+def concat_private(sets: list[PrivateSet]) -> PrivateSet:
+    """One PrivateSet holding the private boxes of every image, in order."""
+    return PrivateSet(*(torch.cat([getattr(s, f) for s in sets]) for f in PrivateSet.__dataclass_fields__))
+
+
+def state_dict(state: DistillState) -> dict[str, Any]:
+    """Everything needed to resume: both models, the CKG (+ its prototypes), both optimizers."""
+    return {"student": state.detector.state_dict(), "teacher": state.teacher.state_dict(),
+            "ckg": state.ckg.state_dict(), "optimizer": state.optimizer.state_dict(),
+            "ckg_optimizer": state.ckg_optimizer.state_dict(), "step": state.step,
+            "generator": state.generator.get_state()}
+
+
+def load_state_dict(state: DistillState, blob: dict[str, Any]) -> None:
+    """Inverse of ``state_dict`` (in place)."""
+    state.detector.load_state_dict(blob["student"])
+    state.teacher.load_state_dict(blob["teacher"])
+    state.ckg.load_state_dict(blob["ckg"])
+    state.optimizer.load_state_dict(blob["optimizer"])
+    state.ckg_optimizer.load_state_dict(blob["ckg_optimizer"])
+    state.step = int(blob["step"])
+    state.generator.set_state(blob["generator"])
+
+
+def distill(state: DistillState, batches: Iterable[Batch], cfg: DistillConfig,
+            on_step: Callable[[DistillState, dict[str, float]], None] | None = None) -> DistillState:
+    """The plain loop: run steps until ``cfg.steps``, iterating ``batches`` again as needed.
+
+    ``batches`` must be re-iterable (a list or a DataLoader, not a generator).
+    """
+    while state.step < cfg.steps:
+        start = state.step
+        for batch in batches:
+            if state.step >= cfg.steps:
+                break
+            metrics = distill_step(state, batch, phase_at(state.step, cfg), cfg)
+            if on_step is not None:
+                on_step(state, metrics)
+        if state.step == start:
+            raise ValueError("distill: the batches are empty (or a spent generator)")
+    return state

@@ -1,0 +1,137 @@
+"""The distillation step on a tiny real CLIP detector: phases, CKG isolation, EMA, resume."""
+
+import copy
+
+import pytest
+import torch
+
+from coin_ray.config import DistillConfig, ModelConfig
+from coin_ray.models.clip_factory import write_clip
+from coin_ray.models.ov_rcnn import OpenVocabularyRCNN
+from coin_ray.separate import SourceBoxes, as_source
+from coin_ray.train.distill import (Batch, Phase, build_state, concat_paired, detect_and_separate, distill,
+                                    distill_step, load_state_dict, phase_at, state_dict, update_ckg)
+
+CATEGORIES = ["car", "person", "bus"]
+K = len(CATEGORIES)
+MODEL = ModelConfig(min_size=64, max_size=96, detections_per_image=8, score_threshold=0.0)
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return str(write_clip(tmp_path_factory.mktemp("clip"), CATEGORIES + ["a", "photo", "of", "background"],
+                          hidden_size=32, projection_dim=32, num_layers=2))
+
+
+def _models(clip_dir):
+    teacher = OpenVocabularyRCNN.from_clip(clip_dir, CATEGORIES, MODEL, seed=0)
+    student = OpenVocabularyRCNN.from_clip(clip_dir, CATEGORIES, MODEL, seed=1)
+    return teacher, student
+
+
+def _batch(teacher) -> Batch:
+    """Two images whose cloud detections agree with the teacher on some boxes, not others."""
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 64, 80, generator=gen), torch.rand(3, 72, 64, generator=gen)]
+    cloud = []
+    for det in teacher.detect(images):
+        src = as_source(det)
+        keep = src.select(torch.arange(min(4, len(src))))
+        labels = keep.labels.clone()
+        labels[1::2] = (labels[1::2] + 1) % K  # every other box disagrees with the teacher
+        probs = torch.nn.functional.one_hot(labels, K + 1).float() * 0.9 + 0.1 / (K + 1)
+        private = torch.tensor([[0.0, 0.0, 3.0, 3.0]])  # a box only the cloud sees
+        cloud.append(SourceBoxes(torch.cat([keep.boxes, private]), torch.cat([labels, torch.tensor([0])]),
+                                 torch.full((len(labels) + 1,), 0.9), torch.cat([probs, probs[:1]])))
+    return Batch(images, cloud)
+
+
+def _cfg(**kw) -> DistillConfig:
+    base = dict(steps=4, burn_up=0.5, min_score=0.0, teacher_keep_rate=0.9, pi=0.0, lr=1e-3)
+    return DistillConfig(**{**base, **kw})
+
+
+def test_phase_is_decided_by_the_burn_up_step():
+    cfg = _cfg(steps=10, burn_up=0.7)
+    assert [phase_at(s, cfg).after_burn_up for s in (0, 6, 7, 9)] == [False, False, True, True]
+
+
+def test_steps_in_both_phases_use_every_set_and_only_the_ckg_learns_from_l_ckg(clip_dir):
+    torch.manual_seed(0)
+    teacher, student = _models(clip_dir)
+    cfg = _cfg()
+    state = build_state(teacher, student, cfg)
+    batch = _batch(state.teacher)
+    frozen = copy.deepcopy(state.teacher.state_dict())
+
+    m = distill_step(state, batch, Phase(after_burn_up=False), cfg)
+    assert m["consistent"] > 0 and m["inconsistent"] > 0 and m["private"] > 0
+    assert m["l_inc"] == 0.0 and m["l_con"] > 0 and m["l_pri"] > 0 and m["l_align"] > 0
+    assert all(torch.equal(v, frozen[k]) for k, v in state.teacher.state_dict().items())  # frozen
+
+    # L_ckg alone: gradients on the CKG, none on the student.
+    state.optimizer.zero_grad(set_to_none=True)
+    seps_out = _student_pass(state, batch, cfg)
+    update_ckg(state, *seps_out)
+    assert all(p.grad is None for p in state.detector.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in state.ckg.parameters())
+
+    m = distill_step(state, batch, Phase(after_burn_up=True), cfg)
+    assert m["l_inc"] > 0 and all(torch.isfinite(torch.tensor(v)) for v in m.values())
+
+
+def _student_pass(state, batch, cfg):
+    seps = detect_and_separate(state.teacher, batch, Phase(after_burn_up=False), cfg)
+    out = state.student(batch.images, seps, state.generator)
+    inc = concat_paired([s.inconsistent for s in seps])
+    p_ckg = state.ckg(out.inconsistent.embeddings.detach(), inc.cloud_probs, inc.clip_probs)
+    return out, concat_paired([s.consistent for s in seps]), p_ckg
+
+
+def test_after_burn_up_the_teacher_moves_toward_the_student_by_the_keep_rate(clip_dir):
+    torch.manual_seed(0)
+    teacher, student = _models(clip_dir)
+    cfg = _cfg(teacher_keep_rate=0.75)
+    state = build_state(teacher, student, cfg)
+    batch = _batch(state.teacher)
+    before = copy.deepcopy(state.teacher.state_dict())
+    distill_step(state, batch, Phase(after_burn_up=True), cfg)
+    after, student_now = state.teacher.state_dict(), state.detector.state_dict()
+    for name, value in after.items():
+        if value.is_floating_point():
+            expected = 0.75 * before[name] + 0.25 * student_now[name]
+            assert torch.allclose(value, expected, atol=1e-6), name
+
+
+def test_switched_off_losses_are_zero_and_simple_fusions_skip_the_ckg(clip_dir):
+    torch.manual_seed(0)
+    teacher, student = _models(clip_dir)
+    cfg = _cfg(use_con=False, use_pri=False, use_align=False, fusion="avg")
+    state = build_state(teacher, student, cfg)
+    ckg_before = copy.deepcopy(state.ckg.state_dict())
+    m = distill_step(state, _batch(state.teacher), Phase(after_burn_up=True), cfg)
+    assert m["l_con"] == m["l_pri"] == m["l_align"] == 0.0 and m["l_inc"] > 0
+    ckg_after = state.ckg.state_dict()
+    params = {n for n, _ in state.ckg.named_parameters()}
+    assert all(torch.equal(ckg_after[n], ckg_before[n]) for n in params)
+
+
+def test_checkpoint_resume_continues_exactly(clip_dir):
+    cfg = _cfg(steps=3, burn_up=0.34)
+    torch.manual_seed(0)
+    teacher, student = _models(clip_dir)
+    state = build_state(teacher, student, cfg)
+    batch = _batch(state.teacher)
+    distill(state, [batch], _cfg(steps=1, burn_up=0.34))
+    saved = copy.deepcopy(state_dict(state))
+    torch.manual_seed(1)
+    straight = distill_step(state, batch, phase_at(state.step, cfg), cfg)
+
+    torch.manual_seed(0)
+    teacher2, student2 = _models(clip_dir)
+    resumed = build_state(teacher2, student2, cfg, seed=5)
+    load_state_dict(resumed, saved)
+    assert resumed.step == 1
+    torch.manual_seed(1)
+    again = distill_step(resumed, batch, phase_at(resumed.step, cfg), cfg)
+    assert again == pytest.approx(straight, rel=1e-5, abs=1e-6)
