@@ -1,0 +1,212 @@
+"""Stage 0 on Ray Data: every target image to the cloud detector once, every box to CLIP.
+
+    summary = run_collection(cfg, image_uris, "runs/<run_id>/collect")
+
+Plan: from_items(uris) -> actor pool of ``_CloudCaller`` (threads per actor overlap the
+API's latency; every request passes the cluster-wide limiter; answers are cached before
+use) -> actor pool of ``_ClipScorer`` -> rows streamed back to the driver, which shows
+progress and writes ``cloud.parquet``, ``clip.parquet`` (DETECTION_SCHEMA) and
+``summary.json``. Per-row failures become error records; only refused credentials stop
+the run (``CollectionStopped``, naming the backend and the token's env var).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import ray
+
+from coin_ray import storage
+from coin_ray.cloud.backends import NEEDS_TOKEN, build_backend, model_id
+from coin_ray.cloud.cache import AnswerCache
+from coin_ray.cloud.client import CloudClient, RetryPolicy
+from coin_ray.cloud.errors import Secret, read_token
+from coin_ray.cloud.label import RunTally, label_image
+from coin_ray.cloud.mapping import CategoryMap
+from coin_ray.config import Config, from_dict, to_dict
+from coin_ray.data.images import decode_image, image_id_from_uri
+from coin_ray.ray.limiter import ClusterLimiter
+from coin_ray.schema import Detections, records_to_table
+
+log = logging.getLogger(__name__)
+
+CLOUD_CPUS = 0.25  # callers wait on the network, not the CPU
+
+
+class CollectionStopped(RuntimeError):
+    """The backend refused the credentials; nothing more will be asked."""
+
+
+def _category_map(cfg: Config) -> CategoryMap:
+    return CategoryMap.build(cfg.data.categories, cfg.cloud.prompts, cfg.cloud.label_map)
+
+
+class _CloudCaller:
+    """Actor: asks the backend about a batch of images, ``threads`` at a time."""
+
+    def __init__(self, cfg: dict, token: Secret, limiter: ClusterLimiter, cache_root: str,
+                 threads: int) -> None:
+        cfg_ = from_dict(cfg)
+        c = cfg_.cloud
+        self.cmap = _category_map(cfg_)
+        backend = build_backend(c, cfg_.data.categories, token, cfg_.data.target_images)
+        cache = AnswerCache(cache_root, backend.name, cfg_.data.categories)
+        self.client = CloudClient(backend, prompts=self.cmap.prompt_list(), model=model_id(c),
+                                  threshold=c.threshold, cache=cache, limiter=limiter,
+                                  policy=RetryPolicy(max_retries=c.max_retries),
+                                  token_env=c.token_env, seed=cfg_.seed)
+        self.pool = ThreadPoolExecutor(max_workers=threads)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        done = list(self.pool.map(lambda a: label_image(self.client, self.cmap, a[0], a[1]),
+                                  zip(batch["uri"].tolist(), batch["image_id"].tolist())))
+        return {"cloud": [json.dumps(d.record.to_row()) for d in done],
+                "image_bytes": [d.image_bytes for d in done],
+                "calls": [d.calls for d in done], "cache_hit": [d.cache_hit for d in done],
+                "reason": [d.reason for d in done],
+                "dropped": [json.dumps(dict(d.dropped)) for d in done]}
+
+
+class _ClipScorer:
+    """Actor: CLIP zero-shot probabilities for every cloud box of a batch."""
+
+    def __init__(self, cfg: dict) -> None:
+        from coin_ray.cloud.clip_score import ClipBoxScorer
+
+        cfg_ = from_dict(cfg)
+        self.scorer = ClipBoxScorer(cfg_.clip.model, cfg_.data.categories,
+                                    templates=cfg_.clip.templates, style=cfg_.data.style,
+                                    prompts=cfg_.cloud.prompts, batch_size=cfg_.clip.batch_size)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        clip_rows = []
+        for row, data in zip(batch["cloud"].tolist(), batch["image_bytes"].tolist()):
+            cloud = Detections.from_row(json.loads(row))
+            image = decode_image(data, cloud.uri) if data and not cloud.error and len(cloud) else None
+            clip_rows.append(json.dumps(self.scorer.score(cloud, image).to_row()))
+        out = {k: list(v) for k, v in batch.items() if k != "image_bytes"}
+        out["clip"] = clip_rows
+        return out
+
+
+class _Progress:
+    """Images done / total, rate and errors on stderr, at most every ``every_s`` seconds."""
+
+    def __init__(self, total: int, every_s: float = 2.0) -> None:
+        self.total, self.every_s = total, every_s
+        self.start = self.last = time.monotonic()
+
+    def update(self, tally: RunTally, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last < self.every_s:
+            return
+        self.last = now
+        rate = tally.images / max(now - self.start, 1e-9)
+        print(f"[collect] {tally.images}/{self.total} images  {rate:.1f} img/s  "
+              f"calls {tally.calls}  cache hits {tally.cache_hits}  errors {tally.errors}",
+              file=sys.stderr, flush=True)
+
+
+def _plan(cfg: Config, image_uris: list[str], limiter: ClusterLimiter, token: Secret,
+          with_clip: bool) -> "ray.data.Dataset":
+    c = cfg.cloud
+    root = cfg.data.target_images
+    items = [{"uri": u, "image_id": image_id_from_uri(u, root)} for u in image_uris]
+    threads = math.ceil(c.max_in_flight / c.num_actors) + 1
+    cache_root = c.cache or storage.join(cfg.storage, "cache")
+    ds = ray.data.from_items(items).map_batches(
+        _CloudCaller, batch_size=threads, num_cpus=CLOUD_CPUS,
+        fn_constructor_kwargs={"cfg": to_dict(cfg), "token": token, "limiter": limiter,
+                               "cache_root": cache_root, "threads": 2 * threads},
+        compute=ray.data.ActorPoolStrategy(size=c.num_actors, max_concurrent_calls_per_actor=2,
+                                           enable_true_multi_threading=True))
+    if with_clip:
+        ds = ds.map_batches(_ClipScorer, batch_size=cfg.clip.batch_size, num_cpus=1,
+                            fn_constructor_kwargs={"cfg": to_dict(cfg)},
+                            compute=ray.data.ActorPoolStrategy(size=cfg.clip.num_actors))
+    return ds
+
+
+def _drain(ds: "ray.data.Dataset", total: int) -> tuple[list[Detections], list[Detections], RunTally]:
+    cloud, clip, tally = [], [], RunTally()
+    progress = _Progress(total)
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for i, row in enumerate(batch["cloud"].tolist()):
+            record = Detections.from_row(json.loads(row))
+            cloud.append(record)
+            if "clip" in batch:
+                clip.append(Detections.from_row(json.loads(batch["clip"][i])))
+            tally.add(record, int(batch["calls"][i]), bool(batch["cache_hit"][i]),
+                      str(batch["reason"][i]), json.loads(batch["dropped"][i]))
+        progress.update(tally)
+    progress.update(tally, force=True)
+    return cloud, clip, tally
+
+
+def run_collection(cfg: Config, image_uris: list[str], out_dir: str, *,
+                   with_clip: bool = True) -> dict[str, Any]:
+    """Collect cloud detections (and CLIP scores of their boxes) for ``image_uris``.
+
+    Writes ``out_dir``/cloud.parquet and clip.parquet (DETECTION_SCHEMA, sorted by uri; boxes
+    xyxy pixels; cloud probs class-only K+1, clip probs K+1 with background 0) and
+    summary.json. Needs a running Ray (``ray.init``); the limiter actor is killed at the end.
+
+    Raises:
+        CollectionStopped: the backend refused the credentials.
+    """
+    c = cfg.cloud
+    if with_clip and not cfg.clip.model:
+        raise ValueError("clip.model is empty: name a CLIP checkpoint (hub id, folder or s3://) "
+                         "or pass with_clip=False for a label-only run")
+    token = read_token(c.token_env, c.backend, c.backend in NEEDS_TOKEN)
+    limiter = ClusterLimiter.create(cfg.resolved_run_id(), c.requests_per_second,
+                                    c.max_in_flight, lease_s=4 * c.timeout_s + c.poll_deadline_s)
+    start = time.monotonic()
+    try:
+        cloud, clip, tally = _drain(_plan(cfg, image_uris, limiter, token, with_clip),
+                                    len(image_uris))
+        limiter_stats = limiter.stats()
+    except Exception as err:
+        stopped = _stop_reason(limiter)
+        if stopped:
+            raise CollectionStopped(stopped) from None
+        raise err
+    finally:
+        limiter.kill()
+    seconds = time.monotonic() - start
+    cloud.sort(key=lambda r: r.uri)
+    clip.sort(key=lambda r: r.uri)
+    storage.write_parquet(records_to_table(cloud), storage.join(out_dir, "cloud.parquet"))
+    if with_clip:
+        storage.write_parquet(records_to_table(clip), storage.join(out_dir, "clip.parquet"))
+    summary = {**tally.as_dict(c.price_per_call), "backend": c.backend, "model": model_id(c),
+               "seconds": round(seconds, 3), "calls_per_s": round(tally.calls / max(seconds, 1e-9), 3),
+               "limiter_grants": limiter_stats["granted"]}
+    _warn_if_nothing(summary)
+    storage.write_text(storage.join(out_dir, "summary.json"), json.dumps(summary, indent=2))
+    log.info("collection: %s", json.dumps(summary))
+    return summary
+
+
+def _stop_reason(limiter: ClusterLimiter) -> str:
+    try:
+        return limiter.stats()["stopped"]
+    except Exception:  # the limiter itself may be gone; then there is no stop reason
+        return ""
+
+
+def _warn_if_nothing(summary: dict[str, Any]) -> None:
+    """autodistill users lost days to runs that silently labelled nothing: say it loudly."""
+    if summary["images"] and summary["boxes"] == 0:
+        summary["warning"] = (f"NOTHING WAS LABELLED: 0 boxes on {summary['images']} images "
+                              f"({summary['errors']} errors, {summary['dropped_total']} labels "
+                              "dropped as unmapped). Check prompts, label_map and threshold.")
+        log.warning(summary["warning"])
+        print("!" * 72 + f"\n{summary['warning']}\n" + "!" * 72, file=sys.stderr, flush=True)

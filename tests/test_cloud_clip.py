@@ -1,0 +1,68 @@
+"""CLIP box scoring with a tiny random CLIP written by clip_factory.write_clip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cloud_world import CATEGORIES, draw
+from coin_ray.cloud.clip_score import ClipBoxScorer, category_texts, crop_boxes
+from coin_ray.models.clip_factory import write_clip
+from coin_ray.schema import SOURCE_CLIP, SOURCE_CLOUD, Detections
+
+TEMPLATES = ["a photo of a {}.", "a blurry photo of a {}."]
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return str(write_clip(tmp_path_factory.mktemp("clip"), [*CATEGORIES, "photo", "foggy", "street"],
+                          image_size=32, hidden_size=32, projection_dim=32, num_layers=1))
+
+
+def test_category_texts_cross_templates_names_and_style():
+    texts = category_texts(["person"], TEMPLATES, "foggy street", {"person": ["person", "pedestrian"]})
+    assert texts == [["a photo of a person in a foggy street.", "a photo of a pedestrian in a foggy street.",
+                      "a blurry photo of a person in a foggy street.",
+                      "a blurry photo of a pedestrian in a foggy street."]]
+
+
+def test_crop_boxes_clip_to_image_and_never_empty():
+    image = np.arange(10 * 20 * 3, dtype=np.uint8).reshape(10, 20, 3)
+    crops = crop_boxes(image, np.asarray([[2.5, 1.2, 7.1, 4.0], [-5, -5, 30, 30], [19.5, 9.5, 19.6, 9.6]]))
+    assert [c.shape[:2] for c in crops] == [(3, 6), (10, 20), (1, 1)]
+    np.testing.assert_array_equal(crops[0], image[1:4, 2:8])
+
+
+def test_clip_scores_match_direct_formula(clip_dir):
+    scorer = ClipBoxScorer(clip_dir, CATEGORIES, templates=TEMPLATES, style="foggy street scene")
+    image, truth = draw(4, size=(40, 60))
+    boxes = np.asarray([truth["car"], truth["bus"], [0, 0, 60, 40]], np.float32)
+    cloud = Detections.from_class_only("i", "i.png", 60, 40, boxes, np.asarray([0, 1, 0]),
+                                       np.asarray([0.9, 0.8, 0.3]), 2, SOURCE_CLOUD)
+    rec = scorer.score(cloud, image)
+    assert rec.source == SOURCE_CLIP and rec.probs.shape == (3, 3)
+    np.testing.assert_array_equal(rec.boxes, cloud.boxes)
+    np.testing.assert_allclose(rec.probs[:, 2], 0.0)
+    np.testing.assert_allclose(rec.probs.sum(1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(rec.labels, rec.probs[:, :2].argmax(1))
+    # Reference: the same numbers from CLIPModel.forward on one crop and the mean text embedding.
+    from transformers import AutoProcessor, CLIPModel
+    model, proc = CLIPModel.from_pretrained(clip_dir).eval(), AutoProcessor.from_pretrained(clip_dir)
+    texts = category_texts(CATEGORIES, TEMPLATES, "foggy street scene")
+    with torch.no_grad():
+        crop = crop_boxes(image, boxes[:1])
+        img = model(**proc(text=texts[0], images=crop, return_tensors="pt", padding=True))
+        t = [torch.nn.functional.normalize(model(**proc(text=ts, images=crop, return_tensors="pt",
+                                                         padding=True)).text_embeds, dim=-1).mean(0)
+             for ts in texts]
+        t = torch.nn.functional.normalize(torch.stack(t), dim=-1)
+        ref = (model.logit_scale.exp() * img.image_embeds @ t.T).softmax(-1)
+    np.testing.assert_allclose(rec.probs[0, :2], ref[0].numpy(), atol=1e-4)
+
+
+def test_clip_keeps_errors_and_empty_records(clip_dir):
+    scorer = ClipBoxScorer(clip_dir, CATEGORIES, templates=TEMPLATES)
+    err = Detections.empty("e", "e.png", 4, 4, SOURCE_CLOUD, 2, error="http 500: gave up")
+    out = scorer.score(err, None)
+    assert out.error == err.error and out.source == SOURCE_CLIP and len(out) == 0

@@ -1,0 +1,159 @@
+"""Collection on real local Ray against the project's server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from cloud_world import CATEGORIES, ColourBoxes, write_images
+from coin_ray import storage
+from coin_ray.cloud.export_coco import export_coco
+from coin_ray.config import from_dict, to_dict
+from coin_ray.models.clip_factory import write_clip
+from coin_ray.ray.collect import CollectionStopped, run_collection
+from coin_ray.schema import DETECTION_SCHEMA, SOURCE_CLIP, SOURCE_CLOUD, table_to_records
+from coin_ray.serve import Knobs, start_server
+
+TOKEN = "tok-collect-7c1e55aa90d3"
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def served():
+    servers = []
+
+    def start(**knobs):
+        s = start_server(ColourBoxes(), Knobs(**knobs))
+        servers.append(s)
+        return s
+    yield start
+    for s in servers:
+        s.stop()
+
+
+def make_cfg(tmp_path: Path, url: str, folder: str, clip: str = "", **cloud):
+    cloud = {"backend": "http", "url": url, "requests_per_second": 10.0, "max_in_flight": 4,
+             "num_actors": 4, "timeout_s": 2.0, "max_retries": 3, **cloud}
+    return from_dict({"run_id": "test", "storage": str(tmp_path / "runs"),
+                      "data": {"categories": CATEGORIES, "target_images": folder,
+                               "style": "toy scene"},
+                      "cloud": cloud, "clip": {"model": clip, "templates": ["a photo of a {}."]}})
+
+
+def max_in_one_second(arrivals: list[float]) -> int:
+    arrivals = sorted(arrivals)
+    best, lo = 0, 0
+    for hi, t in enumerate(arrivals):
+        while t - arrivals[lo] > 1.0:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best
+
+
+@pytest.mark.timeout(240)
+def test_shared_rate_limit_outputs_and_cache_rerun(ray_local, served, tmp_path):
+    server = served(latency_s=0.05)
+    uris = write_images(tmp_path / "imgs", 30)
+    clip = str(write_clip(tmp_path / "clip", CATEGORIES, image_size=32, hidden_size=32,
+                          projection_dim=32, num_layers=1))
+    cfg = make_cfg(tmp_path, server.url, str(tmp_path / "imgs"), clip, price_per_call=0.002)
+    out = str(tmp_path / "collect")
+    summary = run_collection(cfg, uris, out)
+    stats = server.stats(arrivals=True)
+    assert max_in_one_second(stats["arrivals"]) <= 11
+    assert summary["calls"] == stats["detect_requests"] == 30 and summary["errors"] == 0
+    assert summary["money_spent"] == pytest.approx(0.06)
+    assert summary["dropped_labels"]["tree"] > 0
+    cloud = table_to_records(storage.read_parquet(str(Path(out) / "cloud.parquet"), DETECTION_SCHEMA))
+    clip_recs = table_to_records(storage.read_parquet(str(Path(out) / "clip.parquet"), DETECTION_SCHEMA))
+    assert [r.uri for r in cloud] == uris == [r.uri for r in clip_recs]
+    assert {r.source for r in cloud} == {SOURCE_CLOUD} and {r.source for r in clip_recs} == {SOURCE_CLIP}
+    for c, k in zip(cloud, clip_recs):
+        assert (c.boxes == k.boxes).all() and k.probs.shape == (len(c), 3)
+        assert set(c.labels.tolist()) <= {0, 1} and c.image_id == Path(c.uri).stem
+    assert sum(len(r) for r in cloud) == summary["boxes"] > 0
+    # Same images again: everything from the cache, the server sees nothing new.
+    again = run_collection(cfg, uris, str(tmp_path / "collect2"), with_clip=False)
+    assert again["calls"] == 0 and again["cache_hits"] == 30
+    assert server.stats()["detect_requests"] == 30
+    counts = export_coco(cloud, CATEGORIES, str(tmp_path / "labels.json"), root=str(tmp_path / "imgs"))
+    coco = json.loads((tmp_path / "labels.json").read_text())
+    assert counts["annotations"] == summary["boxes"] == len(coco["annotations"])
+    assert coco["images"][0]["file_name"] == "img_0000.png"
+
+
+@pytest.mark.timeout(240)
+def test_fault_mix_every_image_accounted_for(ray_local, served, tmp_path):
+    server = served(fail_500=0.1, fail_429=0.1, fail_hang=0.05, fail_malformed=0.02,
+                    hang_s=1.0, seed=3)
+    uris = write_images(tmp_path / "imgs", 40)
+    cfg = make_cfg(tmp_path, server.url, str(tmp_path / "imgs"), requests_per_second=40.0,
+                   max_in_flight=8, num_actors=2, timeout_s=0.4, max_retries=2)
+    summary = run_collection(cfg, uris, str(tmp_path / "out"), with_clip=False)
+    cloud = table_to_records(storage.read_parquet(str(tmp_path / "out" / "cloud.parquet")))
+    assert sorted(r.uri for r in cloud) == uris
+    assert all(r.error or len(r) > 0 for r in cloud)
+    errors = [r for r in cloud if r.error]
+    assert summary["answered"] + summary["errors"] == 40 and summary["errors"] == len(errors)
+    assert sum(summary["errors_by_reason"].values()) == len(errors)
+    stats = server.stats()
+    assert summary["calls"] == stats["detect_requests"]
+    faults = sum(stats["faults"].values())
+    assert stats["status"].get("200", 0) - stats["faults"].get("malformed", 0) == 40 - len(errors)
+    assert faults > 0 and summary["calls"] == 40 - len(errors) + faults
+
+
+@pytest.mark.timeout(240)
+def test_401_stops_fast_and_token_is_nowhere(ray_local, served, tmp_path, monkeypatch, capfd):
+    server = served(token=TOKEN)
+    uris = write_images(tmp_path / "imgs", 12)
+    monkeypatch.setenv("COIN_TEST_TOKEN", "wrong-" + TOKEN)
+    cfg = make_cfg(tmp_path, server.url, str(tmp_path / "imgs"), token_env="COIN_TEST_TOKEN",
+                   requests_per_second=50.0, max_in_flight=8)
+    with pytest.raises(CollectionStopped) as err:
+        run_collection(cfg, uris, str(tmp_path / "out"), with_clip=False)
+    assert "'http'" in str(err.value) and "COIN_TEST_TOKEN" in str(err.value)
+    assert server.stats()["detect_requests"] <= 3
+    time.sleep(1.0)  # let workers flush their logs
+    out, errout = capfd.readouterr()
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    texts = [out, errout, str(err.value)] + [p.read_text(errors="replace") for root in
+             (logs, tmp_path) for p in root.rglob("*") if p.is_file() and p.suffix != ".png"]
+    assert not any(TOKEN in t for t in texts)
+
+
+@ray.remote(num_cpus=0)
+def _collect_job(cfg: dict, uris: list[str], out: str) -> dict:
+    return run_collection(from_dict(cfg), uris, out, with_clip=False)
+
+
+@pytest.mark.timeout(240)
+def test_resume_after_kill_pays_only_for_unanswered(ray_local, served, tmp_path):
+    server = served(latency_s=0.1)
+    n, in_flight = 40, 4
+    uris = write_images(tmp_path / "imgs", n)
+    cfg = make_cfg(tmp_path, server.url, str(tmp_path / "imgs"), requests_per_second=20.0,
+                   max_in_flight=in_flight, num_actors=2)
+    job = _collect_job.remote(to_dict(cfg), uris, str(tmp_path / "out"))
+    deadline = time.monotonic() + 120
+    while server.stats()["detect_requests"] < n // 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ray.cancel(job, force=True)
+    with pytest.raises((ray.exceptions.TaskCancelledError, ray.exceptions.WorkerCrashedError)):
+        ray.get(job)
+    first = server.stats()["detect_requests"]
+    assert n // 2 <= first < n
+    summary = run_collection(cfg, uris, str(tmp_path / "out"), with_clip=False)
+    total = server.stats()["detect_requests"]
+    assert summary["images"] == n and summary["errors"] == 0
+    assert total <= n + in_flight and summary["cache_hits"] >= n // 2 - in_flight
