@@ -89,6 +89,8 @@ class ModelConfig:
     num_extra_context: int = _range(0, None, default=4)  # M learnable tokens after the init
     frozen_vision_layers: int = _range(0, None, default=0)
     backbone_lr_mult: float = _range(0.0, None, default=0.1)
+    head_layers: int = _range(0, None, default=1)  # last CLIP vision layers run per region (ViT "C4")
+    roi_size: int = _range(1, None, default=4)  # RoIAlign grid side, in patch tokens
     target_backbone: Literal["clip", "resnet18"] = "clip"
     min_size: int = _range(32, None, default=160)  # shorter image side fed to the detector
     max_size: int = _range(32, None, default=320)
