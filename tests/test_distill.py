@@ -10,7 +10,8 @@ from coin_ray.models.clip_factory import write_clip
 from coin_ray.models.ov_rcnn import OpenVocabularyRCNN
 from coin_ray.separate import SourceBoxes, as_source
 from coin_ray.train.distill import (Batch, Phase, build_state, concat_paired, detect_and_separate, distill,
-                                    distill_step, load_state_dict, phase_at, state_dict, update_ckg)
+                                    distill_step, load_state_dict, phase_at, state_dict, teacher_detections,
+                                    update_ckg)
 
 CATEGORIES = ["car", "person", "bus"]
 K = len(CATEGORIES)
@@ -65,7 +66,7 @@ def test_steps_in_both_phases_use_every_set_and_only_the_ckg_learns_from_l_ckg(c
     frozen = copy.deepcopy(state.teacher.state_dict())
 
     m = distill_step(state, batch, Phase(after_burn_up=False), cfg)
-    assert m["consistent"] > 0 and m["inconsistent"] > 0 and m["private"] > 0
+    assert m["sep_consistent"] > 0 and m["sep_inconsistent"] > 0 and m["sep_private"] > 0
     assert m["l_inc"] == 0.0 and m["l_con"] > 0 and m["l_pri"] > 0 and m["l_align"] > 0
     assert all(torch.equal(v, frozen[k]) for k, v in state.teacher.state_dict().items())  # frozen
 
@@ -81,7 +82,7 @@ def test_steps_in_both_phases_use_every_set_and_only_the_ckg_learns_from_l_ckg(c
 
 
 def _student_pass(state, batch, cfg):
-    seps = detect_and_separate(state.teacher, batch, Phase(after_burn_up=False), cfg)
+    seps = detect_and_separate(state, batch, Phase(after_burn_up=False), cfg)
     out = state.student(batch.images, seps, state.generator)
     inc = concat_paired([s.inconsistent for s in seps])
     p_ckg = state.ckg(out.inconsistent.embeddings.detach(), inc.cloud_probs, inc.clip_probs)
@@ -135,3 +136,20 @@ def test_checkpoint_resume_continues_exactly(clip_dir):
     torch.manual_seed(1)
     again = distill_step(resumed, batch, phase_at(resumed.step, cfg), cfg)
     assert again == pytest.approx(straight, rel=1e-5, abs=1e-6)
+
+
+def test_frozen_teacher_detections_are_reused_until_burn_up(clip_dir):
+    torch.manual_seed(0)
+    teacher, student = _models(clip_dir)
+    cfg = _cfg()
+    state = build_state(teacher, student, cfg)
+    batch = _batch(state.teacher)
+    batch.image_ids = ["a", "b"]
+    first = teacher_detections(state, batch, Phase(after_burn_up=False), cfg)
+    assert set(state.teacher_cache) == {"a", "b"}
+    direct = [as_source(d) for d in state.teacher.detect(batch.images)]
+    assert all(torch.equal(x.boxes, y.boxes) for x, y in zip(first, direct))
+    again = teacher_detections(state, batch, Phase(after_burn_up=False), cfg)
+    assert all(x is y for x, y in zip(first, again))
+    teacher_detections(state, batch, Phase(after_burn_up=True), cfg)
+    assert state.teacher_cache == {}

@@ -64,6 +64,7 @@ class Batch:
     images: list[torch.Tensor]
     cloud: list[SourceBoxes]
     gt: list[dict[str, torch.Tensor]] | None = None  # optional, for separation statistics only
+    image_ids: list[str] | None = None  # lets the frozen teacher's detections be reused
 
 
 @dataclass
@@ -78,6 +79,7 @@ class DistillState:
     generator: torch.Generator
     step: int = 0
     stats: SeparationStats = field(default_factory=SeparationStats)
+    teacher_cache: dict[str, SourceBoxes] = field(default_factory=dict)  # before burn-up only
 
     @property
     def detector(self) -> OpenVocabularyRCNN:
@@ -99,14 +101,33 @@ def build_state(teacher: OpenVocabularyRCNN, student: OpenVocabularyRCNN, cfg: D
                         torch.Generator().manual_seed(seed))
 
 
-def detect_and_separate(teacher: OpenVocabularyRCNN, batch: Batch, phase: Phase,
+def teacher_detections(state: DistillState, batch: Batch, phase: Phase, cfg: DistillConfig
+                       ) -> list[SourceBoxes]:
+    """The teacher's detections per image (original pixels, score >= ``cfg.min_score``).
+
+    Before burn-up the teacher is frozen, so an image's detections are computed the first
+    time it is seen and reused (when the batch carries image ids); after burn-up the teacher
+    moves every step and detects on every batch.
+    """
+    if phase.after_burn_up or batch.image_ids is None:
+        state.teacher_cache.clear()
+        return [as_source(d, cfg.min_score) for d in state.teacher.detect(batch.images)]
+    missing = [i for i, key in enumerate(batch.image_ids) if key not in state.teacher_cache]
+    if missing:
+        found = state.teacher.detect([batch.images[i] for i in missing])
+        for i, det in zip(missing, found):
+            state.teacher_cache[batch.image_ids[i]] = as_source(det, cfg.min_score)
+    return [state.teacher_cache[key] for key in batch.image_ids]
+
+
+def detect_and_separate(state: DistillState, batch: Batch, phase: Phase,
                         cfg: DistillConfig) -> list[Separation]:
     """The teacher's detections on the batch, separated against the cloud's, per image.
 
-    Boxes of either source scoring below ``cfg.min_score`` are left out; after burn-up a
-    matched pair's box is the score-weighted fusion of both.
+    Cloud boxes scoring below ``cfg.min_score`` are left out; after burn-up a matched
+    pair's box is the score-weighted fusion of both.
     """
-    clip_det = [as_source(d, cfg.min_score) for d in teacher.detect(batch.images)]
+    clip_det = teacher_detections(state, batch, phase, cfg)
     return [separate(c.select(c.scores >= cfg.min_score), d, iou_threshold=cfg.match_iou,
                      fuse=phase.after_burn_up) for c, d in zip(batch.cloud, clip_det)]
 
@@ -114,7 +135,7 @@ def detect_and_separate(teacher: OpenVocabularyRCNN, batch: Batch, phase: Phase,
 def distill_step(state: DistillState, batch: Batch, phase: Phase, cfg: DistillConfig) -> dict[str, float]:
     """One COIN step on one batch; returns scalar metrics."""
     # 1-2. Detect with the teacher and separate into consistent / inconsistent / private.
-    seps = detect_and_separate(state.teacher, batch, phase, cfg)
+    seps = detect_and_separate(state, batch, phase, cfg)
     for i, sep in enumerate(seps):
         gt = batch.gt[i] if batch.gt else {}
         state.stats.add(sep, gt.get("boxes"), gt.get("labels"))
@@ -139,7 +160,7 @@ def distill_step(state: DistillState, batch: Batch, phase: Phase, cfg: DistillCo
         ema_update(state.teacher, state.detector, cfg.teacher_keep_rate)
     state.step += 1
     return {"loss": total.item(), "l_ckg": loss_ckg.item(), **{k: v.item() for k, v in losses.items()},
-            "consistent": len(cons), "inconsistent": len(inc), "private": len(priv),
+            "sep_consistent": len(cons), "sep_inconsistent": len(inc), "sep_private": len(priv),
             "after_burn_up": float(phase.after_burn_up)}
 
 
