@@ -206,3 +206,23 @@ def test_serve_subprocess_replays_parquet(tmp_path):
         proc.terminate()
         log = proc.communicate(timeout=10)[0].decode()
     assert TOKEN not in log
+
+
+def test_serve_foggy_shapes_standin_checkpoint(tmp_path):
+    import torch
+    from coin_ray.serve import _backend_from_args, _parse_args
+    from coin_ray.world.cloud_standin import build_detector
+
+    torch.manual_seed(0)
+    model = build_detector(2, width=8, score_threshold=0.0)
+    torch.save({"state_dict": model.state_dict(), "meta": {"categories": CATEGORIES,
+                "model": {"width": 8}}}, tmp_path / "cloud.pt")
+    backend = _backend_from_args(_parse_args(["--backend", "foggy-shapes", "--checkpoint",
+                                              str(tmp_path / "cloud.pt")]))
+    server = start_server(backend)
+    try:
+        image, _ = draw(2, size=(64, 96))
+        answer = HttpBackend(server.url).detect(png_bytes(image), image, ["car", "bus"])
+    finally:
+        server.stop()
+    assert 0 < len(answer.phrases) == len(answer.boxes) and set(answer.phrases) <= set(CATEGORIES)

@@ -11,7 +11,6 @@ import ray
 
 from cloud_world import CATEGORIES, ColourBoxes, write_images
 from coin_ray import storage
-from coin_ray.cloud.export_coco import export_coco
 from coin_ray.config import from_dict, to_dict
 from coin_ray.models.clip_factory import write_clip
 from coin_ray.ray.collect import CollectionStopped, run_collection
@@ -86,9 +85,8 @@ def test_shared_rate_limit_outputs_and_cache_rerun(ray_local, served, tmp_path):
     again = run_collection(cfg, uris, str(tmp_path / "collect2"), with_clip=False)
     assert again["calls"] == 0 and again["cache_hits"] == 30
     assert server.stats()["detect_requests"] == 30
-    counts = export_coco(cloud, CATEGORIES, str(tmp_path / "labels.json"), root=str(tmp_path / "imgs"))
-    coco = json.loads((tmp_path / "labels.json").read_text())
-    assert counts["annotations"] == summary["boxes"] == len(coco["annotations"])
+    coco = json.loads((Path(out) / "cloud_coco.json").read_text())
+    assert summary["boxes"] == len(coco["annotations"]) and len(coco["images"]) == 30
     assert coco["images"][0]["file_name"] == "img_0000.png"
 
 
@@ -109,7 +107,8 @@ def test_fault_mix_every_image_accounted_for(ray_local, served, tmp_path):
     stats = server.stats()
     assert summary["calls"] == stats["detect_requests"]
     faults = sum(stats["faults"].values())
-    assert stats["status"].get("200", 0) - stats["faults"].get("malformed", 0) == 40 - len(errors)
+    # Every answered image had one good 200 (a late 200 after a client timeout adds one more).
+    assert stats["status"].get("200", 0) - stats["faults"].get("malformed", 0) >= 40 - len(errors)
     assert faults > 0 and summary["calls"] == 40 - len(errors) + faults
 
 
@@ -142,7 +141,7 @@ def test_resume_after_kill_pays_only_for_unanswered(ray_local, served, tmp_path)
     server = served(latency_s=0.1)
     n, in_flight = 40, 4
     uris = write_images(tmp_path / "imgs", n)
-    cfg = make_cfg(tmp_path, server.url, str(tmp_path / "imgs"), requests_per_second=20.0,
+    cfg = make_cfg(tmp_path, server.url, str(tmp_path / "imgs"), requests_per_second=15.0,
                    max_in_flight=in_flight, num_actors=2)
     job = _collect_job.remote(to_dict(cfg), uris, str(tmp_path / "out"))
     deadline = time.monotonic() + 120

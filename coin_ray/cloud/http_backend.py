@@ -38,7 +38,9 @@ from coin_ray.cloud.rest import request_json
 def answer_to_json(answer: CloudAnswer, categories: list[str] | None = None,
                    model: str = "") -> dict[str, Any]:
     """The 200 body for ``answer`` (probs only together with the names of their columns)."""
-    with_probs = answer.probs is not None and categories is not None
+    # Probs travel only when their columns are exactly the named categories plus background.
+    with_probs = (answer.probs is not None and categories is not None
+                  and np.asarray(answer.probs).shape == (len(answer.phrases), len(categories) + 1))
     return {
         "boxes": np.asarray(answer.boxes, np.float32).reshape(-1, 4).tolist(),
         "phrases": list(answer.phrases),

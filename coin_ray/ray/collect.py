@@ -5,8 +5,9 @@
 Plan: from_items(uris) -> actor pool of ``_CloudCaller`` (threads per actor overlap the
 API's latency; every request passes the cluster-wide limiter; answers are cached before
 use) -> actor pool of ``_ClipScorer`` -> rows streamed back to the driver, which shows
-progress and writes ``cloud.parquet``, ``clip.parquet`` (DETECTION_SCHEMA) and
-``summary.json``. Per-row failures become error records; only refused credentials stop
+progress and writes ``cloud.parquet``, ``clip.parquet`` (DETECTION_SCHEMA),
+``summary.json`` and the cloud labels as COCO JSON (``cloud_coco.json`` +
+``cloud_coco_results.json``). Per-row failures become error records; only refused credentials stop
 the run (``CollectionStopped``, naming the backend and the token's env var).
 """
 
@@ -28,6 +29,7 @@ from coin_ray.cloud.backends import NEEDS_TOKEN, build_backend, model_id
 from coin_ray.cloud.cache import AnswerCache
 from coin_ray.cloud.client import CloudClient, RetryPolicy
 from coin_ray.cloud.errors import Secret, read_token
+from coin_ray.cloud.export_coco import export_coco
 from coin_ray.cloud.label import RunTally, label_image
 from coin_ray.cloud.mapping import CategoryMap
 from coin_ray.config import Config, from_dict, to_dict
@@ -38,6 +40,9 @@ from coin_ray.schema import Detections, records_to_table
 log = logging.getLogger(__name__)
 
 CLOUD_CPUS = 0.25  # callers wait on the network, not the CPU
+# Batches each caller actor works on at once: while one batch waits for its slowest image,
+# the others keep requests coming (the limiter, not this, bounds what reaches the API).
+BATCHES_PER_ACTOR = 4
 
 
 class CollectionStopped(RuntimeError):
@@ -124,8 +129,9 @@ def _plan(cfg: Config, image_uris: list[str], limiter: ClusterLimiter, token: Se
     ds = ray.data.from_items(items).map_batches(
         _CloudCaller, batch_size=threads, num_cpus=CLOUD_CPUS,
         fn_constructor_kwargs={"cfg": to_dict(cfg), "token": token, "limiter": limiter,
-                               "cache_root": cache_root, "threads": 2 * threads},
-        compute=ray.data.ActorPoolStrategy(size=c.num_actors, max_concurrent_calls_per_actor=2,
+                               "cache_root": cache_root, "threads": BATCHES_PER_ACTOR * threads},
+        compute=ray.data.ActorPoolStrategy(size=c.num_actors,
+                                           max_concurrent_calls_per_actor=BATCHES_PER_ACTOR,
                                            enable_true_multi_threading=True))
     if with_clip:
         ds = ds.map_batches(_ClipScorer, batch_size=cfg.clip.batch_size, num_cpus=1,
@@ -155,8 +161,8 @@ def run_collection(cfg: Config, image_uris: list[str], out_dir: str, *,
     """Collect cloud detections (and CLIP scores of their boxes) for ``image_uris``.
 
     Writes ``out_dir``/cloud.parquet and clip.parquet (DETECTION_SCHEMA, sorted by uri; boxes
-    xyxy pixels; cloud probs class-only K+1, clip probs K+1 with background 0) and
-    summary.json. Needs a running Ray (``ray.init``); the limiter actor is killed at the end.
+    xyxy pixels; cloud probs class-only K+1, clip probs K+1 with background 0),
+    summary.json and cloud_coco.json (+ _results.json). Needs a running Ray (``ray.init``); the limiter actor is killed at the end.
 
     Raises:
         CollectionStopped: the backend refused the credentials.
@@ -186,6 +192,9 @@ def run_collection(cfg: Config, image_uris: list[str], out_dir: str, *,
     storage.write_parquet(records_to_table(cloud), storage.join(out_dir, "cloud.parquet"))
     if with_clip:
         storage.write_parquet(records_to_table(clip), storage.join(out_dir, "clip.parquet"))
+    # Label-only users want the labels without training: COCO JSON next to the Parquet.
+    export_coco(cloud, cfg.data.categories, storage.join(out_dir, "cloud_coco.json"),
+                root=cfg.data.target_images)
     summary = {**tally.as_dict(c.price_per_call), "backend": c.backend, "model": model_id(c),
                "seconds": round(seconds, 3), "calls_per_s": round(tally.calls / max(seconds, 1e-9), 3),
                "limiter_grants": limiter_stats["granted"]}

@@ -2,9 +2,9 @@
 
 Ray has no cluster-wide limiter, and per-actor limits multiply with the number of actors.
 Here every caller on every node asks one actor for a slot; the actor only does
-bookkeeping (``coin_ray.cloud.ratelimit.SlotBook``) and answers at once with how long to
-wait, so callers sleep locally and the actor never blocks. When the in-flight cap is full
-the actor says so and the caller polls again shortly.
+bookkeeping (``coin_ray.cloud.ratelimit.SlotBook``) and answers with how long to wait, so
+callers sleep locally for the rate. Only when the in-flight cap is full does a caller's
+request wait inside the (async) actor until a release frees a place.
 
     limiter = ClusterLimiter.create(run_id, rps=10, max_in_flight=8)   # driver
     lease = limiter.acquire(); ...; limiter.release(lease, ok=True)    # any actor
@@ -13,6 +13,7 @@ the actor says so and the caller polls again shortly.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import ray
@@ -21,31 +22,54 @@ from coin_ray.cloud.errors import AuthError
 from coin_ray.cloud.ratelimit import SlotBook
 
 NAMESPACE = "coin_ray"
-_POLL_S = 0.01  # first re-ask delay while the in-flight cap is full ...
-_MAX_POLL_S = 0.1  # ... growing to this
+_RECHECK_S = 1.0  # waiting callers re-check at least this often (stale leases expire)
 
 
-@ray.remote(num_cpus=0, max_concurrency=1)
+@ray.remote(num_cpus=0, max_concurrency=10_000)
 class _SlotActor:
-    """Serialises every reservation through one ``SlotBook`` (one call at a time)."""
+    """Async actor around one ``SlotBook``: callers over the in-flight cap wait here, in line.
+
+    All methods run on one event loop, so the book is never touched by two calls at once.
+    """
 
     def __init__(self, rps: float, max_in_flight: int, lease_s: float) -> None:
         self.book = SlotBook(rps, max_in_flight, lease_s)
+        self.freed: asyncio.Condition | None = None
 
-    def reserve(self) -> tuple[str, float] | None | str:
-        """(lease, wait seconds), None when full, or the stop reason as a plain string."""
-        try:
-            return self.book.reserve(time.monotonic())
-        except AuthError:
-            return self.book.stopped
+    def _cond(self) -> asyncio.Condition:
+        if self.freed is None:  # created lazily: it must belong to the actor's event loop
+            self.freed = asyncio.Condition()
+        return self.freed
 
-    def release(self, lease: str, ok: bool) -> None:
-        self.book.release(lease, ok)
+    async def reserve(self) -> tuple[str, float] | str:
+        """(lease, seconds to wait before sending), or the stop reason as a plain string."""
+        cond = self._cond()
+        async with cond:
+            while True:
+                try:
+                    got = self.book.reserve(time.monotonic())
+                except AuthError:
+                    return self.book.stopped
+                if got is not None:
+                    return got
+                try:  # the timeout lets stale leases of killed callers expire
+                    await asyncio.wait_for(cond.wait(), timeout=_RECHECK_S)
+                except asyncio.TimeoutError:
+                    pass
 
-    def stop(self, reason: str) -> None:
-        self.book.stopped = self.book.stopped or reason
+    async def release(self, lease: str, ok: bool) -> None:
+        cond = self._cond()
+        async with cond:
+            self.book.release(lease, ok)
+            cond.notify_all()
 
-    def stats(self) -> dict:
+    async def stop(self, reason: str) -> None:
+        cond = self._cond()
+        async with cond:
+            self.book.stopped = self.book.stopped or reason
+            cond.notify_all()
+
+    async def stats(self) -> dict:
         return {"granted": self.book.granted, "in_flight": len(self.book.leases),
                 "stopped": self.book.stopped}
 
@@ -80,17 +104,12 @@ class ClusterLimiter:
 
     def acquire(self) -> str:
         """Block (sleeping locally) until this caller's slot; raises AuthError after ``stop``."""
-        poll = _POLL_S
-        while True:
-            got = ray.get(self.actor.reserve.remote())
-            if isinstance(got, str):
-                raise AuthError("stopped", got)
-            if got is not None:
-                lease, wait = got
-                time.sleep(wait)
-                return lease
-            time.sleep(poll)
-            poll = min(poll * 1.5, _MAX_POLL_S)  # many waiting callers must not flood the actor
+        got = ray.get(self.actor.reserve.remote())
+        if isinstance(got, str):
+            raise AuthError("stopped", got)
+        lease, wait = got
+        time.sleep(wait)
+        return lease
 
     def release(self, lease: str, ok: bool) -> None:
         # Fire and forget: the next reserve is queued behind it on the same actor.
