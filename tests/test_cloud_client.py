@@ -226,3 +226,19 @@ def test_serve_foggy_shapes_standin_checkpoint(tmp_path):
     finally:
         server.stop()
     assert 0 < len(answer.phrases) == len(answer.boxes) and set(answer.phrases) <= set(CATEGORIES)
+
+
+def test_run_that_labels_nothing_says_so_loudly(capsys):
+    from coin_ray.cloud.label import RunTally
+    from coin_ray.ray.collect import _warn_if_nothing
+
+    tally = RunTally()
+    empty = Detections.empty("a", "a.png", 4, 4, SOURCE_CLOUD, 2)
+    tally.add(empty, calls=1, cache_hit=False, reason="", dropped={"tree": 3})
+    tally.add(Detections.empty("b", "b.png", 4, 4, SOURCE_CLOUD, 2, error="http 500: gave up"),
+              calls=4, cache_hit=False, reason="http 500", dropped={})
+    summary = tally.as_dict(price_per_call=0.01)
+    assert summary["errors_by_reason"] == {"http 500": 1} and summary["money_spent"] == 0.05
+    _warn_if_nothing(summary)
+    assert "NOTHING WAS LABELLED" in summary["warning"] and "3 labels" in summary["warning"]
+    assert "NOTHING WAS LABELLED" in capsys.readouterr().err

@@ -21,10 +21,16 @@ TOKEN = "tok-collect-7c1e55aa90d3"
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
-    yield
-    ray.shutdown()
+def ray_local(s3_endpoint):
+    # Ray workers inherit the environment at ray.init: point them at the loopback S3 now.
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                           "AWS_REGION": "us-east-1"}.items():
+            mp.setenv(key, value)
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
+        yield
+        ray.shutdown()
 
 
 @pytest.fixture
@@ -156,3 +162,26 @@ def test_resume_after_kill_pays_only_for_unanswered(ray_local, served, tmp_path)
     total = server.stats()["detect_requests"]
     assert summary["images"] == n and summary["errors"] == 0
     assert total <= n + in_flight and summary["cache_hits"] >= n // 2 - in_flight
+
+
+@pytest.mark.timeout(240)
+def test_everything_on_s3(ray_local, served, s3_bucket, tmp_path):
+    server = served()
+    local = write_images(tmp_path / "imgs", 6)
+    root = f"s3://{s3_bucket}/target"
+    uris = [f"{root}/{Path(u).name}" for u in local]
+    for path, uri in zip(local, uris):
+        storage.write_bytes(uri, Path(path).read_bytes())
+    storage.upload_dir(write_clip(tmp_path / "clip", CATEGORIES, image_size=32, hidden_size=32,
+                                  projection_dim=32, num_layers=1), f"s3://{s3_bucket}/clip")
+    cfg = make_cfg(tmp_path, server.url, root, f"s3://{s3_bucket}/clip",
+                   cache=f"s3://{s3_bucket}/cache", requests_per_second=50.0, num_actors=1)
+    out = f"s3://{s3_bucket}/run/collect"
+    summary = run_collection(cfg, uris, out)
+    assert summary["calls"] == 6 and summary["errors"] == 0
+    cloud = table_to_records(storage.read_parquet(out + "/cloud.parquet"))
+    clip_recs = table_to_records(storage.read_parquet(out + "/clip.parquet"))
+    assert [r.uri for r in cloud] == uris and [r.image_id for r in cloud] == [Path(u).stem for u in local]
+    assert all(len(c) == len(k) > 0 for c, k in zip(cloud, clip_recs))
+    assert len(storage.list_files(f"s3://{s3_bucket}/cache", (".json",))) == 6
+    assert run_collection(cfg, uris, out, with_clip=False)["cache_hits"] == 6

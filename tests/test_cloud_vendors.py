@@ -210,3 +210,15 @@ def test_replay_round_trips_parquet_and_coco(tmp_path):
             np.testing.assert_allclose(again.probs, rec.probs, atol=1e-6)
     unknown = np.full((24, 32, 3), 9, np.uint8)
     assert len(backend.detect(png_bytes(unknown), unknown, CATEGORIES).boxes) == 0
+
+
+def test_dds_without_token_fails_before_any_call(monkeypatch):
+    from coin_ray.cloud.backends import build_backend
+    from coin_ray.config import CloudConfig
+
+    monkeypatch.delenv("COIN_DDS_TOKEN", raising=False)
+    with pytest.raises(AuthError, match="COIN_DDS_TOKEN"):
+        build_backend(CloudConfig(backend="dds", token_env="COIN_DDS_TOKEN"), CATEGORIES)
+    monkeypatch.setenv("COIN_DDS_TOKEN", TOKEN)
+    backend = build_backend(CloudConfig(backend="dds", token_env="COIN_DDS_TOKEN"), CATEGORIES)
+    assert TOKEN not in repr(vars(backend))
