@@ -1,0 +1,251 @@
+"""Export the target detector for deployment, load it back, and check it against eager.
+
+Format: TorchScript, by ``torch.jit.trace`` of an inference-only wrapper. Why:
+- ONNX would need ``onnx``/``onnxruntime`` (not dependencies of the project) and an opset
+  covering torchvision's RoIAlign and NMS; TorchScript keeps both as torchvision ops and
+  loads with ``torch.jit.load`` in Python or C++ (libtorch + torchvision ops), no project
+  code, no transformers.
+- ``torch.jit.script`` cannot compile transformers' CLIP layers; tracing records the ops.
+  A trace is exact for one input size: torchvision's traced resize rounds some sizes one
+  pixel differently from eager, and the per-image loops are unrolled. So the export has a
+  deployment resolution (H, W) (the example image's size; a fixed camera's size in
+  practice) and one module per batch size (1 and a batched one). ``ExportedDetector``
+  resizes an image of another size to (H, W) and maps its boxes back, and pads a short
+  last batch.
+- Deployment prompts are fixed: the K+1 text embeddings (learned context + frozen text
+  encoder) are computed once and stored as a constant classifier matrix, so neither the
+  text encoder nor the prompt learner is in the file.
+
+Equivalence (``check_equivalence``): on images at the deployment resolution, single and
+batched, the exported model gives the same detections per image (count and labels) as
+``OpenVocabularyRCNN.detect``, boxes within ``BOX_ATOL`` pixels and scores/probs within
+``PROB_ATOL`` (measured: 0 on CPU, the same kernels run).
+
+Files under the export folder (local or s3://): ``detector_b{B}.pt`` per batch size and
+``export.json`` (categories, batch sizes, tolerances, the measured differences).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torchvision  # noqa: F401  (registers roi_align / nms for torch.jit.load)
+from torch import nn
+
+from coin_ray import storage
+from coin_ray.models.ov_rcnn import OpenVocabularyRCNN, load_detector
+from coin_ray.models.roi_heads import postprocess_detections
+
+BOX_ATOL = 1e-2  # pixels
+PROB_ATOL = 1e-4
+DEFAULT_BATCH_SIZES = (1, 8)
+NOISE = 0.05  # the check perturbs the example image with this much seeded noise per copy
+
+
+class ExportMismatch(RuntimeError):
+    """The exported model's detections differ from the eager model's beyond tolerance."""
+
+
+class DeployedDetector(nn.Module):
+    """The detection path of an ``OpenVocabularyRCNN`` with the text side folded in.
+
+    forward(images: list of B (3,H_i,W_i) float in [0,1]) ->
+        boxes (N,4) float xyxy pixels of the original images, labels (N,) int64 in [0,K),
+        scores (N,), probs (N,K+1), counts (B,) int64: image i owns the next counts[i] rows.
+    """
+
+    def __init__(self, model: OpenVocabularyRCNN) -> None:
+        super().__init__()
+        self.transform = model.transform
+        self.trunk = model.trunk
+        self.rpn_norm = model.rpn_norm
+        self.rpn = model.rpn
+        self.roi_heads = model.roi_heads
+        with torch.no_grad():
+            self.register_buffer("classifier", model.text_embeddings().detach().clone())  # (K+1, D)
+        self.score_threshold = float(model.model_cfg.score_threshold)
+        self.detections_per_image = int(model.model_cfg.detections_per_image)
+
+    def _fixed_count(self, proposals: torch.Tensor) -> torch.Tensor:
+        """(R_i,4) -> (R,4), R the RPN's test-time maximum, padded with copies of row 0.
+
+        The postprocessing splits regions by ``len(proposals[i])``, a Python int that a
+        trace freezes; a constant count keeps it right. A copy of a proposal yields a copy
+        of its detection, which NMS (IoU 1) removes, so the output is unchanged. An image
+        with no proposal is padded with empty boxes, which the size filter removes.
+        """
+        r = self.rpn.post_nms_top_n()
+        empty = proposals.new_zeros(r, 4)
+        return torch.cat([proposals, proposals[:1].repeat(r, 1), empty])[:r]
+
+    def forward(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        image_list, _ = self.transform(images)
+        features = self.trunk(image_list.tensors)
+        normed = self.rpn_norm(features.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        proposals, _ = self.rpn(image_list, OrderedDict([("0", normed)]))
+        proposals = [self._fixed_count(p) for p in proposals]
+        outputs = self.roi_heads(features, proposals, self.classifier)
+        results = postprocess_detections(outputs, proposals, image_list.image_sizes, self.roi_heads.box_coder,
+                                         score_threshold=self.score_threshold,
+                                         detections_per_image=self.detections_per_image)
+        results = self.transform.postprocess(results, image_list.image_sizes, original_sizes)
+        counts = torch.stack([torch.ones_like(r["labels"]).sum() for r in results])
+        return (torch.cat([r["boxes"] for r in results]), torch.cat([r["labels"] for r in results]),
+                torch.cat([r["scores"] for r in results]), torch.cat([r["probs"] for r in results]), counts)
+
+
+def trace(model: OpenVocabularyRCNN, examples: list[torch.Tensor]) -> torch.jit.ScriptModule:
+    """Trace ``DeployedDetector(model)`` on ``examples`` (their count is the batch size)."""
+    wrapper = DeployedDetector(model.eval()).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        # The tracer warns about every Python int it meets in torchvision's resize code;
+        # check_equivalence is the real test of what it recorded.
+        warnings.simplefilter("ignore")
+        return torch.jit.trace(wrapper, (examples,), check_trace=False, strict=False)
+
+
+def split_outputs(outputs: tuple[torch.Tensor, ...], n: int) -> list[dict[str, torch.Tensor]]:
+    """The flat (boxes, labels, scores, probs, counts) of a traced call as per-image dicts
+    like ``OpenVocabularyRCNN.detect``; only the first ``n`` images are kept (padding)."""
+    boxes, labels, scores, probs, counts = outputs
+    sizes = [int(c) for c in counts]
+    parts = [t.split(sizes) for t in (boxes, labels, scores, probs)]
+    return [{"boxes": b, "labels": lab, "scores": s, "probs": p} for b, lab, s, p in zip(*parts)][:n]
+
+
+def resize_to(image: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(3,H,W) -> (3,h,w) bilinear, and the (4,) factors mapping xyxy boxes back to (H,W)."""
+    h0, w0 = image.shape[-2:]
+    if (h0, w0) == tuple(size):
+        return image, torch.ones(4)
+    out = torch.nn.functional.interpolate(image[None], size=tuple(size), mode="bilinear",
+                                          align_corners=False)[0]
+    sx, sy = w0 / size[1], h0 / size[0]
+    return out, torch.tensor([sx, sy, sx, sy])
+
+
+@dataclass
+class ExportedDetector:
+    """Loaded TorchScript modules keyed by batch size, the class names, the input size."""
+
+    modules: dict[int, torch.jit.ScriptModule]
+    categories: list[str]
+    input_size: tuple[int, int]  # (H, W) the modules were traced at
+
+    @torch.no_grad()
+    def detect(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Same contract as ``OpenVocabularyRCNN.detect``: images (3,H,W) float in [0,1] ->
+        per image {"boxes" (N,4) xyxy original pixels, "labels", "scores", "probs" (N,K+1)}.
+
+        Images of another size are resized to ``input_size`` and their boxes mapped back.
+        Uses the largest traced batch size that the remaining images fill, else the
+        smallest one padded with copies of the last image (their outputs are dropped).
+        """
+        resized = [resize_to(img, self.input_size) for img in images]
+        out: list[dict[str, torch.Tensor]] = []
+        sizes = sorted(self.modules, reverse=True)
+        i = 0
+        while i < len(resized):
+            size = next((s for s in sizes if s <= len(resized) - i), sizes[-1])
+            chunk = [img for img, _ in resized[i:i + size]]
+            n = len(chunk)
+            chunk += [chunk[-1]] * (size - n)
+            out += split_outputs(self.modules[size](chunk), n)
+            i += n
+        for det, (_, factors) in zip(out, resized):
+            det["boxes"] = det["boxes"] * factors
+        return out
+
+
+def _save_module(module: torch.jit.ScriptModule, uri: str) -> None:
+    buf = io.BytesIO()
+    torch.jit.save(module, buf)
+    storage.write_bytes(uri, buf.getvalue())
+
+
+def load_exported(export_uri: str, map_location: str = "cpu") -> ExportedDetector:
+    """Load an export folder (local or s3://) written by ``export_detector``."""
+    meta = json.loads(storage.read_text(storage.join(export_uri, "export.json")))
+    modules = {}
+    for b in meta["batch_sizes"]:
+        blob = storage.read_bytes(storage.join(export_uri, f"detector_b{b}.pt"))
+        modules[int(b)] = torch.jit.load(io.BytesIO(blob), map_location=map_location).eval()
+    return ExportedDetector(modules, list(meta["categories"]), tuple(meta["input_size"]))
+
+
+def check_equivalence(model: OpenVocabularyRCNN, exported: ExportedDetector,
+                      images: list[torch.Tensor]) -> dict[str, float]:
+    """Compare exported and eager detections on ``images``; raise ExportMismatch when off.
+
+    Returns the largest differences seen: {"max_box_diff" (pixels), "max_prob_diff",
+    "images", "detections"}.
+    """
+    eager = model.eval().detect(images)
+    traced = exported.detect(images)
+    box_diff, prob_diff, total = 0.0, 0.0, 0
+    for i, (e, t) in enumerate(zip(eager, traced)):
+        if len(e["boxes"]) != len(t["boxes"]) or not torch.equal(e["labels"], t["labels"]):
+            raise ExportMismatch(f"image {i}: eager gives {len(e['boxes'])} detections, "
+                                 f"exported {len(t['boxes'])} (or different labels)")
+        if len(e["boxes"]):
+            box_diff = max(box_diff, float((e["boxes"] - t["boxes"]).abs().max()))
+            prob_diff = max(prob_diff, float((e["probs"] - t["probs"]).abs().max()),
+                            float((e["scores"] - t["scores"]).abs().max()))
+        total += len(e["boxes"])
+    if box_diff > BOX_ATOL or prob_diff > PROB_ATOL:
+        raise ExportMismatch(f"exported model differs from eager: boxes by {box_diff:.3g} px "
+                             f"(allowed {BOX_ATOL}), probs by {prob_diff:.3g} (allowed {PROB_ATOL})")
+    return {"max_box_diff": box_diff, "max_prob_diff": prob_diff, "images": len(images), "detections": total}
+
+
+def check_images(example: torch.Tensor, count: int, seed: int = 0) -> list[torch.Tensor]:
+    """``count`` variants of ``example`` (3,H,W) float in [0,1] at its size: seeded noise,
+    every other one mirrored, so that detections (and their counts) differ per image."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(count):
+        img = example.flip(-1) if i % 2 else example
+        out.append((img + NOISE * torch.randn(img.shape, generator=gen)).clamp(0, 1))
+    return out
+
+
+def image_tensor(array: np.ndarray) -> torch.Tensor:
+    """(H,W,3) uint8 RGB -> (3,H,W) float32 in [0,1]."""
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float().div(255.0)
+
+
+def export_detector(model_uri: str, out_uri: str, *, example_uri: str | None = None,
+                    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES) -> dict:
+    """Export the detector in ``model_uri`` (a model.pt) to ``out_uri`` and check it.
+
+    ``example_uri`` is an image used to trace and check; its size becomes the deployment
+    resolution (a grey 120x160 image when None).
+    Returns what ``export.json`` holds (also the manifest entry of the export stage).
+    Raises ExportMismatch when the exported model disagrees with the eager one.
+    """
+    from coin_ray.data.images import load_image
+
+    model = load_detector(model_uri).eval()
+    example = image_tensor(load_image(example_uri)) if example_uri else torch.full((3, 120, 160), 0.5)
+    batch_sizes = tuple(sorted(set(int(b) for b in batch_sizes)))
+    modules = {b: trace(model, check_images(example, b, seed=b)) for b in batch_sizes}
+    for b, module in modules.items():
+        _save_module(module, storage.join(out_uri, f"detector_b{b}.pt"))
+    meta = {"format": "torchscript", "categories": model.categories, "batch_sizes": list(batch_sizes),
+            "input_size": list(example.shape[-2:]),
+            "input": "list of exactly B (3,H,W) float32 RGB in [0,1] at input_size",
+            "output": "boxes (N,4) xyxy original pixels, labels (N,) in [0,K), scores (N,), "
+                      "probs (N,K+1), counts (B,)",
+            "tolerance": {"box_px": BOX_ATOL, "prob": PROB_ATOL}, "torch": torch.__version__}
+    storage.write_text(storage.join(out_uri, "export.json"), json.dumps(meta, indent=2))
+    exported = load_exported(out_uri)
+    meta["check"] = check_equivalence(model, exported, check_images(example, max(batch_sizes) + 3, seed=99))
+    storage.write_text(storage.join(out_uri, "export.json"), json.dumps(meta, indent=2))
+    return meta

@@ -1,0 +1,104 @@
+"""Export: TorchScript files that give the eager detector's detections, local and on s3://."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from coin_ray import storage
+from coin_ray.config import ModelConfig
+from coin_ray.export import (BOX_ATOL, ExportMismatch, check_equivalence, check_images, export_detector,
+                             image_tensor, load_exported)
+from coin_ray.models.clip_factory import write_clip
+from coin_ray.models.ov_rcnn import OpenVocabularyRCNN, load_detector, save_detector
+
+CATEGORIES = ["car", "person", "bus"]
+
+
+def tiny_detector(tmp_path, seed: int = 0) -> OpenVocabularyRCNN:
+    clip = write_clip(tmp_path / f"clip{seed}", CATEGORIES + ["a", "photo", "of"], seed=seed)
+    # A threshold that keeps a varying number of boxes per image, so counts are tested too.
+    cfg = ModelConfig(min_size=64, max_size=96, score_threshold=0.34, detections_per_image=20)
+    return OpenVocabularyRCNN.from_clip(str(clip), CATEGORIES, cfg, seed=seed)
+
+
+def example_image(path) -> str:
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (72, 100, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    save_detector(tiny_detector(tmp), str(tmp / "model.pt"))
+    meta = export_detector(str(tmp / "model.pt"), str(tmp / "export"),
+                           example_uri=example_image(tmp / "ex.png"), batch_sizes=(1, 2))
+    return tmp, meta
+
+
+def test_export_writes_modules_and_a_passing_check(exported):
+    tmp, meta = exported
+    assert sorted(p.name for p in (tmp / "export").iterdir()) == ["detector_b1.pt", "detector_b2.pt", "export.json"]
+    on_disk = json.loads((tmp / "export" / "export.json").read_text())
+    assert on_disk == meta and meta["format"] == "torchscript" and meta["categories"] == CATEGORIES
+    assert meta["check"]["max_box_diff"] <= BOX_ATOL and meta["check"]["detections"] > 0
+
+
+def test_exported_matches_eager_in_odd_batches(exported):
+    tmp, meta = exported
+    model = load_detector(str(tmp / "model.pt"))
+    det = load_exported(str(tmp / "export"))
+    assert det.input_size == (72, 100) == tuple(meta["input_size"])
+    images = check_images(image_tensor(np.asarray(Image.open(tmp / "ex.png"))), 5, seed=7)
+    eager, traced = model.detect(images), det.detect(images)  # batches of 2, 2, then 1
+    counts = [len(e["boxes"]) for e in eager]
+    assert counts == [len(t["boxes"]) for t in traced] and len(set(counts)) > 1
+    for e, t in zip(eager, traced):
+        assert torch.equal(t["labels"], e["labels"])
+        torch.testing.assert_close(t["boxes"], e["boxes"], atol=BOX_ATOL, rtol=0)
+        torch.testing.assert_close(t["probs"], e["probs"], atol=1e-4, rtol=0)
+    assert det.detect([]) == []
+
+
+def test_other_sizes_are_resized_and_boxes_mapped_back(exported):
+    tmp, _ = exported
+    model = load_detector(str(tmp / "model.pt"))
+    det = load_exported(str(tmp / "export"))
+    image = torch.rand(3, 144, 150, generator=torch.Generator().manual_seed(1))
+    small = torch.nn.functional.interpolate(image[None], size=(72, 100), mode="bilinear",
+                                            align_corners=False)[0]
+    expected, got = model.detect([small])[0], det.detect([image])[0]
+    assert len(got["boxes"]) == len(expected["boxes"]) > 0
+    torch.testing.assert_close(got["boxes"], expected["boxes"] * torch.tensor([1.5, 2.0, 1.5, 2.0]),
+                               atol=2 * BOX_ATOL, rtol=0)
+    assert float(got["boxes"][:, 2].max()) <= 150 and float(got["boxes"][:, 3].max()) <= 144
+
+
+def test_exported_file_needs_no_text_encoder(exported):
+    tmp, _ = exported
+    module = load_exported(str(tmp / "export")).modules[1]
+    names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
+    assert "classifier" in names
+    assert not any("prompt_learner" in n or "text_model" in n for n in names)
+
+
+def test_check_catches_a_different_model(exported, tmp_path):
+    tmp, _ = exported
+    other = tiny_detector(tmp_path, seed=1)
+    images = check_images(torch.full((3, 72, 100), 0.5), 2)
+    with pytest.raises(ExportMismatch):
+        check_equivalence(other, load_exported(str(tmp / "export")), images)
+
+
+@pytest.mark.timeout(120)
+def test_export_to_s3(exported, s3_bucket):
+    tmp, _ = exported
+    out = f"s3://{s3_bucket}/run/export"
+    export_detector(str(tmp / "model.pt"), out, batch_sizes=(1,))
+    assert storage.list_files(out) == [f"{out}/detector_b1.pt", f"{out}/export.json"]
+    assert load_exported(out).detect([torch.rand(3, 50, 60)])[0]["probs"].shape[1] == len(CATEGORIES) + 1
