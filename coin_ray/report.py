@@ -145,3 +145,44 @@ def write_tables(results: dict[str, EvalResult], categories: Sequence[str], repo
         metrics = {"table1": metrics, **extra}
     storage.write_text(storage.join(report_uri, "metrics.json"), json.dumps(metrics, indent=2))
     return md
+
+
+def read_metrics(uri: str) -> list[dict]:
+    """Per-step metrics written as JSON lines ({"step": ..., ...}); [] when absent."""
+    if not storage.exists(uri):
+        return []
+    return [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
+
+
+def write_report(cfg, run, split, results: dict[str, EvalResult], grid_images: int = 4) -> str:
+    """Everything under ``<run>/report``: tables, loss curves, AP bars, separation, detections.
+
+    Args:
+        cfg: the run's ``Config``; run: its ``RunDir``; split: the labelled ``LabelledSplit``;
+        results: Table 1 rows (method -> EvalResult).
+    Returns:
+        The Table 1 Markdown.
+    """
+    from coin_ray.data.images import load_image
+    from coin_ray.schema import table_to_records
+
+    out = run.path("report")
+    curves = {stage: read_metrics(run.path(stage, "metrics.jsonl")) for stage in ("disseminate", "distill")}
+    md = write_tables(results, cfg.data.categories, out)
+    plot_ap_bars(results, cfg.data.categories, storage.join(out, "ap_per_class.png"))
+    if any(curves.values()):
+        plot_losses(curves, storage.join(out, "losses.png"))
+    if any(k.startswith("sep_") for row in curves["distill"] for k in row):
+        plot_separation(curves["distill"], storage.join(out, "separation.png"))
+    sources = {}
+    for name, rel in (("cloud", "collect/cloud.parquet"), ("clip_det", "clip_det/detections.parquet"),
+                      ("coin", "eval/coin.parquet")):
+        if storage.exists(run.path(rel)):
+            sources[name] = {r.uri: r for r in table_to_records(storage.read_parquet(run.path(rel)))}
+    if len(sources) == 3:
+        uris = [g.uri for g in split.items if all(g.uri in s for s in sources.values())][:grid_images]
+        detection_grid([load_image(u) for u in uris], [sources["cloud"][u] for u in uris],
+                       [sources["clip_det"][u] for u in uris], [sources["coin"][u] for u in uris],
+                       cfg.data.categories, storage.join(out, "detections.png"),
+                       iou=cfg.train.distill.match_iou)
+    return md

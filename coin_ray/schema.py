@@ -169,3 +169,7 @@ class ImageRecord:
     width: int = 0
     height: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
