@@ -23,7 +23,7 @@ rests on: consistent labels should be the most reliable).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -50,14 +50,26 @@ class SourceBoxes:
         return SourceBoxes(self.boxes[index], self.labels[index], self.scores[index],
                            self.probs[index])
 
+    def to(self, device: torch.device | str) -> "SourceBoxes":
+        return _moved(self, device)
+
+
+def _moved(obj: Any, device: torch.device | str) -> Any:
+    """A copy of a dataclass of tensors with every field on ``device``."""
+    return type(obj)(**{f.name: getattr(obj, f.name).to(device) for f in fields(obj)})
+
 
 def as_source(detections: Any, min_score: float = 0.0) -> SourceBoxes:
     """Tensors from a ``schema.Detections`` record or a ``detect()`` output dict.
 
     Boxes whose score is below ``min_score`` are dropped (a low-confidence box is neither
-    evidence of an object nor of a disagreement).
+    evidence of an object nor of a disagreement). The result lives on the CPU: separation
+    is a few small tensor operations per image.
     """
-    get = detections.get if isinstance(detections, dict) else lambda k: getattr(detections, k)
+    def get(key: str) -> torch.Tensor:
+        value = detections[key] if isinstance(detections, dict) else getattr(detections, key)
+        return torch.as_tensor(value).detach().cpu()
+
     boxes = torch.as_tensor(get("boxes"), dtype=torch.float32).reshape(-1, 4)
     probs = torch.as_tensor(get("probs"), dtype=torch.float32)
     if probs.dim() != 2:
@@ -88,6 +100,9 @@ class PairedSet:
     def __len__(self) -> int:
         return len(self.boxes)
 
+    def to(self, device: torch.device | str) -> "PairedSet":
+        return _moved(self, device)
+
 
 @dataclass
 class PrivateSet:
@@ -102,6 +117,9 @@ class PrivateSet:
 
     def __len__(self) -> int:
         return len(self.boxes)
+
+    def to(self, device: torch.device | str) -> "PrivateSet":
+        return _moved(self, device)
 
 
 @dataclass

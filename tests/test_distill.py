@@ -9,7 +9,7 @@ from coin_ray.config import DistillConfig, ModelConfig
 from coin_ray.models.clip_factory import write_clip
 from coin_ray.models.ov_rcnn import OpenVocabularyRCNN
 from coin_ray.separate import SourceBoxes, as_source
-from coin_ray.train.distill import (Batch, Phase, build_state, concat_paired, detect_and_separate, distill,
+from coin_ray.train.distill import (Batch, Phase, build_state, concat_paired, detect_and_separate,
                                     distill_step, load_state_dict, phase_at, state_dict, teacher_detections,
                                     update_ckg)
 
@@ -123,7 +123,7 @@ def test_checkpoint_resume_continues_exactly(clip_dir):
     teacher, student = _models(clip_dir)
     state = build_state(teacher, student, cfg)
     batch = _batch(state.teacher)
-    distill(state, [batch], _cfg(steps=1, burn_up=0.34))
+    distill_step(state, batch, phase_at(0, cfg), cfg)
     saved = copy.deepcopy(state_dict(state))
     torch.manual_seed(1)
     straight = distill_step(state, batch, phase_at(state.step, cfg), cfg)

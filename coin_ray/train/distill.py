@@ -24,21 +24,24 @@ gradients and all prototypes are averaged over ranks here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from coin_ray.config import DistillConfig
+from coin_ray.config import Config, DistillConfig
 from coin_ray.losses import l_align, l_ckg, l_con, l_inc, l_pri
 from coin_ray.models.ckg import CKG, FUSIONS, layer_gradients
-from coin_ray.models.ov_rcnn import OpenVocabularyRCNN
+from coin_ray.models.ov_rcnn import OpenVocabularyRCNN, load_detector
 from coin_ray.models.roi_heads import MAX_LOGIT_SCALE
 from coin_ray.models.student import DistillStudent, StudentPass
 from coin_ray.models.teacher import ema_update, make_teacher
+from coin_ray.schema import Detections
 from coin_ray.separate import PairedSet, PrivateSet, Separation, SeparationStats, SourceBoxes, as_source, separate
+from coin_ray.train.data import DetectionDataset, image_tensor, step_indices
+from coin_ray.train.disseminate import StepHook, build_detector, build_scheduler, step_generator
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class DistillState:
     ckg: CKG
     optimizer: torch.optim.Optimizer
     ckg_optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
     generator: torch.Generator
     step: int = 0
     stats: SeparationStats = field(default_factory=SeparationStats)
@@ -89,16 +93,20 @@ class DistillState:
 
 def build_state(teacher: OpenVocabularyRCNN, student: OpenVocabularyRCNN, cfg: DistillConfig,
                 seed: int = 0, wrap: Callable[[nn.Module], nn.Module] = lambda m: m) -> DistillState:
-    """Frozen teacher, student (``wrap`` e.g. DDP), CKG from the teacher's prototypes, optimizers."""
+    """Frozen teacher, student (``wrap`` e.g. DDP), CKG from the teacher's prototypes, optimizers.
+
+    The student's optimizer is AdamW over ``param_groups`` (backbone at lr * backbone_lr_mult)
+    with dissemination's warm-up + cosine schedule; the CKG has its own AdamW at ``ckg_lr``.
+    """
     teacher = make_teacher(teacher)
     joint = teacher.prototypes.vectors.shape[1]
     ckg = CKG(joint, teacher.num_classes, cfg.ckg_heads, teacher.prototypes.vectors).to(
         teacher.prototypes.vectors.device)
     student_module = wrap(DistillStudent(student))
-    optimizer = torch.optim.AdamW(student.param_groups(cfg.lr), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(student.param_groups(cfg.lr), weight_decay=cfg.weight_decay)
     ckg_optimizer = torch.optim.AdamW(ckg.parameters(), lr=cfg.ckg_lr)
     return DistillState(student_module, teacher, ckg, optimizer, ckg_optimizer,
-                        torch.Generator().manual_seed(seed))
+                        build_scheduler(optimizer, cfg.steps), torch.Generator().manual_seed(seed))
 
 
 def teacher_detections(state: DistillState, batch: Batch, phase: Phase, cfg: DistillConfig
@@ -140,8 +148,10 @@ def distill_step(state: DistillState, batch: Batch, phase: Phase, cfg: DistillCo
         gt = batch.gt[i] if batch.gt else {}
         state.stats.add(sep, gt.get("boxes"), gt.get("labels"))
     out = state.student(batch.images, seps, state.generator)
-    cons, inc = concat_paired([s.consistent for s in seps]), concat_paired([s.inconsistent for s in seps])
-    priv = concat_private([s.private for s in seps])
+    device = out.text_embeddings.device
+    cons = concat_paired([s.consistent for s in seps]).to(device)
+    inc = concat_paired([s.inconsistent for s in seps]).to(device)
+    priv = concat_private([s.private for s in seps]).to(device)
     # 3. Fuse the inconsistent pairs (Table 6) and compute the student's losses.
     p_ckg = state.ckg(out.inconsistent.embeddings.detach(), inc.cloud_probs, inc.clip_probs)
     fused = FUSIONS[cfg.fusion](inc.cloud_probs, inc.clip_probs, inc.cloud_scores, inc.clip_scores,
@@ -154,6 +164,7 @@ def distill_step(state: DistillState, batch: Batch, phase: Phase, cfg: DistillCo
     state.optimizer.zero_grad(set_to_none=True)
     total.backward()
     state.optimizer.step()
+    state.scheduler.step()
     # 6. Update the prototypes and (after burn-up) the teacher.
     update_prototypes(state, out, cons, inc, cfg.eta)
     if phase.after_burn_up:
@@ -161,7 +172,7 @@ def distill_step(state: DistillState, batch: Batch, phase: Phase, cfg: DistillCo
     state.step += 1
     return {"loss": total.item(), "l_ckg": loss_ckg.item(), **{k: v.item() for k, v in losses.items()},
             "sep_consistent": len(cons), "sep_inconsistent": len(inc), "sep_private": len(priv),
-            "after_burn_up": float(phase.after_burn_up)}
+            "after_burn_up": float(phase.after_burn_up), "lr": float(state.optimizer.param_groups[-1]["lr"])}
 
 
 def student_losses(detector: OpenVocabularyRCNN, out: StudentPass, *, inc_fused: torch.Tensor,
@@ -171,13 +182,12 @@ def student_losses(detector: OpenVocabularyRCNN, out: StudentPass, *, inc_fused:
     A switched-off term is kept with weight 0, so every parameter DDP saw in the forward
     still receives a (zero) gradient. L_inc is on only after burn-up.
     """
-    device = out.text_embeddings.device
     w_inc = cfg.gamma1 * float(cfg.use_inc and phase.after_burn_up)
     return {
         "l_con": float(cfg.use_con) * l_con(out.proposals, out.regions, out.rpn_losses,
                                              background_weight=cfg.background_weight),
-        "l_inc": w_inc * l_inc(out.inconsistent.logits, inc_fused.to(device), cfg.pi),
-        "l_pri": cfg.gamma2 * float(cfg.use_pri) * l_pri(out.private.logits, private.probs.to(device)),
+        "l_inc": w_inc * l_inc(out.inconsistent.logits, inc_fused, cfg.pi),
+        "l_pri": cfg.gamma2 * float(cfg.use_pri) * l_pri(out.private.logits, private.probs),
         "l_align": cfg.lambda_ * float(cfg.use_align) * l_align(out.text_embeddings,
                                                                  detector.prototypes.vectors),
     }
@@ -186,7 +196,7 @@ def student_losses(detector: OpenVocabularyRCNN, out: StudentPass, *, inc_fused:
 def update_ckg(state: DistillState, out: StudentPass, cons: PairedSet, p_ckg_inc: torch.Tensor) -> torch.Tensor:
     """One optimizer step of the CKG on L_ckg; the student's parameters are not touched."""
     detector = state.detector
-    labels = cons.cloud_labels.to(out.consistent.embeddings.device)
+    labels = cons.cloud_labels
     p_ckg_cons = state.ckg(out.consistent.embeddings.detach(), cons.cloud_probs, cons.clip_probs)
     scale = detector.roi_heads.logit_scale.detach().exp().clamp(max=MAX_LOGIT_SCALE)
     text = out.text_embeddings.detach()
@@ -214,11 +224,10 @@ def update_prototypes(state: DistillState, out: StudentPass, cons: PairedSet, in
     background = detector.num_classes
     detector.prototypes.update(out.proposals.embeddings, out.regions.labels, eta)
     bg = out.regions.labels == background
-    device = bg.device
     features = torch.cat([out.consistent.embeddings, out.inconsistent.embeddings, out.proposals.embeddings[bg]])
-    fill = torch.full((int(bg.sum()),), background, dtype=torch.int64, device=device)
-    cloud_labels = torch.cat([cons.cloud_labels.to(device), inc.cloud_labels.to(device), fill])
-    clip_labels = torch.cat([cons.clip_labels.to(device), inc.clip_labels.to(device), fill])
+    fill = torch.full((int(bg.sum()),), background, dtype=torch.int64, device=bg.device)
+    cloud_labels = torch.cat([cons.cloud_labels, inc.cloud_labels, fill])
+    clip_labels = torch.cat([cons.clip_labels, inc.clip_labels, fill])
     state.ckg.update_prototypes(features, cloud_labels, clip_labels, eta)
 
 
@@ -252,7 +261,8 @@ def state_dict(state: DistillState) -> dict[str, Any]:
     """Everything needed to resume: both models, the CKG (+ its prototypes), both optimizers."""
     return {"student": state.detector.state_dict(), "teacher": state.teacher.state_dict(),
             "ckg": state.ckg.state_dict(), "optimizer": state.optimizer.state_dict(),
-            "ckg_optimizer": state.ckg_optimizer.state_dict(), "step": state.step,
+            "ckg_optimizer": state.ckg_optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
+            "step": state.step,
             "generator": state.generator.get_state()}
 
 
@@ -263,24 +273,63 @@ def load_state_dict(state: DistillState, blob: dict[str, Any]) -> None:
     state.ckg.load_state_dict(blob["ckg"])
     state.optimizer.load_state_dict(blob["optimizer"])
     state.ckg_optimizer.load_state_dict(blob["ckg_optimizer"])
+    state.scheduler.load_state_dict(blob["scheduler"])
     state.step = int(blob["step"])
     state.generator.set_state(blob["generator"])
 
 
-def distill(state: DistillState, batches: Iterable[Batch], cfg: DistillConfig,
-            on_step: Callable[[DistillState, dict[str, float]], None] | None = None) -> DistillState:
-    """The plain loop: run steps until ``cfg.steps``, iterating ``batches`` again as needed.
+def load_batch(dataset: DetectionDataset, indices: list[int], device: torch.device) -> Batch:
+    """The images at ``indices`` on ``device`` with their cloud detections (on the CPU)."""
+    records = [dataset.records[i] for i in indices]
+    images = [image_tensor(dataset.load(r.uri)).to(device) for r in records]
+    return Batch(images, [as_source(r) for r in records], image_ids=[r.image_id for r in records])
 
-    ``batches`` must be re-iterable (a list or a DataLoader, not a generator).
+
+def run_steps(state: DistillState, dataset: DetectionDataset, cfg: DistillConfig, *, seed: int,
+              rank: int = 0, world_size: int = 1, device: torch.device = torch.device("cpu"),
+              on_step: StepHook | None = None) -> None:
+    """Steps ``state.step + 1 .. cfg.steps`` (1-based); ``on_step(step, metrics)`` after each.
+
+    Each rank's batch at a step is ``step_indices(...)``, a pure function of (seed, step,
+    rank), and the samplers are reseeded per step, so a resumed run repeats the same steps.
     """
+    if len(dataset) == 0:
+        raise ValueError("no training images with cloud detections (all records are errors?)")
+    state.student.train()
     while state.step < cfg.steps:
-        start = state.step
-        for batch in batches:
-            if state.step >= cfg.steps:
-                break
-            metrics = distill_step(state, batch, phase_at(state.step, cfg), cfg)
-            if on_step is not None:
-                on_step(state, metrics)
-        if state.step == start:
-            raise ValueError("distill: the batches are empty (or a spent generator)")
+        step = state.step + 1
+        batch = load_batch(dataset, step_indices(len(dataset), cfg.batch_size, step - 1, seed, rank,
+                                                 world_size), device)
+        state.generator = step_generator(seed, rank, step)
+        metrics = distill_step(state, batch, phase_at(step - 1, cfg), cfg)
+        if on_step is not None:
+            on_step(step, metrics)
+
+
+def build_run_state(cfg: Config, teacher_uri: str, wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
+                    device: torch.device = torch.device("cpu")) -> DistillState:
+    """The state for a run: the disseminated CLIP detector as teacher, a fresh student.
+
+    The student is built from the same CLIP checkpoint as the teacher (seeded by
+    ``cfg.seed``, so every DDP rank builds the same weights) and placed by ``wrap``.
+    """
+    teacher = load_detector(teacher_uri, map_location=device)
+    student = build_detector(cfg, clip_path=teacher.meta["clip_path"]).to(device)
+    return build_state(teacher, student, cfg.train.distill, seed=cfg.seed, wrap=wrap)
+
+
+def distill(cfg: Config, teacher_uri: str, train_items: list[Detections], *,
+            on_step: StepHook | None = None) -> DistillState:
+    """Distil a target detector in this process (no Ray): tests, sweeps, benchmarks.
+
+    Args:
+        teacher_uri: the disseminated CLIP detector (``<run>/disseminate/model.pt``).
+        train_items: cloud Detections of the target training images (uris readable by
+            coin_ray.storage); error records are skipped.
+    Returns:
+        The final state; ``state.detector`` is the target detector.
+    """
+    state = build_run_state(cfg, teacher_uri)
+    dataset = DetectionDataset(train_items, cfg.num_classes)
+    run_steps(state, dataset, cfg.train.distill, seed=cfg.seed, on_step=on_step)
     return state

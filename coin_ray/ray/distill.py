@@ -1,0 +1,114 @@
+"""Stage 3 on Ray Train: distil the target detector with the COIN losses and the CKG.
+
+    run_distill(cfg, run_dir) -> "<run_dir>/distill/model.pt"
+
+Each worker loads the disseminated CLIP detector (``<run>/disseminate/model.pt``) as the
+teacher, builds a fresh student from the same CLIP checkpoint, reads
+``<run>/collect/cloud.parquet`` and the images by uri (local or s3://), and runs
+``coin_ray.train.distill.run_steps`` with the student under DDP. Separation is online in
+the workers: the teacher detects on each worker's own batch inside the step (see
+``coin_ray.train.distill``), so no stage re-writes detections while training.
+
+Every ``checkpoint_every`` steps (and at the end) one checkpoint holds the student (with
+its prototypes), the EMA teacher, the CKG (with its two prototype matrices), both
+optimizers, the scheduler and the step; a restarted worker group or a re-submitted run
+resumes there. Rank 0 logs per-step metrics to ``<run>/distill/metrics.jsonl`` and to
+TensorBoard under ``<run>/distill/tb`` (written locally and uploaded for s3:// runs), and
+finally writes ``model.pt`` with the separation statistics in its meta.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Any, Callable
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from coin_ray import storage
+from coin_ray.config import Config, from_dict, to_dict
+from coin_ray.models.ov_rcnn import save_detector
+from coin_ray.ray.disseminate import MetricsLog, cloud_records
+from coin_ray.ray.train import fit, load_checkpoint, prepare, save_checkpoint, worker_context
+from coin_ray.train.data import DetectionDataset
+from coin_ray.train.distill import DistillState, build_run_state, load_state_dict, run_steps, state_dict
+
+STAGE = "distill"
+
+AfterStep = Callable[[int, DistillState], None]
+
+
+class TensorBoardLog:
+    """Scalars to TensorBoard event files under ``uri`` (a local dir, uploaded when s3://)."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.local = tempfile.mkdtemp(prefix="coin-tb-") if storage.is_s3(uri) else uri
+        self.writer = SummaryWriter(self.local)
+
+    def add(self, step: int, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self.writer.add_scalar(f"{STAGE}/{key}", value, step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+        if storage.is_s3(self.uri):
+            storage.upload_dir(self.local, self.uri)
+
+
+def distill_worker(config: dict[str, Any], after_step: AfterStep | None = None) -> None:
+    """The Ray Train loop. config: {"cfg": Config as a dict, "run_dir": str, "uris": list | None}.
+
+    ``after_step(step, state)`` runs after each step's checkpoint (tests use it to compare
+    gradients across ranks and to kill a worker).
+    """
+    cfg = from_dict(config["cfg"])
+    d = cfg.train.distill
+    run_dir = config["run_dir"]
+    rank, world_size, device = worker_context()
+    torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+    dataset = DetectionDataset(cloud_records(run_dir, config.get("uris")), cfg.num_classes)
+    state = build_run_state(cfg, storage.join(run_dir, "disseminate", "model.pt"), wrap=prepare, device=device)
+    blob = load_checkpoint()
+    if blob is not None:
+        load_state_dict(state, blob)
+    logs = (MetricsLog(storage.join(run_dir, STAGE, "metrics.jsonl"), state.step),
+            TensorBoardLog(storage.join(run_dir, STAGE, "tb"))) if rank == 0 else ()
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        if step % d.log_every == 0 or step == d.steps:
+            for log in logs:
+                log.add(step, metrics)
+                log.flush()
+        if step % d.checkpoint_every == 0 or step == d.steps:
+            save_checkpoint(state_dict(state), {"step": step, **metrics})
+        if after_step is not None:
+            after_step(step, state)
+
+    run_steps(state, dataset, d, seed=cfg.seed, rank=rank, world_size=world_size, device=device,
+              on_step=on_step)
+    if rank == 0:
+        save_detector(state.detector, storage.join(run_dir, STAGE, "model.pt"),
+                      {"steps": d.steps, "separation": state.stats.summary()})
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point for stage 3 (see ``distill_worker``)."""
+    distill_worker(config)
+
+
+def run_distill(cfg: Config, run_dir: str, uris: list[str] | None = None,
+                loop: Callable[[dict], None] = train_loop_per_worker) -> str:
+    """Train the target detector under Ray Train; returns the uri of ``<run_dir>/distill/model.pt``.
+
+    Args:
+        uris: target training images to use; by default the images under
+            ``cfg.data.target_images`` (the val split's records in cloud.parquet are left
+            out), or every collected record when no folder is configured.
+    """
+    if uris is None and cfg.data.target_images:
+        from coin_ray.ray.pipeline import target_uris
+
+        uris = target_uris(cfg)
+    fit(loop, {"cfg": to_dict(cfg), "run_dir": run_dir, "uris": uris}, cfg, name=STAGE, storage_path=run_dir)
+    return storage.join(run_dir, STAGE, "model.pt")
