@@ -1,5 +1,8 @@
 """A run's storage: where each stage writes, and the manifest of finished stages.
 
+The cloud answer cache lives beside the runs, at ``<storage>/cache`` (unless
+``cloud.cache`` says otherwise), so no run ever pays twice for the same image.
+
 Layout under ``<storage>/<run_id>`` (local folder or s3:// prefix):
 
     config.yaml                    the run's config (token env-var names only, never values)
@@ -7,7 +10,6 @@ Layout under ``<storage>/<run_id>`` (local folder or s3:// prefix):
     collect/cloud.parquet          cloud detections (Detections, source="cloud")
     collect/clip.parquet           CLIP scores of the cloud boxes (source="clip")
     collect/summary.json           calls, cache hits, errors, cost
-    cache/                         content-addressed cloud answers
     disseminate/model.pt           the CLIP detector (stage 1)
     clip_det/detections.parquet    CLIP-detector detections (source="clip_det")
     distill/model.pt               the target detector (stage 3)
