@@ -142,16 +142,20 @@ def test_damaged_caches_are_detected(tiny, tmp_path):
     assert check_world(tiny.root, "tiny", 4) != ""  # another seed's manifest
 
 
-def test_corrupt_cache_is_rebuilt(tmp_path, capsys):
-    world = build_world("tiny", cache_dir=tmp_path, seed=1)
-    image = sorted(world.target_val_images.iterdir())[0]
+def test_corrupt_cache_is_rebuilt(tiny, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "world" / tiny.root.name
+    shutil.copytree(tiny.root, root)
+    image = sorted((root / "target_val" / "images").iterdir())[0]
     before = image.read_bytes()
     image.unlink()
-    (world.root.with_name(world.root.name + ".partial")).mkdir()  # a crashed build's leftovers
+    (root.with_name(root.name + ".partial")).mkdir()  # a crashed build's leftovers
     capsys.readouterr()
-    rebuilt = build_world("tiny", cache_dir=tmp_path, seed=1)
+    rebuilt = build_world("tiny", cache_dir=tmp_path, seed=3)
     assert "rebuilding" in capsys.readouterr().out
-    assert check_world(rebuilt.root, "tiny", 1) == "" and image.read_bytes() == before
+    assert rebuilt.root == root and check_world(root, "tiny", 3) == ""
+    assert image.read_bytes() == before  # the same world again: the build is deterministic
 
 
 def test_cache_dir_comes_from_the_environment(tmp_path, monkeypatch):
@@ -199,3 +203,24 @@ def test_standin_clip_loads_like_a_real_checkpoint(tiny):
     assert out.logits_per_image.shape == (1, 8)
     assert json.loads((tiny.clip_dir / "config.json").read_text())["model_type"] == "clip"
     assert os.path.exists(tiny.clip_dir / "tokenizer_config.json")
+
+
+def test_preview_writes_a_small_png(tmp_path):
+    from PIL import Image
+
+    from coin_ray.world.preview import write_preview
+
+    path = write_preview(tmp_path / "p.png", rows=1, scale=1)
+    with Image.open(path) as img:
+        assert img.size == (2 * 256 + 4, 160)
+    assert path.stat().st_size < 150_000
+
+
+def test_clip_command_line_trains_and_saves(tiny, tmp_path):
+    from transformers import CLIPModel
+
+    from coin_ray.world.clip_standin import main
+
+    main(["--images", str(tiny.source_train_images), "--annotations", str(tiny.source_train_json),
+          "--out", str(tmp_path / "clip"), "--steps", "1", "--batch-size", "4"])
+    assert CLIPModel.from_pretrained(tmp_path / "clip").config.vision_config.image_size == 64

@@ -24,6 +24,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,14 +156,32 @@ def _build(root: Path, size: str, seed: int) -> None:
         write_split(root, split, seed, workers)
         print(f"[world] {split.name}: {split.count} {split.domain} images ({time.time() - start:.0f}s)", flush=True)
     with _torch_threads(1):
-        train_cloud_detector(world.source_train_images, world.source_train_json, world.cloud_detector,
-                             world.categories, steps=spec.detector_steps, seed=seed)
+        # The two stand-ins train side by side, one core each, when they are big enough to be worth a process.
+        clip_job = _start_clip(world, spec, seed) if spec.clip_steps >= 50 else None
+        try:
+            train_cloud_detector(world.source_train_images, world.source_train_json, world.cloud_detector,
+                                 world.categories, steps=spec.detector_steps, seed=seed)
+        except BaseException:
+            if clip_job is not None:
+                clip_job.kill()
+            raise
         print(f"[world] stand-in cloud detector trained ({time.time() - start:.0f}s)", flush=True)
-        train_clip(world.source_train_images, world.source_train_json, world.clip_dir, world.categories,
-                   steps=spec.clip_steps, batch_size=spec.clip_batch, seed=seed)
+        if clip_job is None:
+            train_clip(world.source_train_images, world.source_train_json, world.clip_dir, world.categories,
+                       steps=spec.clip_steps, batch_size=spec.clip_batch, seed=seed)
+        elif clip_job.wait() != 0:
+            raise RuntimeError(f"training the stand-in CLIP failed (exit code {clip_job.returncode})")
         print(f"[world] stand-in CLIP trained ({time.time() - start:.0f}s)", flush=True)
     write_manifest(root, size, seed)
     print(f"[world] done in {time.time() - start:.0f}s", flush=True)
+
+
+def _start_clip(world: World, spec: WorldSize, seed: int) -> subprocess.Popen:
+    """Train the stand-in CLIP in a child process (its output goes to ours)."""
+    cmd = [sys.executable, "-m", "coin_ray.world.clip_standin", "--images", str(world.source_train_images),
+           "--annotations", str(world.source_train_json), "--out", str(world.clip_dir),
+           "--steps", str(spec.clip_steps), "--batch-size", str(spec.clip_batch), "--seed", str(seed)]
+    return subprocess.Popen(cmd)
 
 
 def _sha256(path: Path) -> str:

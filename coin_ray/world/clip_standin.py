@@ -29,9 +29,11 @@ from coin_ray.world.cloud_standin import load_coco_split
 
 BACKGROUND = "background"
 STYLES = ["street scene", "foggy street scene", "hazy street scene", "clear street scene"]
-TEMPLATES = DEFAULT_TEMPLATES + [f"a photo of a {{}} in a {s}." for s in STYLES] + \
-    [f"a {{}} in a {s}." for s in STYLES] + [f"a photo of a {{}}, {s}." for s in STYLES]
-CLIP_SHAPE = {"image_size": 64, "patch_size": 8, "hidden_size": 96, "projection_dim": 64,
+# Plain templates, and each with a style phrase after the class name (as the collector writes
+# "a photo of a {car in a foggy street scene}."), plus a few short captions.
+TEMPLATES = DEFAULT_TEMPLATES + [t.replace("{}", f"{{}} in a {s}") for s in STYLES for t in DEFAULT_TEMPLATES] + \
+    [f"a {{}} in a {s}." for s in STYLES]
+CLIP_SHAPE = {"image_size": 64, "patch_size": 8, "hidden_size": 64, "projection_dim": 64,
               "num_layers": 3, "num_heads": 4}
 BACKGROUND_SHARE = 0.12
 
@@ -72,64 +74,83 @@ def _sample_box(rng: np.random.Generator, data: list, by_class: list[list[tuple[
     return i, np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], np.float32), label
 
 
-def augment(crop: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
-    """Photometric augmentation of a (h, w, 3) uint8 crop; returns (float [0,1] crop, hazy?)."""
-    x = crop.astype(np.float32) / 255.0
-    hazy = rng.random() < 0.5
-    if hazy:  # a uniform veil: I = J t + A (1 - t)
-        t = rng.uniform(0.15, 1.0)
-        x = x * t + rng.uniform(0.6, 0.95) * (1 - t)
-    x = x * rng.uniform(0.7, 1.3)
-    mean = x.mean()
-    x = (x - mean) * rng.uniform(0.6, 1.4) + mean
+def augment(crops: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Photometric augmentation of a batch of (B, S, S, 3) uint8 crops.
+
+    Returns (float32 [0, 1] crops, (B,) bool: hazy). Haze is a uniform veil
+    I = J t + A (1 - t); then exposure, contrast, saturation, flips, blur and noise.
+    """
+    b = len(crops)
+    x = crops.astype(np.float32) / 255.0
+    col = lambda v: np.asarray(v, np.float32).reshape(b, 1, 1, 1)  # noqa: E731
+    hazy = rng.random(b) < 0.5
+    t = np.where(hazy, rng.uniform(0.15, 1.0, b), 1.0)
+    x = x * col(t) + col(rng.uniform(0.6, 0.95, b) * (1 - t))
+    x = x * col(rng.uniform(0.7, 1.3, b))
+    mean = x.mean(axis=(1, 2, 3), keepdims=True)
+    x = (x - mean) * col(rng.uniform(0.6, 1.4, b)) + mean
     grey = x.mean(-1, keepdims=True)
-    x = grey + (x - grey) * (0.0 if rng.random() < 0.1 else rng.uniform(0.5, 1.5))
-    if rng.random() < 0.5:
-        x = x[:, ::-1]
-    if rng.random() < 0.3:
-        img = Image.fromarray((np.clip(x, 0, 1) * 255).astype(np.uint8))
-        x = np.asarray(img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2))), np.float32) / 255.0
-    x = x + rng.normal(0, rng.uniform(0.0, 0.04), x.shape)
-    return np.clip(x, 0.0, 1.0).astype(np.float32), hazy
+    x = grey + (x - grey) * col(np.where(rng.random(b) < 0.1, 0.0, rng.uniform(0.5, 1.5, b)))
+    flip = rng.random(b) < 0.5
+    x[flip] = x[flip, :, ::-1]
+    x = np.clip(x, 0.0, 1.0)
+    for i in np.flatnonzero(rng.random(b) < 0.3):
+        img = Image.fromarray((x[i] * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
+        x[i] = np.asarray(img, np.float32) / 255.0
+    x = x + rng.standard_normal(x.shape, np.float32) * col(rng.uniform(0.0, 0.04, b))
+    return np.clip(x, 0.0, 1.0), hazy
 
 
-def to_pixels(crop: np.ndarray, size: int) -> np.ndarray:
-    """What the CLIP processor does: shortest edge to ``size`` (bicubic), centre crop, normalise.
+def resize_like_processor(crop: np.ndarray, size: int) -> np.ndarray:
+    """What the CLIP processor does first: shortest edge to ``size`` (bicubic), centre crop.
 
-    (h, w, 3) float [0, 1] -> (3, size, size) float32.
+    (h, w, 3) uint8 -> (size, size, 3) uint8.
     """
     h, w = crop.shape[:2]
     scale = size / min(h, w)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = Image.fromarray((crop * 255 + 0.5).astype(np.uint8)).resize((nw, nh), Image.Resampling.BICUBIC)
+    img = Image.fromarray(np.ascontiguousarray(crop)).resize((nw, nh), Image.Resampling.BICUBIC)
     left, top = (nw - size) // 2, (nh - size) // 2
-    x = np.asarray(img.crop((left, top, left + size, top + size)), np.float32) / 255.0
-    return ((x - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)).transpose(2, 0, 1)
+    return np.asarray(img.crop((left, top, left + size, top + size)))
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    """(B, size, size, 3) float [0, 1] -> (B, 3, size, size) float32 with CLIP's mean and std."""
+    return ((x - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)).transpose(0, 3, 1, 2)
+
+
+def _template_groups() -> tuple[list[int], list[int], list[int]]:
+    """Template indices: (no weather, foggy or hazy, clear)."""
+    foggy = [i for i, t in enumerate(TEMPLATES) if "foggy" in t or "hazy" in t]
+    clear = [i for i, t in enumerate(TEMPLATES) if "clear" in t]
+    return [i for i in range(len(TEMPLATES)) if i not in foggy + clear], foggy, clear
 
 
 def _crop_batch(rng: np.random.Generator, data: list, by_class: list, num_classes: int, size: int,
-                batch_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(pixels (B, 3, size, size), labels (B,) in [0, K], template index (B,))."""
-    pixels, labels, templates = [], [], []
-    foggy = [i for i, t in enumerate(TEMPLATES) if "foggy" in t or "hazy" in t]
-    clear = [i for i, t in enumerate(TEMPLATES) if "clear" in t]
-    plain = [i for i in range(len(TEMPLATES)) if i not in foggy and i not in clear]
+                batch_size: int) -> tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor]:
+    """(pixels (B, 3, size, size), labels (B,) in [0, K], the step's 3 templates, choice (B,) in 0..2).
+
+    Each step draws one template of each group; a crop's caption uses the plain one or the
+    one that matches its weather (so captions may describe the haze, as web captions do).
+    """
+    groups = _template_groups()
+    chosen = [g[rng.integers(len(g))] for g in groups]
+    crops, labels = [], []
     for _ in range(batch_size):
         i, box, label = _sample_box(rng, data, by_class, num_classes)
         image = data[i][0]
         x0, y0 = int(max(0, np.floor(box[0]))), int(max(0, np.floor(box[1])))
         x1, y1 = int(min(image.shape[1], np.ceil(box[2]))), int(min(image.shape[0], np.ceil(box[3])))
-        crop, hazy = augment(image[y0:max(y1, y0 + 2), x0:max(x1, x0 + 2)], rng)
-        pool = plain + (foggy if hazy else clear)  # the caption may describe the weather
-        pixels.append(to_pixels(crop, size))
+        crops.append(resize_like_processor(image[y0:max(y1, y0 + 2), x0:max(x1, x0 + 2)], size))
         labels.append(label)
-        templates.append(pool[rng.integers(len(pool))])
-    return torch.from_numpy(np.stack(pixels)), torch.tensor(labels), torch.tensor(templates)
+    pixels, hazy = augment(np.stack(crops), rng)  # after resizing: the same look, a fraction of the work
+    choice = np.where(rng.random(batch_size) < 0.5, 0, np.where(hazy, 1, 2))
+    return torch.from_numpy(normalise(pixels)), torch.tensor(labels), chosen, torch.from_numpy(choice)
 
 
-def _caption_tokens(tokenizer: CLIPTokenizer, names: list[str]) -> dict[str, torch.Tensor]:
-    """Tokens of every (template, class) caption, row = template * (K+1) + class."""
-    texts = [t.format(n) for t in TEMPLATES for n in names]
+def _caption_tokens(tokenizer: CLIPTokenizer, names: list[str], templates: list[int]) -> dict[str, torch.Tensor]:
+    """Tokens of the (template, class) captions, row = template position * (K+1) + class."""
+    texts = [TEMPLATES[t].format(n) for t in templates for n in names]
     return dict(tokenizer(texts, return_tensors="pt", padding=True))
 
 
@@ -139,11 +160,13 @@ def _embed(out: object) -> torch.Tensor:
 
 
 def train_clip(images_dir: str | Path, coco_json: str | Path, out_dir: str | Path, categories: list[str],
-               *, steps: int, batch_size: int = 64, lr: float = 1e-3, seed: int = 0,
+               *, steps: int, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
                log_every: int = 50) -> Path:
     """Create a small CLIP in ``out_dir``, train it on crops of a labelled split, save it back."""
     out = write_clip(out_dir, caption_words(categories) + list(categories), seed=seed, **CLIP_SHAPE)
     model = CLIPModel.from_pretrained(out).train()
+    with torch.no_grad():  # a sharper start than CLIP's 1/0.07: with K+1 captions it learns faster
+        model.logit_scale.fill_(float(np.log(30.0)))
     tokenizer = CLIPTokenizer.from_pretrained(out)
     data = load_coco_split(images_dir, coco_json)
     by_class: list[list[tuple[int, int]]] = [[] for _ in categories]
@@ -152,19 +175,19 @@ def train_clip(images_dir: str | Path, coco_json: str | Path, out_dir: str | Pat
             by_class[lab - 1].append((i, j))
     data = [(image, boxes, labels - 1) for image, boxes, labels in data]
     names, k1 = [*categories, BACKGROUND], len(categories) + 1
-    tokens = _caption_tokens(tokenizer, names)
     rng = np.random.default_rng(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, steps // 20)) * 0.5 * (1 + np.cos(np.pi * s / max(steps, 1))))
     start = time.time()
     for step in range(steps):
-        pixels, labels, templates = _crop_batch(rng, data, by_class, len(categories),
-                                                CLIP_SHAPE["image_size"], batch_size)
-        text = _embed(model.get_text_features(**tokens)).view(len(TEMPLATES), k1, -1)
+        pixels, labels, templates, choice = _crop_batch(rng, data, by_class, len(categories),
+                                                        CLIP_SHAPE["image_size"], batch_size)
+        tokens = _caption_tokens(tokenizer, names, templates)
+        text = _embed(model.get_text_features(**tokens)).view(len(templates), k1, -1)
         image = _embed(model.get_image_features(pixel_values=pixels))
         # Each crop against the K+1 captions written with its own template.
-        logits = model.logit_scale.exp() * torch.einsum("bd,bkd->bk", image, text[templates])
+        logits = model.logit_scale.exp() * torch.einsum("bd,bkd->bk", image, text[choice])
         loss = torch.nn.functional.cross_entropy(logits, labels)
         opt.zero_grad()
         loss.backward()
@@ -177,3 +200,27 @@ def train_clip(images_dir: str | Path, coco_json: str | Path, out_dir: str | Pat
                   flush=True)
     model.eval().save_pretrained(out)
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line for ``train_clip`` (the world build runs it beside the detector training)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="Train the Foggy-Shapes stand-in CLIP.")
+    p.add_argument("--images", required=True)
+    p.add_argument("--annotations", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from coin_ray.config import FOGGY_SHAPES_CATEGORIES
+
+    train_clip(args.images, args.annotations, args.out, list(FOGGY_SHAPES_CATEGORIES), steps=args.steps,
+               batch_size=args.batch_size, seed=args.seed)
+
+
+if __name__ == "__main__":
+    main()

@@ -158,9 +158,23 @@ def _batch(data: list, rng: np.random.Generator, size: int) -> tuple[list[torch.
         if rng.random() < 0.5:  # street scenes are left-right symmetric
             x = x.flip(-1)
             b = torch.stack([x.shape[-1] - b[:, 2], b[:, 1], x.shape[-1] - b[:, 0], b[:, 3]], 1)
-        images.append(x)
+        images.append(photometric_jitter(x, rng))
         targets.append({"boxes": b.reshape(-1, 4), "labels": torch.from_numpy(labels)})
     return images, targets
+
+
+def photometric_jitter(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Global exposure, contrast, colour and offset changes of a (3, H, W) [0, 1] image.
+
+    A cloud detector has seen many cameras, so it should not hinge on absolute intensity;
+    what it has never seen is fog's loss of contrast that grows with depth.
+    """
+    grey = x.mean(0, keepdim=True)
+    x = grey + (x - grey) * float(rng.uniform(0.5, 1.5))  # saturation
+    mean = x.mean()
+    x = (x - mean) * float(rng.uniform(0.6, 1.4)) + mean  # contrast
+    x = x * float(rng.uniform(0.7, 1.3)) + float(rng.uniform(-0.1, 0.1))  # exposure, offset
+    return x.clamp(0.0, 1.0)
 
 
 def train_cloud_detector(images_dir: str | Path, coco_json: str | Path, out_path: str | Path,

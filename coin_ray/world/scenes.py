@@ -61,6 +61,8 @@ class SceneSpec:
 
 @dataclass(frozen=True)
 class SceneObject:
+    """One sprite of a scene: what, where (ground contact in pixels), which way, its own seed."""
+
     kind: str
     x: float  # pixel x of the ground contact centre
     y: float  # pixel y of the ground contact
@@ -100,9 +102,9 @@ def _row_range(kind: str, width: int, height: int, horizon: float, s_max: float)
     s_min = max(MIN_BOX_SIDE[0] * 1.4 / max(length, tall), MIN_BOX_SIDE[1] * 1.6 / min(length, tall))
     # Trains run on a track in the middle distance; other objects must fit the frame.
     s_top = min(0.8 * height / tall, 0.9 * width / length, s_max) if kind != "train" else 0.3 * height / tall
-    frac = lambda s: s / s_max  # noqa: E731  (row fraction below the horizon for scale s)
-    lo = horizon + frac(s_min) * (height - horizon)
-    hi = horizon + min(frac(s_top), 1.0) * (height - horizon)
+    # scale grows linearly from the horizon, so a scale is a fraction of the rows below it
+    lo = horizon + s_min / s_max * (height - horizon)
+    hi = horizon + min(s_top / s_max, 1.0) * (height - horizon)
     return lo, max(lo, hi - 1.0)
 
 
@@ -115,7 +117,7 @@ def _place(rng: np.random.Generator, kind: str, spec: dict, obj_id: int,
     y = float(rng.uniform(lo, hi)) if y is None else y
     a, b = LATERAL_RANGE[kind]
     lateral = float(rng.uniform(a, b)) * (1 if rng.random() < 0.5 else -1)
-    x = width / 2 + spec["camera_x"] * scale_at(height, horizon, s_max, y) + lateral * scale_at(height, horizon, s_max, y)
+    x = width / 2 + (spec["camera_x"] + lateral) * scale_at(height, horizon, s_max, y)
     if not -0.05 * width <= x <= 1.05 * width:
         return None
     facing = 1 if rng.random() < 0.5 else -1
@@ -261,8 +263,8 @@ def _visible_boxes(ids_ss: np.ndarray, objects: list[SceneObject],
         rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
         if len(rows) == 0:
             continue
-        box = ((x0 + cols[0]) / SUPERSAMPLE, (y0 + rows[0]) / SUPERSAMPLE,
-               (x0 + cols[-1] + 1) / SUPERSAMPLE, (y0 + rows[-1] + 1) / SUPERSAMPLE)
+        box = (float(x0 + cols[0]) / SUPERSAMPLE, float(y0 + rows[0]) / SUPERSAMPLE,
+               float(x0 + cols[-1] + 1) / SUPERSAMPLE, float(y0 + rows[-1] + 1) / SUPERSAMPLE)
         out[obj.obj_id] = (box, float(mask.sum()) / max(count, 1))
     return out
 

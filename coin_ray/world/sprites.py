@@ -108,6 +108,7 @@ def _windows(p: Painter, u0: float, u1: float, v0: float, v1: float, n: int, col
 
 
 def draw_car(p: Painter, rng: np.random.Generator) -> None:
+    """A sedan: body, cabin with two windows, lights, two wheels."""
     length, paint = rng.uniform(3.8, 4.8), _pick(rng, VEHICLE_PAINT)
     h, r = length / 2, 0.32
     p.box(-h, 0.25, h, 1.0, paint)
@@ -122,6 +123,7 @@ def draw_car(p: Painter, rng: np.random.Generator) -> None:
 
 
 def draw_truck(p: Painter, rng: np.random.Generator) -> None:
+    """A cab with a window in front of a tall cargo box, two or three axles."""
     length, cab_paint = rng.uniform(6.0, 8.0), _pick(rng, VEHICLE_PAINT)
     cargo = _pick(rng, [(235, 235, 230), (160, 160, 165), (60, 90, 150), (200, 120, 40), (90, 110, 70)])
     h, cab, height = length / 2, rng.uniform(1.7, 2.1), rng.uniform(2.8, 3.4)
@@ -135,6 +137,7 @@ def draw_truck(p: Painter, rng: np.random.Generator) -> None:
 
 
 def draw_bus(p: Painter, rng: np.random.Generator) -> None:
+    """A long tall box with a row of windows, a front door and two wheels."""
     length = rng.uniform(10.0, 12.5)
     paint = _pick(rng, [(200, 30, 30), (230, 190, 40), (40, 90, 180), (230, 230, 225), (40, 140, 80)])
     h, height = length / 2, rng.uniform(2.9, 3.3)
@@ -148,6 +151,7 @@ def draw_bus(p: Painter, rng: np.random.Generator) -> None:
 
 
 def draw_train(p: Painter, rng: np.random.Generator) -> None:
+    """Two or three long carriages with window rows and bogies on a rail bed."""
     paint = _pick(rng, [(200, 200, 205), (180, 40, 40), (40, 80, 160), (230, 200, 40), (60, 120, 90)])
     cars, car_len = int(rng.integers(2, 4)), rng.uniform(12.0, 15.0)
     total, height = cars * car_len + (cars - 1) * 0.6, rng.uniform(3.4, 3.9)
@@ -173,6 +177,7 @@ def _legs(p: Painter, rng: np.random.Generator, hip: float, color: Color, width:
 
 
 def draw_person(p: Painter, rng: np.random.Generator) -> None:
+    """A standing person: legs, torso, swinging arm, head, sometimes a hat."""
     height = rng.uniform(1.55, 1.9)
     shirt, pants, skin = _pick(rng, CLOTHES), _pick(rng, CLOTHES[2:], 10), _pick(rng, SKIN, 8)
     hip, shoulder = 0.5 * height, 0.82 * height
@@ -202,6 +207,7 @@ def draw_rider(p: Painter, rng: np.random.Generator) -> None:
 
 
 def draw_bicycle(p: Painter, rng: np.random.Generator) -> None:
+    """Two thin ring wheels, a diamond frame, saddle and handlebar."""
     frame, r, base = _pick(rng, VEHICLE_PAINT, 25), 0.34, rng.uniform(1.0, 1.1)
     rear, front, crank = (-base / 2, r), (base / 2, r), (-0.05, 0.32)
     seat, bar = (-0.2, 0.85), (base / 2 - 0.1, 0.92)
@@ -215,6 +221,7 @@ def draw_bicycle(p: Painter, rng: np.random.Generator) -> None:
 
 
 def draw_motorcycle(p: Painter, rng: np.random.Generator) -> None:
+    """Two solid wheels, an engine block, tank, seat, fork and headlight."""
     paint, r, base = _pick(rng, VEHICLE_PAINT, 25), 0.31, rng.uniform(1.35, 1.5)
     rear, front = -base / 2, base / 2
     p.disc(rear, r, r, TYRE)
@@ -230,6 +237,7 @@ def draw_motorcycle(p: Painter, rng: np.random.Generator) -> None:
 
 
 def draw_tree(p: Painter, rng: np.random.Generator) -> None:
+    """Distractor: a trunk under a round canopy."""
     height = rng.uniform(4.0, 6.5)
     p.box(-0.15, 0.0, 0.15, height * 0.55, (90, 60, 35))
     leaf = _pick(rng, [(50, 110, 45), (70, 130, 50), (40, 90, 55)], 15)
@@ -238,6 +246,7 @@ def draw_tree(p: Painter, rng: np.random.Generator) -> None:
 
 
 def draw_pole(p: Painter, rng: np.random.Generator) -> None:
+    """Distractor: a pole with a traffic light or a sign."""
     height = rng.uniform(2.6, 3.4)
     p.box(-0.04, 0.0, 0.04, height, (110, 110, 115))
     if rng.random() < 0.5:  # traffic light
@@ -253,6 +262,7 @@ def draw_pole(p: Painter, rng: np.random.Generator) -> None:
 
 
 def draw_crate(p: Painter, rng: np.random.Generator) -> None:
+    """Distractor: a box or bin."""
     color = _pick(rng, [(120, 80, 40), (40, 110, 60), (90, 90, 100), (40, 60, 130)], 20)
     w, h = rng.uniform(0.8, 1.6), rng.uniform(0.7, 1.3)
     p.box(-w / 2, 0.0, w / 2, h, color)
@@ -260,6 +270,7 @@ def draw_crate(p: Painter, rng: np.random.Generator) -> None:
 
 
 def draw_bush(p: Painter, rng: np.random.Generator) -> None:
+    """Distractor: a low bush."""
     leaf = _pick(rng, [(60, 120, 50), (80, 140, 60), (45, 95, 50)], 15)
     for du in (-0.6, 0.0, 0.6):
         p.disc(du, 0.45, rng.uniform(0.35, 0.55), leaf)
