@@ -144,6 +144,7 @@ def main() -> None:
         "server_requests": requests, "answered_429": n429,
         "pct_429": round(100.0 * n429 / max(requests, 1), 2),
         "errors": summary["errors"], "seconds": summary["seconds"],
+        "slots_given_back_late": summary["limiter_grants"] - summary["calls"],
         "speedup_steady_vs_sequential": round(steady / seq, 1),
         "speedup_overall_vs_sequential": round(overall / seq, 1)}, indent=2))
 

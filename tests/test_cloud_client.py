@@ -21,7 +21,7 @@ from coin_ray.cloud.client import CloudClient, RetryPolicy
 from coin_ray.cloud.errors import AuthError, Secret
 from coin_ray.cloud.http_backend import HttpBackend
 from coin_ray.cloud.mapping import CategoryMap, answer_to_detections
-from coin_ray.cloud.ratelimit import LocalLimiter, SlotBook
+from coin_ray.cloud.ratelimit import LocalLimiter, SlotBook, late_tolerance, sleep_until
 from coin_ray.schema import SOURCE_CLOUD, Detections, records_to_table
 from coin_ray.serve import Knobs, start_server
 from coin_ray import storage
@@ -142,13 +142,19 @@ def test_cache_answers_second_ask_and_keys_on_question(served, tmp_path):
 
 def test_slot_book_spaces_requests_and_probes_first():
     book = SlotBook(rps=10, max_in_flight=3)
-    lease, wait = book.reserve(100.0)
-    assert wait == 0.0 and book.reserve(100.0) is None  # probing: one at a time
+    lease, slot = book.reserve(100.0)
+    assert slot == 100.0 and book.reserve(100.0) is None  # probing: one at a time
     book.release(lease, ok=True)
-    waits = [book.reserve(100.0)[1] for _ in range(3)]
-    np.testing.assert_allclose(waits, [0.1, 0.2, 0.3])
+    slots = [book.reserve(100.0)[1] for _ in range(3)]
+    np.testing.assert_allclose(slots, [100.1, 100.2, 100.3])
     assert book.reserve(100.0) is None  # in-flight cap of 3
     assert book.reserve(100.0 + 301.0) is not None  # stale leases are reclaimed
+
+
+def test_late_callers_give_their_slot_back():
+    assert sleep_until(time.time() + 0.01, tolerance=0.05)
+    assert not sleep_until(time.time() - 0.2, tolerance=0.05)
+    assert late_tolerance(10.0) == pytest.approx(0.09)
 
 
 def test_local_limiter_holds_rate_across_threads():

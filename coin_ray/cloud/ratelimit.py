@@ -2,8 +2,9 @@
 
 ``SlotBook`` is the pure bookkeeping (no threads, no Ray, clock passed in) shared by the
 in-process ``LocalLimiter`` and the cluster-wide Ray actor (``coin_ray.ray.limiter``).
-A caller asks for a slot; the book answers the time to wait before sending (slots are
-1/rps apart, so no burst ever exceeds the rate) or that the in-flight cap is full.
+A caller asks for a slot; the book answers the wall-clock time to send at (slots are
+1/rps apart) or that the in-flight cap is full. A caller that wakes up most of a slot
+late gives its slot back and asks again, so late callers never bunch up.
 
 Until the first request succeeds only one request is let out at a time ("probing"): a
 wrong token then costs one request, not a whole in-flight window of them. After ``stop``
@@ -55,7 +56,7 @@ class SlotBook:
     granted: int = 0
 
     def reserve(self, now: float) -> tuple[str, float] | None:
-        """(lease id, seconds to wait before sending), or None when the in-flight cap is full."""
+        """(lease id, send time on the ``now`` clock), or None when the in-flight cap is full."""
         if self.stopped:
             raise AuthError("stopped", self.stopped)
         self.leases = {k: t for k, t in self.leases.items() if now - t < self.lease_s}
@@ -67,12 +68,29 @@ class SlotBook:
         lease = uuid.uuid4().hex
         self.leases[lease] = now
         self.granted += 1
-        return lease, slot - now
+        return lease, slot
 
     def release(self, lease: str, ok: bool) -> None:
         self.leases.pop(lease, None)
         if ok:
             self.probing = False
+
+
+def late_tolerance(rps: float) -> float:
+    """How late a caller may still use its slot: 0.9 of a slot keeps any 1-second window
+    at no more than floor(rps) + 1 requests however unevenly callers wake up, while a busy
+    machine (late wake-ups of a few ms) rarely has to give a slot back."""
+    return 0.9 / rps
+
+
+def sleep_until(slot: float, tolerance: float) -> bool:
+    """Sleep until wall-clock ``slot``; False if this caller woke up too late to use it.
+
+    A late caller must not send on a stale slot: it would land right before the next
+    caller's, a burst the server counts. It reserves a new slot instead.
+    """
+    time.sleep(max(0.0, slot - time.time()))
+    return time.time() - slot <= tolerance
 
 
 class LocalLimiter:
@@ -83,12 +101,14 @@ class LocalLimiter:
         self.cond = threading.Condition()
 
     def acquire(self) -> str:
-        with self.cond:
-            while (got := self.book.reserve(time.monotonic())) is None:
-                self.cond.wait(timeout=0.05)
-        lease, wait = got
-        time.sleep(wait)
-        return lease
+        while True:
+            with self.cond:
+                while (got := self.book.reserve(time.time())) is None:
+                    self.cond.wait(timeout=0.05)
+            lease, slot = got
+            if sleep_until(slot, late_tolerance(self.book.rps)):
+                return lease
+            self.release(lease, ok=False)
 
     def release(self, lease: str, ok: bool) -> None:
         with self.cond:

@@ -133,11 +133,11 @@ def _plan(cfg: Config, image_uris: list[str], limiter: ClusterLimiter, token: Se
         compute=ray.data.ActorPoolStrategy(size=c.num_actors,
                                            max_concurrent_calls_per_actor=BATCHES_PER_ACTOR,
                                            enable_true_multi_threading=True))
-    if with_clip:
-        ds = ds.map_batches(_ClipScorer, batch_size=cfg.clip.batch_size, num_cpus=1,
-                            fn_constructor_kwargs={"cfg": to_dict(cfg)},
-                            compute=ray.data.ActorPoolStrategy(size=cfg.clip.num_actors))
-    return ds
+    if not with_clip:
+        return ds.drop_columns(["image_bytes"])  # only CLIP needs the images again
+    return ds.map_batches(_ClipScorer, batch_size=cfg.clip.batch_size, num_cpus=1,
+                          fn_constructor_kwargs={"cfg": to_dict(cfg)},
+                          compute=ray.data.ActorPoolStrategy(size=cfg.clip.num_actors))
 
 
 def _drain(ds: "ray.data.Dataset", total: int) -> tuple[list[Detections], list[Detections], RunTally]:

@@ -2,8 +2,8 @@
 
 Ray has no cluster-wide limiter, and per-actor limits multiply with the number of actors.
 Here every caller on every node asks one actor for a slot; the actor only does
-bookkeeping (``coin_ray.cloud.ratelimit.SlotBook``) and answers with how long to wait, so
-callers sleep locally for the rate. Only when the in-flight cap is full does a caller's
+bookkeeping (``coin_ray.cloud.ratelimit.SlotBook``) and answers with a wall-clock send
+time, so callers sleep locally for the rate (clocks of nodes are assumed NTP-synced). Only when the in-flight cap is full does a caller's
 request wait inside the (async) actor until a release frees a place.
 
     limiter = ClusterLimiter.create(run_id, rps=10, max_in_flight=8)   # driver
@@ -19,7 +19,7 @@ import time
 import ray
 
 from coin_ray.cloud.errors import AuthError
-from coin_ray.cloud.ratelimit import SlotBook
+from coin_ray.cloud.ratelimit import SlotBook, late_tolerance, sleep_until
 
 NAMESPACE = "coin_ray"
 _RECHECK_S = 1.0  # waiting callers re-check at least this often (stale leases expire)
@@ -42,12 +42,12 @@ class _SlotActor:
         return self.freed
 
     async def reserve(self) -> tuple[str, float] | str:
-        """(lease, seconds to wait before sending), or the stop reason as a plain string."""
+        """(lease, wall-clock send time), or the stop reason as a plain string."""
         cond = self._cond()
         async with cond:
             while True:
                 try:
-                    got = self.book.reserve(time.monotonic())
+                    got = self.book.reserve(time.time())  # wall clock: callers on other nodes
                 except AuthError:
                     return self.book.stopped
                 if got is not None:
@@ -77,8 +77,9 @@ class _SlotActor:
 class ClusterLimiter:
     """Client handle to the named slot actor; picklable, so actors of a Data pool share it."""
 
-    def __init__(self, actor: "ray.actor.ActorHandle") -> None:
+    def __init__(self, actor: "ray.actor.ActorHandle", rps: float) -> None:
         self.actor = actor
+        self.tolerance = late_tolerance(rps)
 
     @staticmethod
     def actor_name(run_id: str) -> str:
@@ -97,19 +98,21 @@ class ClusterLimiter:
                 rps, max_in_flight, lease_s)
             try:
                 ray.get(actor.stats.remote(), timeout=30)
-                return cls(actor)
+                return cls(actor, rps)
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 time.sleep(0.5)
         raise RuntimeError(f"could not start the limiter actor {cls.actor_name(run_id)}")
 
     def acquire(self) -> str:
         """Block (sleeping locally) until this caller's slot; raises AuthError after ``stop``."""
-        got = ray.get(self.actor.reserve.remote())
-        if isinstance(got, str):
-            raise AuthError("stopped", got)
-        lease, wait = got
-        time.sleep(wait)
-        return lease
+        while True:
+            got = ray.get(self.actor.reserve.remote())
+            if isinstance(got, str):
+                raise AuthError("stopped", got)
+            lease, slot = got
+            if sleep_until(slot, self.tolerance):
+                return lease
+            self.release(lease, ok=False)
 
     def release(self, lease: str, ok: bool) -> None:
         # Fire and forget: the next reserve is queued behind it on the same actor.
