@@ -153,3 +153,16 @@ def test_frozen_teacher_detections_are_reused_until_burn_up(clip_dir):
     assert all(x is y for x, y in zip(first, again))
     teacher_detections(state, batch, Phase(after_burn_up=True), cfg)
     assert state.teacher_cache == {}
+
+
+def test_a_batch_with_no_boxes_at_all_still_steps(clip_dir):
+    torch.manual_seed(0)
+    teacher, student = _models(clip_dir)
+    cfg = _cfg(min_score=1.0)  # nothing the teacher finds passes: every set is empty
+    state = build_state(teacher, student, cfg)
+    batch = _batch(state.teacher)
+    batch.cloud = [c.select(torch.zeros(len(c), dtype=torch.bool)) for c in batch.cloud]
+    m = distill_step(state, batch, Phase(after_burn_up=True), cfg)
+    assert m["sep_consistent"] == m["sep_inconsistent"] == m["sep_private"] == 0
+    assert m["l_pri"] == m["l_inc"] == 0.0 and m["l_con"] > 0  # background and RPN only
+    assert all(torch.isfinite(p).all() for p in state.detector.parameters())
