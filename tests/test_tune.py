@@ -1,12 +1,17 @@
-"""Sweeps: search-space files, the Tune runner (ASHA, resources, resume) and result tables."""
+"""Sweeps: search-space files, the Tune runner (ASHA, resources, resume), result tables, and
+a whole sweep of the distillation stage on the tiny world (issue 7's "done when")."""
 
 from __future__ import annotations
 
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from coin_ray.config import Config, load_config, to_yaml
 from coin_ray.ray import tune as sweep
@@ -120,7 +125,7 @@ def _cpus_come_back(ray, total: float, deadline_s: float = 20.0) -> bool:
     return True
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def local_ray():
     import ray
 
@@ -129,12 +134,12 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(600)
 def test_runner_asha_resources_and_resume_after_errors(local_ray, tmp_path):
     marker = tmp_path / "fail"
     marker.touch()
     opts = sweep.SweepOptions(name="unit", storage=str(tmp_path / "sweeps"), metric="score",
-                              max_steps=4, num_samples=4, grace_steps=1, seed=3,
+                              max_steps=4, num_samples=4, grace_steps=1, seed=3, max_failures=0,
                               points_to_evaluate=[{"gamma1": 0.1}])
     space = sweep.param_space(sweep.parse_space({"gamma1": {"loguniform": [0.001, 10.0]}}))
     first = sweep.run_tuner(_quadratic_trainable(marker), space, opts)
@@ -147,4 +152,115 @@ def test_runner_asha_resources_and_resume_after_errors(local_ray, tmp_path):
     assert rows[0]["gamma1"] == pytest.approx(0.1) and rows[0]["step"] == 4
     assert any(r["step"] < 4 for r in rows), "ASHA stopped no trial early"
     assert [r["score"] for r in rows] == sorted((r["score"] for r in rows), reverse=True)
+    assert _cpus_come_back(local_ray, 4.0)
+
+
+# ---------------------------------------------------------------------------------------
+# The distillation sweep on a collected tiny-world run, against the project's detector server.
+
+# Short schedules: plumbing, not quality. eval_every=1 puts ASHA rungs at steps 1, 2, 4.
+SCHEDULE = ["train.disseminate.steps=2", "train.disseminate.batch_size=2", "train.distill.batch_size=2",
+            "train.distill.steps=4", "ray.num_workers=0", "cloud.requests_per_second=50", "cloud.num_actors=1"]
+SWEEP_ARGS = {"num_samples": 3, "eval_every": 1}
+
+
+@pytest.fixture(scope="module")
+def collected(local_ray, tmp_path_factory):
+    """A tiny-world run through collect, disseminate and clip_det; the server keeps running."""
+    from coin_ray.ray.pipeline import run_adaptation
+    from coin_ray.serve import Knobs, start_server
+    from coin_ray.world.build import build_world
+    from coin_ray.world.cloud_standin import StandInCloudDetector
+
+    world = build_world("tiny")
+    server = start_server(StandInCloudDetector.load(world.cloud_detector), Knobs())
+    root = tmp_path_factory.mktemp("sweep")
+    overrides = [f"storage={root / 'runs'}", "data.world=tiny", f"cloud.url={server.url}", *SCHEDULE]
+    run_adaptation(load_config(None, overrides), stages=["collect", "disseminate", "clip_det"])
+    yield root, overrides, server
+    server.stop()
+
+
+def test_a_sweep_refuses_an_uncollected_run(tmp_path):
+    from coin_ray.ray.sweep import SweepInputsMissing, require_collected
+    from coin_ray.run import RunDir
+
+    run = RunDir(str(tmp_path / "run"))
+    (tmp_path / "run" / "collect").mkdir(parents=True)
+    (tmp_path / "run" / "collect" / "cloud.parquet").write_bytes(b"x")
+    run.mark_done("collect")
+    with pytest.raises(SweepInputsMissing, match="disseminate/model.pt, clip_det/detections.parquet are missing"):
+        require_collected(run)
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "tune.py"), f"storage={tmp_path}", "data.world=tiny",
+                           "data.world_cache=" + str(tmp_path / "no-world")],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "nothing was collected" in proc.stderr
+    assert "Started a local Ray instance" not in proc.stderr  # refused before starting Ray
+
+
+def test_proxy_validation_holds_out_cloud_detections(collected):
+    from coin_ray.models.ov_rcnn import load_detector
+    from coin_ray.ray.sweep import collected_run, proxy_validation, student_map50
+    from coin_ray.ray.pipeline import target_uris
+
+    root, overrides, _ = collected
+    cfg, run = collected_run(load_config(None, overrides))
+    train = target_uris(cfg)
+    val = proxy_validation(cfg, run, train)
+    held = [gt.uri for gt in val.split.items]
+    assert val.metric == "proxy_map50" and "PROXY" in val.title
+    assert held and set(held).isdisjoint(val.train_uris) and sorted(held + val.train_uris) == sorted(train)
+    assert all(len(gt.boxes) == len(gt.labels) for gt in val.split.items)
+    teacher = load_detector(run.path("disseminate", "model.pt"))
+    assert 0.0 <= student_map50(teacher, val.split) <= 100.0
+
+
+def _sweep_cmd(root: Path, overrides: list[str]) -> list[str]:
+    return [sys.executable, str(ROOT / "jobs" / "tune.py"), "--num-cpus", "4",
+            "--space", str(ROOT / "tune_spaces" / "demo.yaml"), "--storage", str(root / "sweeps"),
+            "--num-samples", str(SWEEP_ARGS["num_samples"]), "--eval-every", str(SWEEP_ARGS["eval_every"]),
+            *overrides]
+
+
+def _kill_after_first_checkpoint(cmd: list[str], sweeps: Path, timeout: float) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, "RAY_AUTH_MODE": "disabled"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not list(sweeps.glob("sweep-*/*/checkpoint_*")):
+            assert proc.poll() is None, "the sweep ended before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.timeout(900)
+def test_interrupted_sweep_resumes_without_calling_the_cloud(collected, local_ray):
+    from ray import tune
+
+    from coin_ray.ray.pipeline import with_demo_world
+    from coin_ray.ray.sweep import sweep_distill
+
+    root, overrides, server = collected
+    calls = server.stats()["detect_requests"]
+    assert calls > 0
+    _kill_after_first_checkpoint(_sweep_cmd(root, overrides), root / "sweeps", timeout=600)
+    [experiment] = list((root / "sweeps").glob("sweep-*"))
+    assert tune.Tuner.can_restore(str(experiment))
+    space = sweep.load_space(str(ROOT / "tune_spaces" / "demo.yaml"))
+    report = sweep_distill(load_config(None, overrides), space, storage_uri=str(root / "sweeps"), **SWEEP_ARGS)
+    assert report.path == str(experiment), "the same command must resume the same sweep"
+    assert server.stats()["detect_requests"] == calls, "a sweep must never call the cloud detector"
+    assert len(report.rows) == SWEEP_ARGS["num_samples"]
+    assert all(not math.isnan(r["val_map50"]) and r["step"] >= 1 and not r["error"] for r in report.rows)
+    best = load_config(report.best_config)
+    assert best.train.distill.gamma1 == pytest.approx(report.best_params["gamma1"])
+    assert best.train.distill.lambda_ == pytest.approx(report.best_params["lambda"])
+    same_run = with_demo_world(best).resolved_run_id() == with_demo_world(load_config(None, overrides)).resolved_run_id()
+    assert same_run, "best.yaml must point jobs/adapt.py at the collected run"
+    assert (experiment / "results.csv").read_text().splitlines()[0].startswith("trial_id,gamma1")
+    assert "val_map50" in (experiment / "results.md").read_text()
     assert _cpus_come_back(local_ray, 4.0)

@@ -1,11 +1,10 @@
-"""Ray Tune sweeps of the distillation stage (gamma1, gamma2, lambda, eta, pi).
+"""Ray Tune machinery for sweeps: search-space files, the Tuner (ASHA, resources, resume),
+result tables. ``coin_ray.ray.sweep`` applies it to the distillation stage.
 
-A sweep reuses one collected run: the stored cloud detections, CLIP scores, CLIP-detector
-checkpoint and its detections. It never calls the cloud detector and refuses to start when
-those files are missing. Each trial runs the distillation loop in-process in a function
-trainable (``Tuner(TorchTrainer)`` does not work in Ray 2.60), reports the validation
-mAP50 every ``eval_every`` steps with an explicit ``step`` (ASHA's rung state is not kept
-across ``Tuner.restore``), and writes its detector under its own trial directory.
+Trials report an explicit ``step`` that ASHA uses as its time unit (ASHA's rung state is
+not kept across ``Tuner.restore``, the step is). A sweep's experiment folder is
+``<storage>/<name>``; running the same sweep again restores it and runs only what is
+unfinished or errored.
 
 Search spaces are small YAML files (``tune_spaces/*.yaml``)::
 
@@ -165,6 +164,7 @@ class SweepOptions:
     gpus_per_trial: float = 0.0
     max_concurrent_trials: int = 0  # 0 = as many as the cluster's CPUs / GPUs hold
     seed: int = 0  # seeds the random search
+    max_failures: int = 1  # retries of a failing trial (from its last checkpoint)
     points_to_evaluate: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
@@ -213,13 +213,14 @@ def run_tuner(trainable: Any, space: dict[str, Any], opts: SweepOptions) -> Any:
         return tuner.fit()
     concurrent = opts.max_concurrent_trials or max_concurrent(
         ray.cluster_resources(), opts.cpus_per_trial, opts.gpus_per_trial)
+    # The random search's own cap: Tune ignores TuneConfig.max_concurrent_trials when given
+    # a BasicVariantGenerator instance (which we need for the seed and the base point).
     search = BasicVariantGenerator(points_to_evaluate=opts.points_to_evaluate or None,
-                                   random_state=opts.seed)
+                                   max_concurrent=concurrent, random_state=opts.seed)
     tune_config = tune.TuneConfig(metric=opts.metric, mode="max", scheduler=_scheduler(opts),
-                                  search_alg=search, num_samples=opts.num_samples,
-                                  max_concurrent_trials=concurrent)
+                                  search_alg=search, num_samples=opts.num_samples)
     run_config = tune.RunConfig(name=opts.name, storage_path=root, storage_filesystem=fs,
-                                failure_config=tune.FailureConfig(max_failures=1), verbose=0)
+                                failure_config=tune.FailureConfig(max_failures=opts.max_failures), verbose=0)
     return tune.Tuner(wrapped, param_space=space, tune_config=tune_config, run_config=run_config).fit()
 
 
