@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import hashlib
 import hmac
 import json
 import logging
@@ -30,6 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+from coin_ray import storage
 from coin_ray.cloud.base import DetectorBackend
 from coin_ray.cloud.http_backend import answer_to_json
 from coin_ray.data.images import ImageDecodeError, decode_image
@@ -84,13 +86,15 @@ class DetectorServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], backend: DetectorBackend, knobs: Knobs) -> None:
+    def __init__(self, address: tuple[str, int], backend: DetectorBackend, knobs: Knobs,
+                 model_name: str = "") -> None:
         super().__init__(address, _Handler)
         self.backend = backend
         self.knobs = knobs
         self.counters = _Counters()
         self.rng = random.Random(knobs.seed)
-        self.model_name = str(getattr(backend, "model_name", "") or backend.name)
+        # Clients key their answer caches on this name: make it name the weights.
+        self.model_name = model_name or str(getattr(backend, "model_name", "") or backend.name)
 
     def admit(self) -> float | None:
         """None if a detect request is within the rate limit, else seconds until a slot frees."""
@@ -238,9 +242,13 @@ class RunningServer:
 
 
 def start_server(backend: DetectorBackend, knobs: Knobs | None = None, host: str = "127.0.0.1",
-                 port: int = 0) -> RunningServer:
-    """Serve ``backend`` from a daemon thread; port 0 picks a free port. Returns its URL."""
-    server = DetectorServer((host, port), backend, knobs or Knobs())
+                 port: int = 0, model_name: str = "") -> RunningServer:
+    """Serve ``backend`` from a daemon thread; port 0 picks a free port. Returns its URL.
+
+    ``model_name`` is what ``GET /v1/health`` reports and clients key caches on (default:
+    the backend's ``model_name`` or ``name``); name the weights, e.g. a checkpoint hash.
+    """
+    server = DetectorServer((host, port), backend, knobs or Knobs(), model_name)
     thread = threading.Thread(target=server.serve_forever, name="coin-ray-serve", daemon=True)
     thread.start()
     actual_host, actual_port = server.server_address[:2]
@@ -254,6 +262,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="", help="hf hub id or local dir; dds model name")
     p.add_argument("--url", default="", help="upstream URL (http, dds) or replay file")
     p.add_argument("--checkpoint", default="", help="foggy-shapes stand-in checkpoint")
+    p.add_argument("--model-name", default="",
+                   help="name reported to clients (cache key); default: from the backend")
     p.add_argument("--categories", default="",
                    help="comma-separated category names (replaying Parquet needs them)")
     p.add_argument("--threshold", type=float, default=0.25)
@@ -273,13 +283,18 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def checkpoint_model_name(path: str) -> str:
+    """'foggy-shapes-<12 hex of the checkpoint's SHA-256>': names the weights, not the path."""
+    return "foggy-shapes-" + hashlib.sha256(storage.read_bytes(path)).hexdigest()[:12]
+
+
 def _backend_from_args(args: argparse.Namespace) -> DetectorBackend:
     if args.backend == "foggy-shapes":
         from coin_ray.world.cloud_standin import StandInCloudDetector
 
         if not args.checkpoint:
             raise SystemExit("--backend foggy-shapes needs --checkpoint PATH")
-        return StandInCloudDetector.load(args.checkpoint)
+        return StandInCloudDetector.load(str(storage.local_copy(args.checkpoint)))
     from coin_ray.cloud.backends import build_backend
     from coin_ray.config import CloudConfig
 
@@ -298,7 +313,8 @@ def main(argv: list[str] | None = None) -> None:
                   fail_429=args.fail_429, fail_hang=args.fail_hang,
                   fail_malformed=args.fail_malformed, hang_s=args.hang_s, token=token,
                   seed=args.seed)
-    server = DetectorServer((args.host, args.port), _backend_from_args(args), knobs)
+    model_name = args.model_name or (checkpoint_model_name(args.checkpoint) if args.checkpoint else "")
+    server = DetectorServer((args.host, args.port), _backend_from_args(args), knobs, model_name)
     log.info("serving backend %s on http://%s:%d", server.backend.name, *server.server_address[:2])
     try:
         server.serve_forever()

@@ -65,6 +65,19 @@ def test_http_round_trip_maps_labels_and_counts_dropped(served):
     assert server.stats()["detect_requests"] == 1
 
 
+def test_cache_identity_is_the_served_model_not_the_port():
+    from coin_ray.cloud.backends import model_id
+    from coin_ray.config import CloudConfig
+
+    servers = [start_server(ColourBoxes(), model_name="colour-v1") for _ in range(2)]
+    try:
+        ids = {model_id(CloudConfig(url=s.url), HttpBackend(s.url)) for s in servers}
+    finally:
+        [s.stop() for s in servers]
+    assert ids == {"colour-v1"}
+    assert model_id(CloudConfig(url="http://x", model="pinned"), HttpBackend("http://x")) == "pinned"
+
+
 def test_category_map_normalises_and_maps_several_labels():
     cmap = CategoryMap.build(["person", "car"], {"person": ["pedestrian", "person"]},
                              {"Automobile": "car"})
@@ -216,7 +229,7 @@ def test_serve_subprocess_replays_parquet(tmp_path):
 
 def test_serve_foggy_shapes_standin_checkpoint(tmp_path):
     import torch
-    from coin_ray.serve import _backend_from_args, _parse_args
+    from coin_ray.serve import _backend_from_args, _parse_args, checkpoint_model_name
     from coin_ray.world.cloud_standin import build_detector
 
     torch.manual_seed(0)
@@ -225,6 +238,7 @@ def test_serve_foggy_shapes_standin_checkpoint(tmp_path):
                 "model": {"width": 8}}}, tmp_path / "cloud.pt")
     backend = _backend_from_args(_parse_args(["--backend", "foggy-shapes", "--checkpoint",
                                               str(tmp_path / "cloud.pt")]))
+    assert checkpoint_model_name(str(tmp_path / "cloud.pt")).startswith("foggy-shapes-")
     server = start_server(backend)
     try:
         image, _ = draw(2, size=(64, 96))

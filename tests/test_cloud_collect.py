@@ -87,10 +87,12 @@ def test_shared_rate_limit_outputs_and_cache_rerun(ray_local, served, tmp_path):
         assert (c.boxes == k.boxes).all() and k.probs.shape == (len(c), 3)
         assert set(c.labels.tolist()) <= {0, 1} and c.image_id == Path(c.uri).stem
     assert sum(len(r) for r in cloud) == summary["boxes"] > 0
-    # Same images again: everything from the cache, the server sees nothing new.
-    again = run_collection(cfg, uris, str(tmp_path / "collect2"), with_clip=False)
+    # Same images again, the same detector restarted on another port: all from the cache.
+    moved = served()
+    again = run_collection(make_cfg(tmp_path, moved.url, str(tmp_path / "imgs"), clip),
+                           uris, str(tmp_path / "collect2"), with_clip=False)
     assert again["calls"] == 0 and again["cache_hits"] == 30
-    assert server.stats()["detect_requests"] == 30
+    assert server.stats()["detect_requests"] == 30 and moved.stats()["detect_requests"] == 0
     coco = json.loads((Path(out) / "cloud_coco.json").read_text())
     assert summary["boxes"] == len(coco["annotations"]) and len(coco["images"]) == 30
     assert coco["images"][0]["file_name"] == "img_0000.png"

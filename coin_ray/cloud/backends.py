@@ -67,6 +67,16 @@ def build_backend(cloud: CloudConfig, categories: list[str] | None, token: Secre
     return BACKENDS[cloud.backend](cloud, categories, token, images_root)
 
 
-def model_id(cloud: CloudConfig) -> str:
-    """What identifies the model in cache keys (the URL stands in for remote http servers)."""
-    return cloud.model or cloud.url
+def model_id(cloud: CloudConfig, backend: DetectorBackend) -> str:
+    """What identifies the model in cache keys: ``cloud.model``, else what the backend runs.
+
+    For ``http`` that is the model the server reports, not its URL: the same detector served
+    on another port (a restarted demo server) must hit the same cache entries.
+    """
+    from coin_ray.cloud.http_backend import HttpBackend
+
+    if cloud.model:
+        return cloud.model
+    if isinstance(backend, HttpBackend):
+        return backend.server_model() or cloud.url
+    return str(getattr(backend, "model_name", "") or cloud.url)

@@ -98,6 +98,11 @@ class HttpBackend:
         self.token = token or Secret("")
         self.categories = categories
 
+    def server_model(self) -> str:
+        """The model the server says it runs (GET /v1/health); raises CloudError if unreachable."""
+        reply = request_json("GET", f"{self.url}/v1/health", None, {}, self.timeout_s, self.token)
+        return str(reply.get("model", "")) if isinstance(reply, dict) else ""
+
     def detect(self, image_bytes: bytes, image: np.ndarray, prompts: list[str]) -> CloudAnswer:
         """POST the original bytes; boxes come back in pixels of that image (xyxy)."""
         headers = {"Authorization": f"Bearer {self.token.reveal()}"} if self.token else {}

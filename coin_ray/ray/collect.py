@@ -63,7 +63,8 @@ class _CloudCaller:
         self.cmap = _category_map(cfg_)
         backend = build_backend(c, cfg_.data.categories, token, cfg_.data.target_images)
         cache = AnswerCache(cache_root, backend.name, cfg_.data.categories)
-        self.client = CloudClient(backend, prompts=self.cmap.prompt_list(), model=model_id(c),
+        self.client = CloudClient(backend, prompts=self.cmap.prompt_list(),
+                                  model=model_id(c, backend),
                                   threshold=c.threshold, cache=cache, limiter=limiter,
                                   policy=RetryPolicy(max_retries=c.max_retries),
                                   token_env=c.token_env, seed=cfg_.seed)
@@ -195,7 +196,7 @@ def run_collection(cfg: Config, image_uris: list[str], out_dir: str, *,
     # Label-only users want the labels without training: COCO JSON next to the Parquet.
     export_coco(cloud, cfg.data.categories, storage.join(out_dir, "cloud_coco.json"),
                 root=cfg.data.target_images)
-    summary = {**tally.as_dict(c.price_per_call), "backend": c.backend, "model": model_id(c),
+    summary = {**tally.as_dict(c.price_per_call), "backend": c.backend, "model": c.model or c.url,
                "seconds": round(seconds, 3), "calls_per_s": round(tally.calls / max(seconds, 1e-9), 3),
                "limiter_grants": limiter_stats["granted"]}
     _warn_if_nothing(summary)
