@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,3 +103,70 @@ def test_export_to_s3(exported, s3_bucket):
     export_detector(str(tmp / "model.pt"), out, batch_sizes=(1,))
     assert storage.list_files(out) == [f"{out}/detector_b1.pt", f"{out}/export.json"]
     assert load_exported(out).detect([torch.rand(3, 50, 60)])[0]["probs"].shape[1] == len(CATEGORIES) + 1
+
+
+# ---------------------------------------------------------------------------------------
+# Batch inference with the export on Ray Data -> COCO results JSON.
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """Three readable images (one in a sub-folder), a corrupt one and a non-image file."""
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(3)
+    for rel in ("a.png", "b.png", "sub/c.png"):
+        (folder / rel).parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (72, 100, 3), dtype=np.uint8)).save(folder / rel)
+    (folder / "bad.png").write_bytes(b"not a png")
+    (folder / "notes.txt").write_text("skipped")
+    return folder
+
+
+@pytest.mark.timeout(300)
+def test_predict_writes_coco_results_equal_to_eager(exported, local_ray, image_folder, tmp_path):
+    from coin_ray.ray.predict import predict
+
+    tmp, _ = exported
+    out = tmp_path / "out" / "results.json"
+    summary = predict(str(tmp / "export"), str(image_folder), str(out), batch_size=2)
+    assert (summary.images, summary.errors) == (4, 1)
+    results = json.loads(out.read_text())
+    index = json.loads((tmp_path / "out" / "results.images.json").read_text())
+    files = {img["id"]: img["file_name"] for img in index["images"]}
+    assert sorted(Path(f).name for f in files.values()) == ["a.png", "b.png", "c.png"]
+    assert [c["name"] for c in index["categories"]] == CATEGORIES
+    model = load_detector(str(tmp / "model.pt"))
+    for image_id, uri in files.items():
+        eager = model.detect([image_tensor(np.asarray(Image.open(uri)))])[0]
+        mine = [r for r in results if r["image_id"] == image_id]
+        assert len(mine) == len(eager["boxes"]) and summary.detections == len(results)
+        x1, y1, x2, y2 = eager["boxes"].T
+        expected = torch.stack([x1, y1, x2 - x1, y2 - y1], dim=1)
+        torch.testing.assert_close(torch.tensor([r["bbox"] for r in mine]), expected, atol=0.02, rtol=0)
+        assert [r["category_id"] for r in mine] == (eager["labels"] + 1).tolist()
+
+
+@pytest.mark.timeout(300)
+def test_predict_uses_the_annotation_files_ids(exported, local_ray, image_folder, tmp_path):
+    from coin_ray.ray.predict import predict
+
+    tmp, _ = exported
+    gt = {"images": [{"id": 101, "file_name": "a.png", "width": 100, "height": 72},
+                     {"id": 205, "file_name": "sub/c.png", "width": 100, "height": 72}],
+          "categories": [{"id": 7, "name": "Person"}, {"id": 3, "name": "car"}], "annotations": []}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    out = tmp_path / "results.json"
+    predict(str(tmp / "export"), str(image_folder), str(out), annotations_uri=str(tmp_path / "gt.json"))
+    results = json.loads(out.read_text())
+    assert results and {r["image_id"] for r in results} <= {101, 205}
+    assert {r["category_id"] for r in results} <= {7, 3}  # "bus" is not in the file: left out
+    assert not (tmp_path / "results.images.json").exists()
