@@ -112,7 +112,7 @@ def main() -> None:
     try:
         seq = sequential_rate(url, uris[:args.seq_images])
         before = stats(url)
-        ray.init(num_cpus=4, include_dashboard=False)
+        ray.init(address="local", num_cpus=4, include_dashboard=False)
         cfg = from_dict({"run_id": "bench", "storage": str(root / "runs"),
                          "data": {"categories": CATEGORIES, "target_images": str(root / "imgs")},
                          "cloud": {"backend": "http", "url": url, "requests_per_second": args.client_rps,
@@ -141,6 +141,7 @@ def main() -> None:
         "collection_req_per_s_middle_80pct": round(middle, 2),
         "gap_ms_p50_p90_p99_max": [round(float(np.percentile(gaps, q)), 1) for q in (50, 90, 99, 100)],
         "startup_s": round(arrivals[0] - t_start, 2),
+        "requests_each_second": np.bincount((np.asarray(arrivals) - arrivals[0]).astype(int)).tolist(),
         "server_requests": requests, "answered_429": n429,
         "pct_429": round(100.0 * n429 / max(requests, 1), 2),
         "errors": summary["errors"], "seconds": summary["seconds"],
