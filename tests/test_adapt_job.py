@@ -26,6 +26,7 @@ from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
+RAY = str(Path(sys.executable).with_name("ray"))  # the ray CLI of this interpreter's environment
 # Short schedules: these tests check plumbing, not quality.
 FAST = ["train.disseminate.steps=3", "train.disseminate.batch_size=2", "train.distill.batch_size=2",
         "train.disseminate.checkpoint_every=2", "train.distill.checkpoint_every=2", "ray.num_workers=0",
@@ -37,8 +38,8 @@ ARTEFACTS = ["manifest.json", "config.yaml", "collect/cloud.parquet", "collect/c
 
 
 @pytest.fixture(scope="module")
-def world():
-    return build_world("tiny")
+def world(tmp_path_factory):
+    return build_world("tiny", cache_dir=tmp_path_factory.mktemp("world-cache"))
 
 
 @pytest.fixture
@@ -50,7 +51,9 @@ def cloud(world):
 
 def job_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_AUTH_MODE="disabled", PYTHONPATH=str(ROOT), **extra)
+    # "python" in a job's entrypoint must be this environment's interpreter.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(RAY_AUTH_MODE="disabled", PYTHONPATH=str(ROOT), PATH=path, **extra)
     return env
 
 
@@ -142,13 +145,13 @@ def test_ray_job_submit_on_a_local_cluster(world, cloud, tmp_path):
     port, dash = free_port(), free_port()
     env = job_env()
     # --block keeps the head in this process group, so stopping it cannot touch other Ray instances.
-    head = subprocess.Popen(["ray", "start", "--head", "--block", "--num-cpus=4", f"--port={port}",
+    head = subprocess.Popen([RAY, "start", "--head", "--block", "--num-cpus=4", f"--port={port}",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         _wait_http(f"http://127.0.0.1:{dash}/api/version", head, 180)
         args = [a for a in adapt_args(world, cloud.url, str(tmp_path / "runs"))[2:] if a not in ("--num-cpus", "4")]
-        submit = subprocess.run(["ray", "job", "submit", f"--address=http://127.0.0.1:{dash}",
+        submit = subprocess.run([RAY, "job", "submit", f"--address=http://127.0.0.1:{dash}",
                                  "--working-dir", ".", "--", "python", "jobs/adapt.py", *args],
                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=840)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
