@@ -13,6 +13,8 @@ phrase).
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import tempfile
 import time
 
@@ -47,6 +49,11 @@ def bootstrap_std(split: LabelledSplit, records: list, rounds: int, seed: int = 
     return float(np.std(values))
 
 
+def _cpu_seconds() -> tuple[float, float]:
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, children.ru_utime + children.ru_stime
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", default="demo", choices=["tiny", "demo", "bench"])
@@ -56,11 +63,13 @@ def main() -> None:
     p.add_argument("--bootstrap", type=int, default=20)
     args = p.parse_args()
     cache = args.cache or tempfile.mkdtemp(prefix="coin_ray_world_")
-    start = time.time()
+    start, cpu = time.time(), _cpu_seconds()
     world = build_world(args.size, cache_dir=cache, seed=args.seed)
-    build_s = time.time() - start
+    build_s, cpu = time.time() - start, [b - a for a, b in zip(cpu, _cpu_seconds())]
     print(f"\n== Foggy-Shapes {args.size} (seed {args.seed}) at {world.root}")
-    print(f"build time: {build_s:.0f} s{' (reused)' if args.reuse else ''}")
+    # CPU seconds say what the build costs when the machine is shared (wall time then lies).
+    print(f"build time: {build_s:.0f} s wall, CPU {cpu[0]:.0f} s in this process + {cpu[1]:.0f} s in "
+          f"children (rendering, CLIP){' (reused)' if args.reuse else ''}; load average {os.getloadavg()[0]:.1f}")
     detector = StandInCloudDetector.load(world.cloud_detector)
     styled = [t[:-1] + f", {world.style}." for t in DEFAULT_TEMPLATES]
     rows = []

@@ -223,4 +223,4 @@ def test_clip_command_line_trains_and_saves(tiny, tmp_path):
 
     main(["--images", str(tiny.source_train_images), "--annotations", str(tiny.source_train_json),
           "--out", str(tmp_path / "clip"), "--steps", "1", "--batch-size", "4"])
-    assert CLIPModel.from_pretrained(tmp_path / "clip").config.vision_config.image_size == 64
+    assert CLIPModel.from_pretrained(tmp_path / "clip").config.vision_config.image_size == 48

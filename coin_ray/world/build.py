@@ -38,7 +38,7 @@ from coin_ray.world.clip_standin import train_clip
 from coin_ray.world.cloud_standin import train_cloud_detector
 from coin_ray.world.dataset import SplitSpec, default_workers, write_split
 
-WORLD_VERSION = 1  # bump when the generator or the stand-ins change what a build produces
+WORLD_VERSION = 2  # bump when the generator or the stand-ins change what a build produces
 STYLE = "foggy street scene"
 MANIFEST = "manifest.json"
 
@@ -59,8 +59,8 @@ class WorldSize:
 
 SIZES = {
     "tiny": WorldSize(source_train=12, target_train=8, val=6, detector_steps=2, clip_steps=2, clip_batch=8),
-    "demo": WorldSize(source_train=600, target_train=300, val=100, detector_steps=400, clip_steps=300),
-    "bench": WorldSize(source_train=2400, target_train=1500, val=500, detector_steps=2400, clip_steps=1200),
+    "demo": WorldSize(source_train=600, target_train=300, val=100, detector_steps=600, clip_steps=600),
+    "bench": WorldSize(source_train=2400, target_train=1500, val=500, detector_steps=2400, clip_steps=2400),
 }
 
 

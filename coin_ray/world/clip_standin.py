@@ -33,7 +33,7 @@ STYLES = ["street scene", "foggy street scene", "hazy street scene", "clear stre
 # "a photo of a {car in a foggy street scene}."), plus a few short captions.
 TEMPLATES = DEFAULT_TEMPLATES + [t.replace("{}", f"{{}} in a {s}") for s in STYLES for t in DEFAULT_TEMPLATES] + \
     [f"a {{}} in a {s}." for s in STYLES]
-CLIP_SHAPE = {"image_size": 64, "patch_size": 8, "hidden_size": 64, "projection_dim": 64,
+CLIP_SHAPE = {"image_size": 48, "patch_size": 8, "hidden_size": 64, "projection_dim": 64,
               "num_layers": 3, "num_heads": 4}
 BACKGROUND_SHARE = 0.12
 
@@ -160,10 +160,14 @@ def _embed(out: object) -> torch.Tensor:
 
 
 def train_clip(images_dir: str | Path, coco_json: str | Path, out_dir: str | Path, categories: list[str],
-               *, steps: int, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
-               log_every: int = 50) -> Path:
-    """Create a small CLIP in ``out_dir``, train it on crops of a labelled split, save it back."""
-    out = write_clip(out_dir, caption_words(categories) + list(categories), seed=seed, **CLIP_SHAPE)
+               *, steps: int, batch_size: int = 64, lr: float = 1.5e-3, seed: int = 0,
+               log_every: int = 50, shape: dict | None = None) -> Path:
+    """Create a small CLIP in ``out_dir``, train it on crops of a labelled split, save it back.
+
+    ``shape`` overrides entries of ``CLIP_SHAPE`` (``write_clip`` arguments).
+    """
+    shape = {**CLIP_SHAPE, **(shape or {})}
+    out = write_clip(out_dir, caption_words(categories) + list(categories), seed=seed, **shape)
     model = CLIPModel.from_pretrained(out).train()
     with torch.no_grad():  # a sharper start than CLIP's 1/0.07: with K+1 captions it learns faster
         model.logit_scale.fill_(float(np.log(30.0)))
@@ -176,13 +180,13 @@ def train_clip(images_dir: str | Path, coco_json: str | Path, out_dir: str | Pat
     data = [(image, boxes, labels - 1) for image, boxes, labels in data]
     names, k1 = [*categories, BACKGROUND], len(categories) + 1
     rng = np.random.default_rng(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.05)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, steps // 20)) * 0.5 * (1 + np.cos(np.pi * s / max(steps, 1))))
     start = time.time()
     for step in range(steps):
         pixels, labels, templates, choice = _crop_batch(rng, data, by_class, len(categories),
-                                                        CLIP_SHAPE["image_size"], batch_size)
+                                                        shape["image_size"], batch_size)
         tokens = _caption_tokens(tokenizer, names, templates)
         text = _embed(model.get_text_features(**tokens)).view(len(templates), k1, -1)
         image = _embed(model.get_image_features(pixel_values=pixels))

@@ -116,17 +116,23 @@ class StandInCloudDetector:
                            scores[keep].astype(np.float32), answer_probs)
 
     def _run(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(boxes, labels 1..K, scores, (N, K+1) softmax with background at 0) for one image."""
+        """(boxes, labels 1..K, scores, probs) for one image.
+
+        probs is (N, K+1) softmax with background at 0, from the box head run again on the
+        final boxes (torchvision keeps only the winning class); (N, 0) unless ``full_probs``.
+        """
         m = self.model
         images, _ = m.transform([x])
         features = {"0": m.backbone(images.tensors)}
         proposals, _ = m.rpn(images, features)
         det, _ = m.roi_heads(features, proposals, images.image_sizes)
-        pooled = m.roi_heads.box_roi_pool(features, [det[0]["boxes"]], images.image_sizes)
-        logits, _ = m.roi_heads.box_predictor(m.roi_heads.box_head(pooled))
+        probs = torch.zeros(len(det[0]["boxes"]), 0)
+        if self.full_probs:
+            pooled = m.roi_heads.box_roi_pool(features, [det[0]["boxes"]], images.image_sizes)
+            probs = torch.softmax(m.roi_heads.box_predictor(m.roi_heads.box_head(pooled))[0], -1)
         out = m.transform.postprocess(det, images.image_sizes, [tuple(x.shape[-2:])])[0]
         return (out["boxes"].cpu().numpy(), out["labels"].cpu().numpy(), out["scores"].cpu().numpy(),
-                torch.softmax(logits, -1).cpu().numpy())
+                probs.cpu().numpy())
 
 
 def load_coco_split(images_dir: str | Path, coco_json: str | Path) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
