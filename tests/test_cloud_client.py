@@ -76,6 +76,8 @@ def test_cache_identity_is_the_served_model_not_the_port():
         [s.stop() for s in servers]
     assert ids == {"colour-v1"}
     assert model_id(CloudConfig(url="http://x", model="pinned"), HttpBackend("http://x")) == "pinned"
+    gone = servers[0].url  # stopped: no health answer, the URL stands in
+    assert model_id(CloudConfig(url=gone), HttpBackend(gone, timeout_s=0.5)) == gone
 
 
 def test_category_map_normalises_and_maps_several_labels():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 from coin_ray.cloud.base import DetectorBackend
-from coin_ray.cloud.errors import Secret, read_token
+from coin_ray.cloud.errors import CloudError, Secret, read_token
 from coin_ray.config import CloudConfig
 
 # Backends that cannot work without a token; the others use one only when given.
@@ -78,5 +78,8 @@ def model_id(cloud: CloudConfig, backend: DetectorBackend) -> str:
     if cloud.model:
         return cloud.model
     if isinstance(backend, HttpBackend):
-        return backend.server_model() or cloud.url
+        try:
+            return backend.server_model() or cloud.url
+        except CloudError:  # a server without /v1/health (or down): its URL must do
+            return cloud.url
     return str(getattr(backend, "model_name", "") or cloud.url)
