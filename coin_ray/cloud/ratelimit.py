@@ -75,6 +75,10 @@ class SlotBook:
         if ok:
             self.probing = False
 
+    def free(self) -> int:
+        """In-flight places open now (how many waiting callers are worth waking)."""
+        return max(0, (1 if self.probing else self.max_in_flight) - len(self.leases))
+
 
 def late_tolerance(rps: float) -> float:
     """How late a caller may still use its slot: 0.9 of a slot keeps any 1-second window
@@ -113,7 +117,7 @@ class LocalLimiter:
     def release(self, lease: str, ok: bool) -> None:
         with self.cond:
             self.book.release(lease, ok)
-            self.cond.notify_all()
+            self.cond.notify(self.book.free())
 
     def stop(self, reason: str) -> None:
         with self.cond:

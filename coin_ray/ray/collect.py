@@ -57,7 +57,7 @@ class _CloudCaller:
     """Actor: asks the backend about a batch of images, ``threads`` at a time."""
 
     def __init__(self, cfg: dict, token: Secret, limiter: ClusterLimiter, cache_root: str,
-                 threads: int) -> None:
+                 threads: int, keep_bytes: bool) -> None:
         cfg_ = from_dict(cfg)
         c = cfg_.cloud
         self.cmap = _category_map(cfg_)
@@ -69,15 +69,18 @@ class _CloudCaller:
                                   policy=RetryPolicy(max_retries=c.max_retries),
                                   token_env=c.token_env, seed=cfg_.seed)
         self.pool = ThreadPoolExecutor(max_workers=threads)
+        self.keep_bytes = keep_bytes  # only CLIP needs the images again
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         done = list(self.pool.map(lambda a: label_image(self.client, self.cmap, a[0], a[1]),
                                   zip(batch["uri"].tolist(), batch["image_id"].tolist())))
-        return {"cloud": [json.dumps(d.record.to_row()) for d in done],
-                "image_bytes": [d.image_bytes for d in done],
-                "calls": [d.calls for d in done], "cache_hit": [d.cache_hit for d in done],
-                "reason": [d.reason for d in done],
-                "dropped": [json.dumps(dict(d.dropped)) for d in done]}
+        out = {"cloud": [json.dumps(d.record.to_row()) for d in done],
+               "calls": [d.calls for d in done], "cache_hit": [d.cache_hit for d in done],
+               "reason": [d.reason for d in done],
+               "dropped": [json.dumps(dict(d.dropped)) for d in done]}
+        if self.keep_bytes:
+            out["image_bytes"] = [d.image_bytes for d in done]
+        return out
 
 
 class _ClipScorer:
@@ -130,12 +133,13 @@ def _plan(cfg: Config, image_uris: list[str], limiter: ClusterLimiter, token: Se
     ds = ray.data.from_items(items).map_batches(
         _CloudCaller, batch_size=threads, num_cpus=CLOUD_CPUS,
         fn_constructor_kwargs={"cfg": to_dict(cfg), "token": token, "limiter": limiter,
-                               "cache_root": cache_root, "threads": BATCHES_PER_ACTOR * threads},
+                               "cache_root": cache_root, "threads": BATCHES_PER_ACTOR * threads,
+                               "keep_bytes": with_clip},
         compute=ray.data.ActorPoolStrategy(size=c.num_actors,
                                            max_concurrent_calls_per_actor=BATCHES_PER_ACTOR,
                                            enable_true_multi_threading=True))
     if not with_clip:
-        return ds.drop_columns(["image_bytes"])  # only CLIP needs the images again
+        return ds
     return ds.map_batches(_ClipScorer, batch_size=cfg.clip.batch_size, num_cpus=1,
                           fn_constructor_kwargs={"cfg": to_dict(cfg)},
                           compute=ray.data.ActorPoolStrategy(size=cfg.clip.num_actors))

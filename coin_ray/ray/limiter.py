@@ -61,7 +61,9 @@ class _SlotActor:
         cond = self._cond()
         async with cond:
             self.book.release(lease, ok)
-            cond.notify_all()
+            # Wake only as many waiters as there are places: waking all of them on every
+            # release costs O(waiters) per request and starves a busy machine's CPU.
+            cond.notify(self.book.free())
 
     async def stop(self, reason: str) -> None:
         cond = self._cond()
