@@ -61,13 +61,18 @@ TABLE6 = {
 }
 
 
-def prepare_run(cfg: Config) -> tuple[Config, RunDir]:
-    """Stages 0-2 through the pipeline (skipped when done); the config with world paths."""
+def prepare_run(cfg: Config, from_run: str = "") -> tuple[Config, RunDir]:
+    """Stages 0-2 through the pipeline (skipped when done); the config with world paths.
+
+    ``from_run``: an existing run directory whose stages 0-2 are done, only read.
+    """
     from coin_ray.ray.pipeline import run_adaptation, with_demo_world
 
     cfg = with_demo_world(cfg)
-    run = RunDir(storage.join(cfg.storage, cfg.resolved_run_id()))
+    run = RunDir(from_run or storage.join(cfg.storage, cfg.resolved_run_id()))
     missing = [s for s in PREPARE if not run.is_done(s)]
+    if missing and from_run:
+        raise SystemExit(f"{from_run}: stages {missing} are not done")
     if missing:
         run_adaptation(cfg, stages=missing)
     return cfg, run
@@ -156,11 +161,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="distillation steps (0 = the config's)")
     parser.add_argument("--tables", default="1,5,6")
     parser.add_argument("--storage", default="runs-tables")
+    parser.add_argument("--from-run", default="", help="read stages 0-2 from this finished run directory")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides")
     args = parser.parse_args()
     overrides = [f"data.world={args.world}", f"storage={args.storage}", f"run_id=tables-{args.world}",
                  *([f"train.distill.steps={args.steps}"] if args.steps else []), *args.overrides]
-    cfg, run = prepare_run(load_config(None, overrides))
+    cfg, run = prepare_run(load_config(None, overrides), args.from_run)
     from coin_ray.ray.pipeline import demo_world, val_split
     from coin_ray.ray.stages import evaluate_rows
 
