@@ -60,7 +60,7 @@ class WorldSize:
 SIZES = {
     "tiny": WorldSize(source_train=12, target_train=8, val=6, detector_steps=2, clip_steps=2, clip_batch=8),
     "demo": WorldSize(source_train=600, target_train=300, val=100, detector_steps=600, clip_steps=600),
-    "bench": WorldSize(source_train=2400, target_train=1500, val=500, detector_steps=2400, clip_steps=2400),
+    "bench": WorldSize(source_train=2400, target_train=1500, val=1000, detector_steps=2400, clip_steps=2400),
 }
 
 

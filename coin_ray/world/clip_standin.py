@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageFilter
 from transformers import CLIPModel, CLIPTokenizer
 
+from coin_ray.boxes import pairwise_iou
 from coin_ray.config import DEFAULT_TEMPLATES
 from coin_ray.models.clip_factory import CLIP_MEAN, CLIP_STD, write_clip
 from coin_ray.world.cloud_standin import load_coco_split
@@ -44,14 +45,6 @@ def caption_words(categories: list[str]) -> list[str]:
     return sorted(set(re.findall(r"[a-z]+", text.lower())))
 
 
-def _box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    x0, y0 = np.maximum(box[0], boxes[:, 0]), np.maximum(box[1], boxes[:, 1])
-    x1, y1 = np.minimum(box[2], boxes[:, 2]), np.minimum(box[3], boxes[:, 3])
-    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
-    area = (box[2] - box[0]) * (box[3] - box[1]) + (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    return inter / np.maximum(area - inter, 1e-6)
-
-
 def _sample_box(rng: np.random.Generator, data: list, by_class: list[list[tuple[int, int]]],
                 num_classes: int) -> tuple[int, np.ndarray, int]:
     """(image index, xyxy box, label in [0, K]) with classes balanced and K = background."""
@@ -63,7 +56,7 @@ def _sample_box(rng: np.random.Generator, data: list, by_class: list[list[tuple[
             bw, bh = rng.uniform(12, 90), rng.uniform(12, 70)
             x0, y0 = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
             box = np.array([x0, y0, x0 + bw, y0 + bh], np.float32)
-            if len(boxes) == 0 or _box_iou(box, boxes).max() < 0.2:
+            if len(boxes) == 0 or pairwise_iou(torch.from_numpy(box[None]), torch.from_numpy(boxes)).max() < 0.2:
                 return i, box, num_classes
     label = int(rng.choice([k for k in range(num_classes) if by_class[k]]))
     i, j = by_class[label][rng.integers(len(by_class[label]))]
@@ -220,7 +213,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
     from coin_ray.config import FOGGY_SHAPES_CATEGORIES
+
+    hf_logging.disable_progress_bar()  # this process's output is the build's progress log
 
     train_clip(args.images, args.annotations, args.out, list(FOGGY_SHAPES_CATEGORIES), steps=args.steps,
                batch_size=args.batch_size, seed=args.seed)

@@ -54,16 +54,19 @@ def gt_crops(split: LabelledSplit, limit: int | None = None) -> tuple[list[np.nd
     return crops, np.array(labels, np.int64)
 
 
-@torch.no_grad()
-def clip_text_embeddings(clip_dir: str | Path, names: list[str], templates: list[str]) -> torch.Tensor:
-    """(len(names), D) normalised text embeddings, each the mean over ``templates``."""
+def load_clip(clip_dir: str | Path) -> tuple[object, object]:
+    """(CLIPModel in eval mode, processor), loaded as any real CLIP checkpoint is."""
     from transformers import AutoProcessor, CLIPModel
 
-    model, processor = CLIPModel.from_pretrained(clip_dir).eval(), AutoProcessor.from_pretrained(clip_dir)
+    return CLIPModel.from_pretrained(clip_dir).eval(), AutoProcessor.from_pretrained(clip_dir)
+
+
+@torch.no_grad()
+def clip_text_embeddings(model: object, processor: object, names: list[str], templates: list[str]) -> torch.Tensor:
+    """(len(names), D) normalised text embeddings, each the mean over ``templates``."""
     rows = []
     for name in names:
-        texts = [t.format(name) for t in templates]
-        tokens = processor(text=texts, return_tensors="pt", padding=True)
+        tokens = processor(text=[t.format(name) for t in templates], return_tensors="pt", padding=True)
         emb = _features(model.get_text_features(**tokens))
         rows.append(torch.nn.functional.normalize(emb, dim=-1).mean(0))
     return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
@@ -77,13 +80,11 @@ def _features(out: object) -> torch.Tensor:
 @torch.no_grad()
 def clip_crop_accuracy(clip_dir: str | Path, crops: list[np.ndarray], labels: np.ndarray,
                        categories: list[str], templates: list[str], batch_size: int = 128) -> float:
-    """Zero-shot top-1 accuracy (0..1) of the CLIP at ``clip_dir`` on labelled crops."""
-    from transformers import AutoProcessor, CLIPModel
-
+    """Zero-shot top-1 accuracy (0..1) of the CLIP at ``clip_dir`` on labelled crops (K-way)."""
     if len(crops) == 0:
         return float("nan")
-    model, processor = CLIPModel.from_pretrained(clip_dir).eval(), AutoProcessor.from_pretrained(clip_dir)
-    text = clip_text_embeddings(clip_dir, categories, templates)
+    model, processor = load_clip(clip_dir)
+    text = clip_text_embeddings(model, processor, categories, templates)
     predictions = []
     for i in range(0, len(crops), batch_size):
         pixels = processor(images=crops[i:i + batch_size], return_tensors="pt")["pixel_values"]
