@@ -181,6 +181,8 @@ def test_standin_cloud_detector_answers_like_a_backend(tiny):
     assert set(answer.phrases) <= {"bus", "car"}
     assert answer.probs.shape == (len(answer.phrases), 3)
     np.testing.assert_allclose(answer.probs.sum(1), 1.0, atol=1e-5)
+    none = only.detect(b"", image, ["traffic light"])  # no known category: an empty answer
+    assert none.boxes.shape == (0, 4) and none.phrases == [] and none.probs.shape == (0, 1)
 
 
 def test_prompt_categories_match_whole_words():
