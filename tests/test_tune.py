@@ -216,15 +216,16 @@ def test_proxy_validation_holds_out_cloud_detections(collected):
 
 
 def _sweep_cmd(root: Path, overrides: list[str]) -> list[str]:
-    return [sys.executable, str(ROOT / "jobs" / "tune.py"), "--num-cpus", "4",
+    return [sys.executable, str(ROOT / "jobs" / "tune.py"),
             "--space", str(ROOT / "tune_spaces" / "demo.yaml"), "--storage", str(root / "sweeps"),
             "--num-samples", str(SWEEP_ARGS["num_samples"]), "--eval-every", str(SWEEP_ARGS["eval_every"]),
             *overrides]
 
 
 def _kill_after_first_checkpoint(cmd: list[str], sweeps: Path, timeout: float) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**env, "RAY_AUTH_MODE": "disabled"}, stdout=subprocess.DEVNULL,
+    # A fresh local instance even when another Ray cluster runs on this machine.
+    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + timeout
