@@ -90,7 +90,8 @@ def separation_summary(cfg: Config, run: RunDir, train_gt: LabelledSplit) -> dic
     cloud = {r.uri: r for r in records_at(run, "collect/cloud.parquet")}
     for gt in train_gt.items:
         if gt.uri in cloud and gt.uri in clip_det:
-            sep = separate(as_source(cloud[gt.uri], d.min_score), as_source(clip_det[gt.uri], d.min_score),
+            k = cfg.num_classes
+            sep = separate(as_source(cloud[gt.uri], d.min_score, k), as_source(clip_det[gt.uri], d.min_clip_score, k),
                            iou_threshold=d.match_iou)
             stats.add(sep, torch.as_tensor(gt.boxes), torch.as_tensor(gt.labels))
     return stats.summary()

@@ -79,7 +79,7 @@ def main() -> None:
         teacher = OpenVocabularyRCNN.from_clip(clip, CATEGORIES, mc, seed=0)
         student = OpenVocabularyRCNN.from_clip(clip, CATEGORIES, mc, seed=1)
         plain = OpenVocabularyRCNN.from_clip(clip, CATEGORIES, mc, seed=1)
-    cfg = DistillConfig(steps=args.steps, min_score=0.0, pi=0.0)
+    cfg = DistillConfig(steps=args.steps, min_score=0.0, min_clip_score=0.0, pi=0.0)
     state = build_state(teacher, student, cfg)
     plain.train()
     plain_opt = torch.optim.AdamW(plain.param_groups(cfg.lr), lr=cfg.lr)

@@ -130,7 +130,8 @@ class DistillConfig:
     burn_up: float = _range(0.0, 1.0, default=0.7)  # fraction of steps before L_inc/EMA teacher
     teacher_keep_rate: float = _range(0.0, 1.0, default=0.9996)
     match_iou: float = _range(0.0, 1.0, lo_open=True, default=0.5)
-    min_score: float = _range(0.0, 1.0, default=0.3)  # boxes below it (either source) are not separated
+    min_score: float = _range(0.0, 1.0, default=0.3)  # cloud boxes below it are not separated
+    min_clip_score: float = _range(0.0, 1.0, default=0.1)  # CLIP-det boxes below it are not separated
     background_weight: float = _range(0.0, None, default=1.0)  # background RoIs' weight in L_con
     fusion: Literal["ckg", "cloud", "clip", "avg", "score_avg"] = "ckg"
     use_align: bool = True

@@ -59,12 +59,13 @@ def _moved(obj: Any, device: torch.device | str) -> Any:
     return type(obj)(**{f.name: getattr(obj, f.name).to(device) for f in fields(obj)})
 
 
-def as_source(detections: Any, min_score: float = 0.0) -> SourceBoxes:
+def as_source(detections: Any, min_score: float = 0.0, num_classes: int | None = None) -> SourceBoxes:
     """Tensors from a ``schema.Detections`` record or a ``detect()`` output dict.
 
     Boxes whose score is below ``min_score`` are dropped (a low-confidence box is neither
-    evidence of an object nor of a disagreement). The result lives on the CPU: separation
-    is a few small tensor operations per image.
+    evidence of an object nor of a disagreement). An empty record read back from Parquet
+    has probs of width 0: give ``num_classes`` (K) to shape them (0, K+1). The result lives
+    on the CPU: separation is a few small tensor operations per image.
     """
     def get(key: str) -> torch.Tensor:
         value = detections[key] if isinstance(detections, dict) else getattr(detections, key)
@@ -75,6 +76,8 @@ def as_source(detections: Any, min_score: float = 0.0) -> SourceBoxes:
     if probs.dim() != 2:
         # A flat array: one row per box (an empty flat array cannot tell K: width 0).
         probs = probs.reshape(len(boxes), -1) if len(boxes) else probs.reshape(0, 0)
+    if len(boxes) == 0 and num_classes is not None:
+        probs = probs.reshape(0, num_classes + 1)
     src = SourceBoxes(boxes, torch.as_tensor(get("labels"), dtype=torch.int64).reshape(-1),
                       torch.as_tensor(get("scores"), dtype=torch.float32).reshape(-1), probs)
     return src.select(src.scores >= min_score)
@@ -172,7 +175,7 @@ def separate(cloud: SourceBoxes, clip_det: SourceBoxes, *,
 def _cat_probs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     # An empty side may carry a (0, 0) probs tensor; keep the other side's width.
     width = max(a.shape[1], b.shape[1])
-    return torch.cat([a.reshape(-1, width), b.reshape(-1, width)])
+    return torch.cat([a.reshape(len(a), width), b.reshape(len(b), width)])
 
 
 def _label_right(boxes: torch.Tensor, labels: torch.Tensor, gt_boxes: torch.Tensor,

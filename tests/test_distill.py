@@ -48,7 +48,7 @@ def _batch(teacher) -> Batch:
 
 
 def _cfg(**kw) -> DistillConfig:
-    base = dict(steps=4, burn_up=0.5, min_score=0.0, teacher_keep_rate=0.9, pi=0.0, lr=1e-3)
+    base = dict(steps=4, burn_up=0.5, min_score=0.0, min_clip_score=0.0, teacher_keep_rate=0.9, pi=0.0, lr=1e-3)
     return DistillConfig(**{**base, **kw})
 
 
@@ -158,7 +158,7 @@ def test_frozen_teacher_detections_are_reused_until_burn_up(clip_dir):
 def test_a_batch_with_no_boxes_at_all_still_steps(clip_dir):
     torch.manual_seed(0)
     teacher, student = _models(clip_dir)
-    cfg = _cfg(min_score=1.0)  # nothing the teacher finds passes: every set is empty
+    cfg = _cfg(min_clip_score=1.0)  # nothing the teacher finds passes: every set is empty
     state = build_state(teacher, student, cfg)
     batch = _batch(state.teacher)
     batch.cloud = [c.select(torch.zeros(len(c), dtype=torch.bool)) for c in batch.cloud]

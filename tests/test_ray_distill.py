@@ -45,7 +45,8 @@ def make_run(root: Path, clip_dir: str, steps: int) -> object:
         "model": {"min_size": 64, "max_size": 96, "num_extra_context": 1, "detections_per_image": 6,
                   "score_threshold": 0.0},
         "train": {"distill": {"steps": steps, "batch_size": 1, "burn_up": 0.25, "checkpoint_every": 2,
-                              "log_every": 1, "min_score": 0.0, "pi": 0.0, "teacher_keep_rate": 0.9}},
+                              "log_every": 1, "min_score": 0.0, "min_clip_score": 0.0, "pi": 0.0,
+                              "teacher_keep_rate": 0.9}},
         "ray": {"num_workers": 2, "cpus_per_worker": 1.0}})
     teacher = build_detector(cfg).eval()
     save_detector(teacher, str(root / "disseminate" / "model.pt"))

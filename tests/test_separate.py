@@ -99,6 +99,11 @@ def test_as_source_reads_records_and_dicts_and_drops_low_scores():
            "scores": torch.zeros(0), "probs": torch.zeros(0, K + 1)}
     assert len(as_source(out)) == 0
     assert len(as_source(Detections.empty("b", "b.png", 4, 4, "cloud", K))) == 0
+    # An empty record read back from Parquet has probs of width 0; num_classes shapes them.
+    flat = {"boxes": np.zeros((0, 4)), "labels": [], "scores": [], "probs": np.zeros((0, 0))}
+    assert as_source(flat, num_classes=K).probs.shape == (0, K + 1)
+    sep = separate(as_source(flat), as_source(flat))  # both sides unknown width: still separates
+    assert len(sep.private) == 0
 
 
 def test_every_box_lands_in_exactly_one_set():

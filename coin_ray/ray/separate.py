@@ -65,7 +65,10 @@ def _by_uri(uri: str) -> dict[str, Detections]:
 class Separator:
     """Ray Data callable class: a batch {"uri"} -> an Arrow table of set rows."""
 
-    def __init__(self, cloud_uri: str, clip_det_uri: str, min_score: float, iou_threshold: float) -> None:
+    def __init__(self, cloud_uri: str, clip_det_uri: str, num_classes: int, min_score: float,
+                 min_clip_score: float, iou_threshold: float) -> None:
+        self.num_classes = num_classes
+        self.min_clip_score = min_clip_score
         self.cloud = _by_uri(cloud_uri)
         self.clip_det = _by_uri(clip_det_uri)
         self.min_score = min_score
@@ -75,7 +78,8 @@ class Separator:
         rows = []
         for uri in map(str, batch["uri"]):
             cloud, clip_det = self.cloud[uri], self.clip_det[uri]
-            sep = separate(as_source(cloud, self.min_score), as_source(clip_det, self.min_score),
+            sep = separate(as_source(cloud, self.min_score, self.num_classes),
+                           as_source(clip_det, self.min_clip_score, self.num_classes),
                            iou_threshold=self.iou_threshold)
             rows.extend(set_rows(cloud, sep))
         return pa.Table.from_pylist(rows, schema=SETS_SCHEMA)
@@ -95,7 +99,8 @@ def run_separation(cfg: Config, run_dir: str, num_actors: int = 1) -> str:
     if uris:
         ds = ray.data.from_items([{"uri": u} for u in uris]).map_batches(
             Separator, fn_constructor_kwargs={"cloud_uri": cloud_uri, "clip_det_uri": clip_det_uri,
-                                              "min_score": d.min_score, "iou_threshold": d.match_iou},
+                                              "num_classes": cfg.num_classes, "min_score": d.min_score,
+                                              "min_clip_score": d.min_clip_score, "iou_threshold": d.match_iou},
             compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=cfg.ray.cpus_per_worker,
             batch_format="numpy", batch_size=64)
         tables = ray.get(ds.to_arrow_refs())

@@ -111,7 +111,7 @@ def build_state(teacher: OpenVocabularyRCNN, student: OpenVocabularyRCNN, cfg: D
 
 def teacher_detections(state: DistillState, batch: Batch, phase: Phase, cfg: DistillConfig
                        ) -> list[SourceBoxes]:
-    """The teacher's detections per image (original pixels, score >= ``cfg.min_score``).
+    """The teacher's detections per image (original pixels, score >= ``cfg.min_clip_score``).
 
     Before burn-up the teacher is frozen, so an image's detections are computed the first
     time it is seen and reused (when the batch carries image ids); after burn-up the teacher
@@ -119,12 +119,12 @@ def teacher_detections(state: DistillState, batch: Batch, phase: Phase, cfg: Dis
     """
     if phase.after_burn_up or batch.image_ids is None:
         state.teacher_cache.clear()
-        return [as_source(d, cfg.min_score) for d in state.teacher.detect(batch.images)]
+        return [as_source(d, cfg.min_clip_score) for d in state.teacher.detect(batch.images)]
     missing = [i for i, key in enumerate(batch.image_ids) if key not in state.teacher_cache]
     if missing:
         found = state.teacher.detect([batch.images[i] for i in missing])
         for i, det in zip(missing, found):
-            state.teacher_cache[batch.image_ids[i]] = as_source(det, cfg.min_score)
+            state.teacher_cache[batch.image_ids[i]] = as_source(det, cfg.min_clip_score)
     return [state.teacher_cache[key] for key in batch.image_ids]
 
 
@@ -132,7 +132,9 @@ def detect_and_separate(state: DistillState, batch: Batch, phase: Phase,
                         cfg: DistillConfig) -> list[Separation]:
     """The teacher's detections on the batch, separated against the cloud's, per image.
 
-    Cloud boxes scoring below ``cfg.min_score`` are left out; after burn-up a matched
+    Cloud boxes scoring below ``cfg.min_score`` and CLIP-detector boxes below
+    ``cfg.min_clip_score`` are left out (two thresholds: a CLIP detector's softmax over K+1
+    classes is far less confident than a cloud detector's scores); after burn-up a matched
     pair's box is the score-weighted fusion of both.
     """
     clip_det = teacher_detections(state, batch, phase, cfg)
@@ -282,7 +284,8 @@ def load_batch(dataset: DetectionDataset, indices: list[int], device: torch.devi
     """The images at ``indices`` on ``device`` with their cloud detections (on the CPU)."""
     records = [dataset.records[i] for i in indices]
     images = [image_tensor(dataset.load(r.uri)).to(device) for r in records]
-    return Batch(images, [as_source(r) for r in records], image_ids=[r.image_id for r in records])
+    return Batch(images, [as_source(r, num_classes=dataset.num_classes) for r in records],
+                 image_ids=[r.image_id for r in records])
 
 
 def run_steps(state: DistillState, dataset: DetectionDataset, cfg: DistillConfig, *, seed: int,
