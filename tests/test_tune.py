@@ -172,10 +172,12 @@ def collected(local_ray, tmp_path_factory):
     from coin_ray.world.build import build_world
     from coin_ray.world.cloud_standin import StandInCloudDetector
 
-    world = build_world("tiny")
-    server = start_server(StandInCloudDetector.load(world.cloud_detector), Knobs())
     root = tmp_path_factory.mktemp("sweep")
-    overrides = [f"storage={root / 'runs'}", "data.world=tiny", f"cloud.url={server.url}", *SCHEDULE]
+    # A world of the test's own: the shared cache may be rebuilt by other runs meanwhile.
+    world = build_world("tiny", root / "world")
+    server = start_server(StandInCloudDetector.load(world.cloud_detector), Knobs())
+    overrides = [f"storage={root / 'runs'}", "data.world=tiny", f"data.world_cache={root / 'world'}",
+                 f"cloud.url={server.url}", *SCHEDULE]
     run_adaptation(load_config(None, overrides), stages=["collect", "disseminate", "clip_det"])
     yield root, overrides, server
     server.stop()
@@ -225,12 +227,14 @@ def _sweep_cmd(root: Path, overrides: list[str]) -> list[str]:
 def _kill_after_first_checkpoint(cmd: list[str], sweeps: Path, timeout: float) -> None:
     # A fresh local instance even when another Ray cluster runs on this machine.
     env = {**os.environ, "RAY_ADDRESS": "local", "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    log = sweeps.parent / "first-sweep.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     try:
         deadline = time.monotonic() + timeout
         while not list(sweeps.glob("sweep-*/*/checkpoint_*")):
-            assert proc.poll() is None, "the sweep ended before its first checkpoint"
+            assert proc.poll() is None, "the sweep ended before its first checkpoint:\n" + log.read_text()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.5)
     finally:
