@@ -15,7 +15,8 @@ the cloud detector's boxes on training images held out of every trial.
 
 The sweep ends by writing, in its experiment folder: ``best.yaml`` (the input config with
 the best trial's values, for ``jobs/adapt.py --config``), ``results.csv`` and
-``results.md`` (one row per trial, best first).
+``results.md`` (one row per trial, best first: trials that ran to the end, by the metric,
+then the ones ASHA stopped).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ SWEEP_INPUTS = {"collect": "collect/cloud.parquet", "disseminate": "disseminate/
                 "clip_det": "clip_det/detections.parquet"}
 PROXY_FRACTION = 0.2  # share of the training images held out as the proxy's "validation"
 EVALS_PER_TRIAL = 4  # default number of reports (ASHA rungs are placed on them)
+SORT_NOTE = ("\n\nBest first: trials that ran every step, by the metric; then those ASHA stopped "
+             "early (behind others at a rung), by step reached.")
 class SweepInputsMissing(RuntimeError):
     """The run has not been collected / disseminated yet; a sweep never collects."""
 
@@ -255,5 +258,5 @@ def _write_outputs(cfg: Config, opts: SweepOptions, val: Validation, rows: list[
               f"--stages distill,evaluate,export\n")
     storage.write_text(best_uri, header + to_yaml(apply_params(cfg, best)))
     storage.write_text(storage.join(path, "results.csv"), rows_to_csv(rows))
-    storage.write_text(storage.join(path, "results.md"), rows_to_markdown(rows, val.title))
+    storage.write_text(storage.join(path, "results.md"), rows_to_markdown(rows, val.title + SORT_NOTE))
     return SweepReport(path, val.metric, best, rows[0][val.metric], best_uri, rows, seconds)

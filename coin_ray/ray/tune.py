@@ -230,8 +230,12 @@ def run_tuner(trainable: Any, space: dict[str, Any], opts: SweepOptions) -> Any:
 
 def result_rows(grid: Any, metric: str, keys: list[str]) -> list[dict[str, Any]]:
     """One row per trial: trial id, its ``keys`` params, last ``step``, last and best value
-    of ``metric`` (NaN when it never reported), error text. Sorted best first (by the last
-    reported value: the value a full run with that config ends on), NaN last."""
+    of ``metric`` (NaN when it never reported), error text.
+
+    Sorted best first: by the step reached, then by the last reported value. A trial ASHA
+    stopped early was behind others at a rung, and its value at an earlier step is not
+    comparable with a finished trial's, so finished trials rank first. NaN last.
+    """
     rows = []
     for result in grid:
         history = result.metrics_dataframe
@@ -245,7 +249,8 @@ def result_rows(grid: Any, metric: str, keys: list[str]) -> list[dict[str, Any]]
             f"best_{metric}": float(values.max()) if len(values) else math.nan,
             "error": str(result.error).splitlines()[0] if result.error else "",
         })
-    return sorted(rows, key=lambda r: (math.isnan(r[metric]), -r[metric] if not math.isnan(r[metric]) else 0))
+    return sorted(rows, key=lambda r: (math.isnan(r[metric]), -r["step"],
+                                       0.0 if math.isnan(r[metric]) else -r[metric]))
 
 
 def _cell(value: Any) -> str:
