@@ -18,7 +18,7 @@ import boto3
 import pytest
 
 from coin_ray import storage
-from coin_ray.serve import Knobs, start_server
+from coin_ray.serve import Knobs, checkpoint_model_name, start_server
 from coin_ray.world.build import build_world
 from coin_ray.world.cloud_standin import StandInCloudDetector
 
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 RAY = str(Path(sys.executable).with_name("ray"))  # the ray CLI of this interpreter's environment
 # Short schedules: these tests check plumbing, not quality.
-FAST = ["train.disseminate.steps=3", "train.disseminate.batch_size=2", "train.distill.batch_size=2",
+FAST = ["train.disseminate.steps=3", "train.distill.steps=4", "train.disseminate.batch_size=2", "train.distill.batch_size=2",
         "train.disseminate.checkpoint_every=2", "train.distill.checkpoint_every=2", "ray.num_workers=0",
         "cloud.requests_per_second=50", "cloud.num_actors=1"]
 ARTEFACTS = ["manifest.json", "config.yaml", "collect/cloud.parquet", "collect/clip.parquet",
@@ -44,7 +44,8 @@ def world(tmp_path_factory):
 
 @pytest.fixture
 def cloud(world):
-    server = start_server(StandInCloudDetector.load(world.cloud_detector), Knobs())
+    server = start_server(StandInCloudDetector.load(world.cloud_detector), Knobs(),
+                          model_name=checkpoint_model_name(str(world.cloud_detector)))
     yield server
     server.stop()
 
@@ -145,15 +146,22 @@ def test_ray_job_submit_on_a_local_cluster(world, cloud, tmp_path):
     port, dash = free_port(), free_port()
     env = job_env()
     # --block keeps the head in this process group, so stopping it cannot touch other Ray instances.
-    head = subprocess.Popen([RAY, "start", "--head", "--block", "--num-cpus=4", f"--port={port}",
+    # Every port free, so a Ray instance already on this machine cannot block the job agent.
+    ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                    "metrics-export-port", "runtime-env-agent-port")]
+    head = subprocess.Popen([RAY, "start", "--head", "--block", "--num-cpus=4", f"--port={port}", *ports,
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         _wait_http(f"http://127.0.0.1:{dash}/api/version", head, 180)
         args = [a for a in adapt_args(world, cloud.url, str(tmp_path / "runs"))[2:] if a not in ("--num-cpus", "4")]
-        submit = subprocess.run([RAY, "job", "submit", f"--address=http://127.0.0.1:{dash}",
-                                 "--working-dir", ".", "--", "python", "jobs/adapt.py", *args],
-                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=840)
+        for _ in range(20):  # the dashboard answers before its job agent is up
+            submit = subprocess.run([RAY, "job", "submit", f"--address=http://127.0.0.1:{dash}",
+                                     "--working-dir", ".", "--", "python", "jobs/adapt.py", *args],
+                                    cwd=ROOT, env=env, capture_output=True, text=True, timeout=840)
+            if "No available agent" not in submit.stderr + submit.stdout:
+                break
+            time.sleep(2)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "succeeded" in submit.stdout.lower()
         assert "| COIN |" in submit.stdout

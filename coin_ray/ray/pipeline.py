@@ -47,9 +47,12 @@ class AdaptationResult:
 
 
 def init_ray(num_cpus: int | None = None) -> None:
-    """Connect to the cluster (RAY_ADDRESS / ``ray job submit``) or start a local instance.
+    """Join a cluster, or start a local Ray instance.
 
-    ``num_cpus`` only applies to a local instance: Ray refuses it when connecting.
+    With ``num_cpus`` (and no RAY_ADDRESS) a fresh local instance of that size is started,
+    even when another Ray instance runs on this machine; without it ``ray.init()`` joins the
+    cluster that ``ray job submit``, RAY_ADDRESS or a local ``ray start`` provides, or starts
+    one. Ray refuses ``num_cpus`` when joining, so it is ignored under RAY_ADDRESS.
     """
     if ray.is_initialized():
         return
@@ -57,8 +60,26 @@ def init_ray(num_cpus: int | None = None) -> None:
         if num_cpus:
             log.warning("--num-cpus is ignored when connecting to an existing cluster (RAY_ADDRESS)")
         ray.init()
+    elif num_cpus:
+        ray.init(address="local", num_cpus=num_cpus)
     else:
-        ray.init(num_cpus=num_cpus or None)
+        ray.init()
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """Local paths made absolute: Ray workers run in other working directories."""
+    fields = {"storage": cfg.storage, "data.target_images": cfg.data.target_images,
+              "data.val_annotations": cfg.data.val_annotations,
+              "data.world_cache": cfg.data.world_cache, "cloud.cache": cfg.cloud.cache}
+    if cfg.data.val_format == "coco":  # for VOC it names the split
+        fields["data.val_images"] = cfg.data.val_images
+    if cfg.clip.model and os.path.exists(cfg.clip.model):  # else a hub id or s3://
+        fields["clip.model"] = cfg.clip.model
+    if cfg.cloud.backend == "replay":
+        fields["cloud.url"] = cfg.cloud.url
+    updates = [f"{key}={os.path.abspath(os.path.expanduser(value))}" for key, value in fields.items()
+               if value and not storage.is_s3(value) and "://" not in value]
+    return with_updates(cfg, updates) if updates else cfg
 
 
 def with_demo_world(cfg: Config) -> Config:
@@ -92,11 +113,13 @@ def demo_cloud(cfg: Config) -> Iterator[Config]:
     if cfg.cloud.backend != "http" or cfg.cloud.url or world is None:
         yield cfg
         return
-    from coin_ray.serve import Knobs, start_server
+    from coin_ray.serve import Knobs, checkpoint_model_name, start_server
     from coin_ray.world.cloud_standin import StandInCloudDetector
 
+    # The model name keys the answer cache: name the weights, so a rebuilt stand-in is asked anew.
     server = start_server(StandInCloudDetector.load(world.cloud_detector),
-                          Knobs(latency_s=DEMO_CLOUD_LATENCY_S, rps_limit=DEMO_CLOUD_RPS))
+                          Knobs(latency_s=DEMO_CLOUD_LATENCY_S, rps_limit=DEMO_CLOUD_RPS),
+                          model_name=checkpoint_model_name(str(world.cloud_detector)))
     log.info("serving the Foggy-Shapes stand-in cloud detector at %s", server.url)
     try:
         yield with_updates(cfg, [f"cloud.url={server.url}"])
@@ -142,7 +165,7 @@ def stages_to_run(run: RunDir, requested: list[str] | None) -> list[str]:
 def run_adaptation(cfg: Config, stages: list[str] | None = None, num_cpus: int | None = None) -> AdaptationResult:
     """Run (or resume) every unfinished stage of the adaptation described by ``cfg``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = with_demo_world(cfg)
+    cfg = with_demo_world(with_absolute_paths(cfg))
     run = RunDir(storage.join(cfg.storage, cfg.resolved_run_id()))
     storage.write_text(run.path("config.yaml"), to_yaml(cfg))
     init_ray(num_cpus or cfg.ray.num_cpus or None)

@@ -1,0 +1,33 @@
+"""Pipeline helpers that need no Ray instance."""
+
+import os
+
+from coin_ray.config import load_config
+from coin_ray.ray.pipeline import stages_to_run, with_absolute_paths
+from coin_ray.run import RunDir
+
+
+def test_local_paths_become_absolute_and_others_stay(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "clip").mkdir()
+    cfg = with_absolute_paths(load_config(None, [
+        "storage=runs", "data.target_images=imgs", "data.val_annotations=s3://b/val.json",
+        "clip.model=clip", "cloud.url=http://127.0.0.1:1"]))
+    assert cfg.storage == str(tmp_path / "runs")
+    assert cfg.data.target_images == str(tmp_path / "imgs")
+    assert cfg.data.val_annotations == "s3://b/val.json"
+    assert cfg.clip.model == str(tmp_path / "clip")
+    assert cfg.cloud.url == "http://127.0.0.1:1"
+    hub = with_absolute_paths(load_config(None, ["clip.model=openai/clip-vit-base-patch16"]))
+    assert hub.clip.model == "openai/clip-vit-base-patch16"
+    voc = with_absolute_paths(load_config(None, ["data.val_format=voc", "data.val_images=val"]))
+    assert voc.data.val_images == "val" and os.path.isabs(voc.storage)
+
+
+def test_requested_stages_are_forced_and_the_rest_resume(tmp_path):
+    run = RunDir(str(tmp_path))
+    run.mark_done("collect")
+    run.mark_done("disseminate")
+    assert stages_to_run(run, None) == ["clip_det", "distill", "evaluate", "export"]
+    assert stages_to_run(run, ["distill", "disseminate"]) == ["disseminate", "distill"]
+    assert not run.is_done("disseminate") and run.is_done("collect")
