@@ -1,7 +1,8 @@
 """Evaluation through pycocotools: per-class AP50, mAP50 (the paper's metric), COCO mAP.
 
-Detections are matched to a ``LabelledSplit`` by ``uri`` (falling back to image_id), so
-records from any stage can be evaluated. Results are laid out as the paper's Table 1:
+Detections are matched to a ``LabelledSplit`` by ``uri`` (by image_id only for records
+without one), so records of several splits can be evaluated together: those of other
+images are counted as unmatched, never scored. Results are laid out as the paper's Table 1:
 one row per method, one column per class, mAP last.
 """
 
@@ -68,7 +69,8 @@ def coco_results(split: LabelledSplit, records: list[Detections]) -> tuple[list[
     by_id = {gt.image_id: i for i, gt in enumerate(split.items, start=1)}
     results, unmatched = [], 0
     for rec in records:
-        img_id = by_uri.get(rec.uri) or by_id.get(rec.image_id)
+        # Only the uri identifies an image: train and val folders may both hold "000000.jpg".
+        img_id = by_uri.get(rec.uri) if rec.uri else by_id.get(rec.image_id)
         if img_id is None:
             unmatched += 1
             continue

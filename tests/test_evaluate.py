@@ -82,3 +82,12 @@ def test_table1_layout():
     assert lines[2].startswith("| Cloud det | ") and lines[2].endswith(f"| - | {res.map50:.1f} |")
     data = json.loads(table1_json({"COIN": res}))
     assert data["COIN"]["ap50"]["bus"] is None and data["COIN"]["map50"] == res.map50
+
+
+def test_records_of_other_images_with_the_same_id_are_not_scored():
+    split = _split()
+    dets = _dets()
+    twin = Detections.from_class_only("a", "train/a.png", 100, 100, np.array([[60, 60, 70, 70]]),
+                                      np.array([0]), np.array([0.99]), 3, "cloud")
+    alone, mixed = evaluate(split, dets), evaluate(split, dets + [twin])
+    assert mixed.map50 == alone.map50 and mixed.unmatched_records == 1
