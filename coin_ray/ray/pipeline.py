@@ -47,12 +47,13 @@ class AdaptationResult:
 
 
 def init_ray(num_cpus: int | None = None) -> None:
-    """Join a cluster, or start a local Ray instance.
+    """Join the cluster named by RAY_ADDRESS, or start a fresh local Ray instance.
 
-    With ``num_cpus`` (and no RAY_ADDRESS) a fresh local instance of that size is started,
-    even when another Ray instance runs on this machine; without it ``ray.init()`` joins the
-    cluster that ``ray job submit``, RAY_ADDRESS or a local ``ray start`` provides, or starts
-    one. Ray refuses ``num_cpus`` when joining, so it is ignored under RAY_ADDRESS.
+    ``ray job submit`` sets RAY_ADDRESS, so jobs join their cluster; set it yourself
+    (``RAY_ADDRESS=auto``) to join a cluster started with ``ray start``. Without it a new
+    local instance is started (``num_cpus`` of them, or all): a bare ``ray.init()`` would
+    try the last cluster recorded on this machine and wait forever when that one died.
+    Ray refuses ``num_cpus`` when joining, so it is ignored under RAY_ADDRESS.
     """
     if ray.is_initialized():
         return
@@ -60,10 +61,8 @@ def init_ray(num_cpus: int | None = None) -> None:
         if num_cpus:
             log.warning("--num-cpus is ignored when connecting to an existing cluster (RAY_ADDRESS)")
         ray.init()
-    elif num_cpus:
-        ray.init(address="local", num_cpus=num_cpus)
     else:
-        ray.init()
+        ray.init(address="local", num_cpus=num_cpus or None)
 
 
 def with_absolute_paths(cfg: Config) -> Config:
