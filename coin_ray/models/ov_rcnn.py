@@ -244,12 +244,21 @@ def save_detector(model: OpenVocabularyRCNN, uri: str, extra_meta: dict[str, Any
 
 
 def load_detector(uri: str | Path, map_location: str | torch.device = "cpu") -> OpenVocabularyRCNN:
-    """Rebuild a detector saved by ``save_detector`` (its CLIP path must still be reachable)."""
+    """Rebuild a detector saved by ``save_detector``: an OpenVocabularyRCNN (its CLIP path must
+    still be reachable) or, when its meta says so, a LightRCNN (no CLIP needed)."""
     blob = torch.load(io.BytesIO(storage.read_bytes(str(uri))), map_location=map_location,
                       weights_only=False)
     meta = blob["meta"]
+    model_cfg = model_config_from_dict(meta["model_cfg"])
+    # Imported here: light_rcnn builds on this module.
+    from coin_ray.models.light_rcnn import LightRCNN, is_light
+
+    if is_light(meta):
+        model = LightRCNN.from_meta(meta, model_cfg, seed=meta.get("seed", 0))
+        model.load_state_dict(blob["state_dict"])
+        return model.to(map_location)
     model = OpenVocabularyRCNN.from_clip(meta["clip_path"], meta["categories"],
-                                         model_config_from_dict(meta["model_cfg"]), meta["style"],
+                                         model_cfg, meta["style"],
                                          meta["templates"], seed=meta.get("seed", 0))
     model.load_state_dict(blob["state_dict"])
     model.meta = dict(meta)

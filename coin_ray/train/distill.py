@@ -10,11 +10,17 @@ CLIP-detector detections would be stale; before burn-up the same path costs one 
 forward and keeps one behaviour. (``clip_det/detections.parquet`` stays the evaluation
 record of the CLIP detector.)
 
-The student is the same ``OpenVocabularyRCNN`` architecture built fresh from the CLIP
-checkpoint: its vision layers and ``proj`` start as CLIP's (we keep CLIP's pretrained
-backbone, as a detector would keep ImageNet weights), its RPN head and box regressor are
-randomly initialised, and it has never seen a cloud detection: the paper's "randomly
-initialised target detector" up to the backbone.
+The student (``model.target_backbone``) is either
+
+- ``clip``: the same ``OpenVocabularyRCNN`` architecture built fresh from the CLIP
+  checkpoint: its vision layers and ``proj`` start as CLIP's (we keep CLIP's pretrained
+  backbone, as a detector would keep ImageNet weights), its RPN head and box regressor are
+  randomly initialised, and it has never seen a cloud detection: the paper's "randomly
+  initialised target detector" up to the backbone; or
+- ``resnet18``: a ``LightRCNN`` (models/light_rcnn.py), whose region features are
+  projected into the same prototype space. The teacher cannot be an EMA of a different
+  architecture, so at burn-up the teacher becomes a frozen copy of the student and is an
+  EMA of the student from then on (``teacher_for_phase``).
 
 The phase (before / after burn-up) is decided once per step by ``phase_at`` and passed as
 a value. Under torch.distributed the student is DDP-wrapped by the caller; the CKG's
@@ -34,6 +40,7 @@ from torch import nn
 from coin_ray.config import Config, DistillConfig
 from coin_ray.losses import l_align, l_ckg, l_con, l_inc, l_pri
 from coin_ray.models.ckg import CKG, FUSIONS, layer_gradients
+from coin_ray.models.light_rcnn import LightRCNN
 from coin_ray.models.ov_rcnn import OpenVocabularyRCNN, load_detector
 from coin_ray.models.roi_heads import MAX_LOGIT_SCALE
 from coin_ray.models.student import DistillStudent, StudentPass
@@ -142,8 +149,21 @@ def detect_and_separate(state: DistillState, batch: Batch, phase: Phase,
                      fuse=phase.after_burn_up) for c, d in zip(batch.cloud, clip_det)]
 
 
+def teacher_tracks_student(state: DistillState) -> bool:
+    """Whether the teacher has the student's architecture (so an EMA of it is possible)."""
+    return type(state.teacher) is type(state.detector)
+
+
+def teacher_for_phase(state: DistillState, phase: Phase) -> None:
+    """After burn-up with a student of another architecture: the teacher becomes its copy."""
+    if phase.after_burn_up and not teacher_tracks_student(state):
+        state.teacher = make_teacher(state.detector)
+        state.teacher_cache.clear()
+
+
 def distill_step(state: DistillState, batch: Batch, phase: Phase, cfg: DistillConfig) -> dict[str, float]:
     """One COIN step on one batch; returns scalar metrics."""
+    teacher_for_phase(state, phase)
     # 1-2. Detect with the teacher and separate into consistent / inconsistent / private.
     seps = detect_and_separate(state, batch, phase, cfg)
     for i, sep in enumerate(seps):
@@ -264,13 +284,15 @@ def state_dict(state: DistillState) -> dict[str, Any]:
     return {"student": state.detector.state_dict(), "teacher": state.teacher.state_dict(),
             "ckg": state.ckg.state_dict(), "optimizer": state.optimizer.state_dict(),
             "ckg_optimizer": state.ckg_optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
-            "step": state.step,
+            "step": state.step, "teacher_is_student_copy": isinstance(state.teacher, LightRCNN),
             "generator": state.generator.get_state()}
 
 
 def load_state_dict(state: DistillState, blob: dict[str, Any]) -> None:
     """Inverse of ``state_dict`` (in place)."""
     state.detector.load_state_dict(blob["student"])
+    if blob.get("teacher_is_student_copy") and not teacher_tracks_student(state):
+        state.teacher = make_teacher(state.detector)  # the architecture it had when saved
     state.teacher.load_state_dict(blob["teacher"])
     state.ckg.load_state_dict(blob["ckg"])
     state.optimizer.load_state_dict(blob["optimizer"])
@@ -313,12 +335,19 @@ def build_run_state(cfg: Config, teacher_uri: str, wrap: Callable[[nn.Module], n
                     device: torch.device = torch.device("cpu")) -> DistillState:
     """The state for a run: the disseminated CLIP detector as teacher, a fresh student.
 
-    The student is built from the same CLIP checkpoint as the teacher (seeded by
-    ``cfg.seed``, so every DDP rank builds the same weights) and placed by ``wrap``.
+    The student (``build_student``) is seeded by ``cfg.seed``, so every DDP rank builds the
+    same weights, and placed by ``wrap``.
     """
     teacher = load_detector(teacher_uri, map_location=device)
-    student = build_detector(cfg, clip_path=teacher.meta["clip_path"]).to(device)
-    return build_state(teacher, student, cfg.train.distill, seed=cfg.seed, wrap=wrap)
+    return build_state(teacher, build_student(cfg, teacher).to(device), cfg.train.distill, seed=cfg.seed,
+                       wrap=wrap)
+
+
+def build_student(cfg: Config, teacher: OpenVocabularyRCNN) -> OpenVocabularyRCNN:
+    """A fresh target detector of ``cfg.model.target_backbone``, seeded by ``cfg.seed``."""
+    if cfg.model.target_backbone == "resnet18":
+        return LightRCNN.from_teacher(teacher, cfg.model, seed=cfg.seed)
+    return build_detector(cfg, clip_path=teacher.meta["clip_path"])
 
 
 def distill(cfg: Config, teacher_uri: str, train_items: list[Detections], *,
