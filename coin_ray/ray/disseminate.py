@@ -19,9 +19,9 @@ from typing import Callable
 import torch
 
 from coin_ray import storage
-from coin_ray.config import Config, from_dict, to_dict
+from coin_ray.config import Config, from_dict
 from coin_ray.models.ov_rcnn import save_detector
-from coin_ray.ray.train import fit, load_checkpoint, prepare, save_checkpoint, worker_context
+from coin_ray.ray.train import load_checkpoint, prepare, run_stage, save_checkpoint, worker_context
 from coin_ray.schema import DETECTION_SCHEMA, Detections, table_to_records
 from coin_ray.train.data import DetectionDataset
 from coin_ray.train.disseminate import (build_detector, build_optimizer, build_scheduler,
@@ -94,17 +94,9 @@ def train_loop_per_worker(config: dict) -> None:
 
 def run_disseminate(cfg: Config, run_dir: str, uris: list[str] | None = None,
                     loop: Callable[[dict], None] = train_loop_per_worker) -> str:
-    """Train the CLIP detector under Ray Train; returns the uri of ``<run_dir>/disseminate/model.pt``.
+    """Stage 1 under Ray Train; returns the uri of ``<run_dir>/disseminate/model.pt``.
 
-    Args:
-        uris: target training images to use; by default the images under
-            ``cfg.data.target_images`` (the val split's records in cloud.parquet are left
-            out), or every collected record when no folder is configured.
+    ``uris`` and resuming as in ``coin_ray.ray.train.run_stage``; ``loop`` replaces the
+    workers' loop (tests pass ``disseminate_worker`` with an ``after_step`` hook).
     """
-    if uris is None and cfg.data.target_images:
-        from coin_ray.ray.pipeline import target_uris
-
-        uris = target_uris(cfg)
-    fit(loop, {"cfg": to_dict(cfg), "run_dir": run_dir, "uris": uris}, cfg, name=STAGE,
-        storage_path=run_dir)
-    return storage.join(run_dir, STAGE, "model.pt")
+    return run_stage(STAGE, loop, cfg, run_dir, uris)

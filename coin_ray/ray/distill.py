@@ -26,10 +26,10 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from coin_ray import storage
-from coin_ray.config import Config, from_dict, to_dict
+from coin_ray.config import Config, from_dict
 from coin_ray.models.ov_rcnn import save_detector
 from coin_ray.ray.disseminate import MetricsLog, cloud_records
-from coin_ray.ray.train import fit, load_checkpoint, prepare, save_checkpoint, worker_context
+from coin_ray.ray.train import load_checkpoint, prepare, run_stage, save_checkpoint, worker_context
 from coin_ray.train.data import DetectionDataset
 from coin_ray.train.distill import DistillState, build_run_state, load_state_dict, run_steps, state_dict
 
@@ -99,16 +99,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 def run_distill(cfg: Config, run_dir: str, uris: list[str] | None = None,
                 loop: Callable[[dict], None] = train_loop_per_worker) -> str:
-    """Train the target detector under Ray Train; returns the uri of ``<run_dir>/distill/model.pt``.
+    """Stage 3 under Ray Train; returns the uri of ``<run_dir>/distill/model.pt``.
 
-    Args:
-        uris: target training images to use; by default the images under
-            ``cfg.data.target_images`` (the val split's records in cloud.parquet are left
-            out), or every collected record when no folder is configured.
+    Needs ``<run_dir>/disseminate/model.pt``. ``uris`` and resuming as in
+    ``coin_ray.ray.train.run_stage``; ``loop`` replaces the workers' loop (tests pass
+    ``distill_worker`` with an ``after_step`` hook).
     """
-    if uris is None and cfg.data.target_images:
-        from coin_ray.ray.pipeline import target_uris
-
-        uris = target_uris(cfg)
-    fit(loop, {"cfg": to_dict(cfg), "run_dir": run_dir, "uris": uris}, cfg, name=STAGE, storage_path=run_dir)
-    return storage.join(run_dir, STAGE, "model.pt")
+    return run_stage(STAGE, loop, cfg, run_dir, uris)

@@ -1,6 +1,7 @@
 """The Ray Train runner both training stages use: fit, checkpoint, resume.
 
 Driver side:
+    model_uri = run_stage("disseminate", loop, cfg, run_dir)   # a whole training stage
     result = fit(loop, {"cfg": ..., ...}, cfg, name="disseminate", storage_path=run_dir)
 
 ``name`` must be stable (the stage name): fitting again with the same (storage_path, name)
@@ -31,7 +32,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from coin_ray import storage
-from coin_ray.config import Config
+from coin_ray.config import Config, to_dict
 
 STATE_FILE = "state.pt"
 CHECKPOINTS_KEPT = 2
@@ -66,6 +67,29 @@ def fit(loop: Callable[[dict], None], loop_config: dict, cfg: Config, *, name: s
                            run_config=run_config,
                            torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"))
     return trainer.fit()
+
+
+def run_stage(stage: str, loop: Callable[[dict], None], cfg: Config, run_dir: str,
+              uris: list[str] | None = None) -> str:
+    """Run training stage ``stage`` under Ray Train; returns the uri of ``<run_dir>/<stage>/model.pt``.
+
+    Every worker runs ``loop({"cfg": cfg as a dict, "run_dir": run_dir, "uris": uris})``;
+    the loop writes ``model.pt`` from rank 0. Checkpoints go under ``<run_dir>/<stage>``,
+    so running the stage again on the same run_dir resumes it.
+
+    Args:
+        uris: target training images to use; by default the images under
+            ``cfg.data.target_images`` (the val split's records in cloud.parquet are left
+            out), or every collected record when no folder is configured.
+    """
+    if uris is None and cfg.data.target_images:
+        # Imported on use: only the driver lists images; every worker imports this module.
+        from coin_ray.ray.pipeline import target_uris
+
+        uris = target_uris(cfg)
+    fit(loop, {"cfg": to_dict(cfg), "run_dir": run_dir, "uris": uris}, cfg, name=stage,
+        storage_path=run_dir)
+    return storage.join(run_dir, stage, "model.pt")
 
 
 def worker_context() -> tuple[int, int, torch.device]:
