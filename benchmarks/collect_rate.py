@@ -17,9 +17,6 @@ import argparse
 import io
 import json
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -36,6 +33,7 @@ from coin_ray.config import from_dict
 from coin_ray.data.images import decode_image
 from coin_ray.ray.collect import run_collection
 from coin_ray.schema import SOURCE_CLOUD, Detections, records_to_table
+from coin_ray.serve import spawn_server
 
 CATEGORIES = ["car", "bus", "person"]
 
@@ -60,26 +58,6 @@ def make_world(root: Path, n: int, seed: int = 0) -> list[str]:
         uris.append(str(path))
     storage.write_parquet(records_to_table(records), str(root / "answers.parquet"))
     return uris
-
-
-def start_server(root: Path, latency_ms: float, rps: float) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "coin_ray.serve", "--backend", "replay", "--url",
-         str(root / "answers.parquet"), "--categories", ",".join(CATEGORIES), "--port", str(port),
-         "--latency-ms", str(latency_ms), "--rps", str(rps)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(url + "/v1/health", timeout=1).read()
-            return proc, url
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("server did not start")
 
 
 def stats(url: str) -> dict:
@@ -108,7 +86,10 @@ def main() -> None:
     args = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="coin-bench-"))
     uris = make_world(root, args.images)
-    proc, url = start_server(root, args.latency_ms, args.server_rps)
+    # The server in its own process, as a user's detector runs: its threads stay off this interpreter.
+    proc, url = spawn_server(["--backend", "replay", "--url", str(root / "answers.parquet"),
+                              "--categories", ",".join(CATEGORIES), "--latency-ms", str(args.latency_ms),
+                              "--rps", str(args.server_rps)], timeout_s=30.0)
     try:
         seq = sequential_rate(url, uris[:args.seq_images])
         before = stats(url)

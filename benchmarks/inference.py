@@ -25,11 +25,8 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import torch
@@ -39,6 +36,7 @@ from coin_ray.cloud.http_backend import HttpBackend
 from coin_ray.data.images import load_image
 from coin_ray.export import export_detector, image_tensor, load_exported
 from coin_ray.models.ov_rcnn import OpenVocabularyRCNN, load_detector, save_detector
+from coin_ray.serve import spawn_server
 from coin_ray.world.build import build_world
 
 DEMO_LATENCY_MS = 50.0  # what coin_ray.ray.pipeline adds for the demo's stand-in cloud
@@ -56,23 +54,6 @@ def timed(fn, repeats: int) -> tuple[float, float]:
     return statistics.median(wall), statistics.median(cpu)
 
 
-def serve(checkpoint: Path, port: int, latency_ms: float) -> subprocess.Popen:
-    """Start the stand-in cloud in its own process and wait until it answers /v1/health."""
-    proc = subprocess.Popen([sys.executable, "-m", "coin_ray.serve", "--backend", "foggy-shapes",
-                             "--checkpoint", str(checkpoint), "--port", str(port),
-                             "--latency-ms", str(latency_ms)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=1)
-            return proc
-        except OSError:
-            time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("the stand-in cloud did not start")
-
-
 def process_cpu_ms(pid: int) -> float:
     """User + system CPU time of another process (Linux /proc), in ms."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -82,9 +63,11 @@ def process_cpu_ms(pid: int) -> float:
 def cloud_round_trip(world, uris: list[str], latency_ms: float, repeats: int, port: int
                      ) -> tuple[tuple[float, float], float]:
     """((median wall ms, median client CPU ms), mean server CPU ms) per call."""
-    proc = serve(world.cloud_detector, port, latency_ms)
+    # The stand-in cloud in its own process, so that its CPU time can be read apart.
+    proc, url = spawn_server(["--backend", "foggy-shapes", "--checkpoint", str(world.cloud_detector),
+                              "--latency-ms", str(latency_ms)], port=port, timeout_s=120.0)
     try:
-        client = HttpBackend(f"http://127.0.0.1:{port}")
+        client = HttpBackend(url)
         items = [(storage.read_bytes(u), load_image(u)) for u in uris]
         calls = iter(range(10**9))
 

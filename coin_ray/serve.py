@@ -23,6 +23,9 @@ import json
 import logging
 import os
 import random
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
+from urllib.request import urlopen
 
 from coin_ray import storage
 from coin_ray.cloud.base import DetectorBackend
@@ -253,6 +257,43 @@ def start_server(backend: DetectorBackend, knobs: Knobs | None = None, host: str
     thread.start()
     actual_host, actual_port = server.server_address[:2]
     return RunningServer(server, thread, f"http://{actual_host}:{actual_port}")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that the OS reported free a moment ago."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def spawn_server(argv: list[str], host: str = "127.0.0.1", port: int = 0, timeout_s: float = 60.0,
+                 env: dict[str, str] | None = None,
+                 output: int | None = subprocess.DEVNULL) -> tuple[subprocess.Popen, str]:
+    """Run ``python -m coin_ray.serve <argv>`` in a child process and wait until it is healthy.
+
+    A child process keeps the server's threads off the caller's interpreter and its CPU
+    time apart (benchmarks measure both). ``argv`` holds every option but ``--host`` and
+    ``--port``; port 0 picks a free port. ``env`` and ``output`` go to ``subprocess.Popen``
+    as ``env`` and ``stdout`` (stderr follows stdout). Returns (process, url); the caller
+    terminates the process. Raises RuntimeError, with the process killed, if it exits or
+    has not answered ``GET /v1/health`` within ``timeout_s`` seconds.
+    """
+    port = port or free_port(host)
+    proc = subprocess.Popen([sys.executable, "-m", "coin_ray.serve", *argv, "--host", host, "--port", str(port)],
+                            env=env, stdout=output, stderr=subprocess.STDOUT)
+    url = f"http://{host}:{port}"
+    deadline = time.monotonic() + timeout_s
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            urlopen(url + "/v1/health", timeout=1).read()
+            return proc, url
+        except OSError:  # not listening yet
+            time.sleep(0.1)
+    exited = proc.poll() is not None
+    proc.kill()
+    said = proc.communicate(timeout=10)[0] or b""
+    raise RuntimeError(f"coin_ray.serve {' '.join(argv)} {'exited' if exited else 'did not answer'}: "
+                       + said.decode(errors="replace")[-2000:])
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

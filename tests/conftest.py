@@ -1,17 +1,70 @@
-"""Shared fixtures: a real S3 protocol server (moto's server mode) on 127.0.0.1."""
+"""Shared fixtures: a real S3 protocol server (moto's server mode) on 127.0.0.1, local Ray
+instances for the Ray test modules, and the project's detector server on a loopback port."""
 
 from __future__ import annotations
 
-import socket
+import contextlib
 import uuid
+from types import ModuleType
+from typing import Iterator
 
 import pytest
 
+from coin_ray.serve import free_port
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+LOCAL_RAY_CPUS = 4  # logical CPUs of a test's Ray instance (the default of ``ray_num_cpus``)
+
+
+def s3_env(endpoint: str) -> dict[str, str]:
+    """The AWS environment that points boto3, pyarrow and s3fs at the loopback S3 server."""
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+
+
+@contextlib.contextmanager
+def local_ray_instance(num_cpus: int, log_to_driver: bool = False,
+                       ship_by_value: ModuleType | None = None) -> Iterator[ModuleType]:
+    """A fresh local Ray (never an existing cluster) with ``num_cpus`` logical CPUs; yields ``ray``.
+
+    ``ship_by_value``: a test module whose functions workers must receive by value, because
+    workers cannot import modules from tests/.
+    """
+    import ray
+
+    if ship_by_value is not None:
+        ray.cloudpickle.register_pickle_by_value(ship_by_value)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        if ship_by_value is not None:
+            ray.cloudpickle.unregister_pickle_by_value(ship_by_value)
+
+
+@pytest.fixture(scope="module")
+def ray_num_cpus() -> int:
+    """Logical CPUs of ``local_ray``; a test module overrides this fixture to change it."""
+    return LOCAL_RAY_CPUS
+
+
+@pytest.fixture(scope="module")
+def local_ray(request, ray_num_cpus):
+    """A local Ray for one test module (workers get the module's functions by value); yields ``ray``."""
+    with local_ray_instance(ray_num_cpus, ship_by_value=request.module) as ray:
+        yield ray
+
+
+@pytest.fixture(scope="module")
+def local_ray_with_s3(s3_endpoint, ray_num_cpus):
+    """A local Ray whose workers see the loopback S3 server, with worker logs sent to the driver
+    (so capfd sees them); yields ``ray``."""
+    # Ray workers inherit the environment at ray.init: point them at the loopback S3 now.
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in s3_env(s3_endpoint).items():
+            mp.setenv(key, value)
+        with local_ray_instance(ray_num_cpus, log_to_driver=True) as ray:
+            yield ray
 
 
 @pytest.fixture(scope="session")
@@ -34,11 +87,26 @@ def s3_bucket(s3_endpoint, monkeypatch):
     """
     import boto3
 
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    for key, value in s3_env(s3_endpoint).items():
+        monkeypatch.setenv(key, value)
     bucket = f"coin-test-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
     yield bucket
+
+
+@pytest.fixture
+def served():
+    """``served(**knobs)`` starts the detector server around ``cloud_world.ColourBoxes`` with
+    those ``coin_ray.serve.Knobs`` on a free loopback port; every server stops after the test."""
+    from cloud_world import ColourBoxes
+    from coin_ray.serve import Knobs, start_server
+
+    servers = []
+
+    def start(**knobs):
+        s = start_server(ColourBoxes(), Knobs(**knobs))
+        servers.append(s)
+        return s
+    yield start
+    for s in servers:
+        s.stop()

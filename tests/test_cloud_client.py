@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -23,24 +21,11 @@ from coin_ray.cloud.http_backend import HttpBackend
 from coin_ray.cloud.mapping import CategoryMap, answer_to_detections
 from coin_ray.cloud.ratelimit import LocalLimiter, SlotBook, late_tolerance, sleep_until
 from coin_ray.schema import SOURCE_CLOUD, Detections, records_to_table
-from coin_ray.serve import Knobs, start_server
+from coin_ray.serve import spawn_server, start_server
 from coin_ray import storage
 
 TOKEN = "tok-3f9a1c77e2b54d0e"
 FAST = RetryPolicy(max_retries=3, base_s=0.01, max_backoff_s=0.05)
-
-
-@pytest.fixture
-def served():
-    servers = []
-
-    def start(**knobs):
-        s = start_server(ColourBoxes(), Knobs(**knobs))
-        servers.append(s)
-        return s
-    yield start
-    for s in servers:
-        s.stop()
 
 
 def client_for(url: str, cache=None, limiter=None, token: str = "", timeout_s: float = 5.0,
@@ -189,12 +174,6 @@ def test_local_limiter_holds_rate_across_threads():
     assert len(times) == 20 and times[-1] - times[0] >= 19 / 50 - 0.02
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_subprocess_replays_parquet(tmp_path):
     image, truth = draw(5)
     (tmp_path / "a.png").write_bytes(png_bytes(image))
@@ -202,22 +181,11 @@ def test_serve_subprocess_replays_parquet(tmp_path):
                                      np.asarray([truth["car"]], np.float32), np.asarray([0]),
                                      np.asarray([0.8]), 2, SOURCE_CLOUD)
     storage.write_parquet(records_to_table([rec]), str(tmp_path / "cloud.parquet"))
-    port = _free_port()
     env = {**os.environ, "COIN_SERVE_TOKEN": TOKEN}
-    proc = subprocess.Popen([sys.executable, "-m", "coin_ray.serve", "--backend", "replay",
-                             "--url", str(tmp_path / "cloud.parquet"), "--port", str(port),
-                             "--categories", ",".join(CATEGORIES),
-                             "--require-token-env", "COIN_SERVE_TOKEN"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc, url = spawn_server(["--backend", "replay", "--url", str(tmp_path / "cloud.parquet"),
+                              "--categories", ",".join(CATEGORIES), "--require-token-env", "COIN_SERVE_TOKEN"],
+                             timeout_s=10.0, env=env, output=subprocess.PIPE)
     try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(url + "/v1/health", timeout=1).read()
-                break
-            except OSError:
-                assert proc.poll() is None, proc.stdout.read().decode()
-                time.sleep(0.1)
         out = client_for(url, token=TOKEN).ask(png_bytes(image), image)
         assert out.answer.phrases == ["car"]
         np.testing.assert_allclose(out.answer.boxes, [truth["car"]])

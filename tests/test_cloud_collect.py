@@ -9,41 +9,14 @@ from pathlib import Path
 import pytest
 import ray
 
-from cloud_world import CATEGORIES, ColourBoxes, write_images
+from cloud_world import CATEGORIES, write_images
 from coin_ray import storage
 from coin_ray.config import from_dict, to_dict
 from coin_ray.models.clip_factory import write_clip
 from coin_ray.ray.collect import CollectionStopped, run_collection
 from coin_ray.schema import DETECTION_SCHEMA, SOURCE_CLIP, SOURCE_CLOUD, table_to_records
-from coin_ray.serve import Knobs, start_server
 
 TOKEN = "tok-collect-7c1e55aa90d3"
-
-
-@pytest.fixture(scope="module")
-def ray_local(s3_endpoint):
-    # Ray workers inherit the environment at ray.init: point them at the loopback S3 now.
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                           "AWS_REGION": "us-east-1"}.items():
-            mp.setenv(key, value)
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
-        yield
-        ray.shutdown()
-
-
-@pytest.fixture
-def served():
-    servers = []
-
-    def start(**knobs):
-        s = start_server(ColourBoxes(), Knobs(**knobs))
-        servers.append(s)
-        return s
-    yield start
-    for s in servers:
-        s.stop()
 
 
 def make_cfg(tmp_path: Path, url: str, folder: str, clip: str = "", **cloud):
@@ -66,7 +39,7 @@ def max_in_one_second(arrivals: list[float]) -> int:
 
 
 @pytest.mark.timeout(240)
-def test_shared_rate_limit_outputs_and_cache_rerun(ray_local, served, tmp_path):
+def test_shared_rate_limit_outputs_and_cache_rerun(local_ray_with_s3, served, tmp_path):
     server = served(latency_s=0.05)
     uris = write_images(tmp_path / "imgs", 30)
     clip = str(write_clip(tmp_path / "clip", CATEGORIES, image_size=32, hidden_size=32,
@@ -99,7 +72,7 @@ def test_shared_rate_limit_outputs_and_cache_rerun(ray_local, served, tmp_path):
 
 
 @pytest.mark.timeout(240)
-def test_fault_mix_every_image_accounted_for(ray_local, served, tmp_path):
+def test_fault_mix_every_image_accounted_for(local_ray_with_s3, served, tmp_path):
     server = served(fail_500=0.1, fail_429=0.1, fail_hang=0.05, fail_malformed=0.02,
                     hang_s=1.0, seed=3)
     uris = write_images(tmp_path / "imgs", 40)
@@ -121,7 +94,7 @@ def test_fault_mix_every_image_accounted_for(ray_local, served, tmp_path):
 
 
 @pytest.mark.timeout(240)
-def test_401_stops_fast_and_token_is_nowhere(ray_local, served, tmp_path, monkeypatch, capfd):
+def test_401_stops_fast_and_token_is_nowhere(local_ray_with_s3, served, tmp_path, monkeypatch, capfd):
     server = served(token=TOKEN)
     uris = write_images(tmp_path / "imgs", 12)
     monkeypatch.setenv("COIN_TEST_TOKEN", "wrong-" + TOKEN)
@@ -145,7 +118,7 @@ def _collect_job(cfg: dict, uris: list[str], out: str) -> dict:
 
 
 @pytest.mark.timeout(240)
-def test_resume_after_kill_pays_only_for_unanswered(ray_local, served, tmp_path):
+def test_resume_after_kill_pays_only_for_unanswered(local_ray_with_s3, served, tmp_path):
     server = served(latency_s=0.1)
     n, in_flight = 40, 4
     uris = write_images(tmp_path / "imgs", n)
@@ -167,7 +140,7 @@ def test_resume_after_kill_pays_only_for_unanswered(ray_local, served, tmp_path)
 
 
 @pytest.mark.timeout(240)
-def test_everything_on_s3(ray_local, served, s3_bucket, tmp_path):
+def test_everything_on_s3(local_ray_with_s3, served, s3_bucket, tmp_path):
     server = served()
     local = write_images(tmp_path / "imgs", 6)
     root = f"s3://{s3_bucket}/target"

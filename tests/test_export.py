@@ -110,12 +110,9 @@ def test_export_to_s3(exported, s3_bucket):
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+def ray_num_cpus() -> int:
+    """Two logical CPUs for this module's ``local_ray`` (conftest.py)."""
+    return 2
 
 
 @pytest.fixture(scope="module")

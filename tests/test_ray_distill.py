@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,15 +26,6 @@ from coin_ray.train.disseminate import build_detector
 pytestmark = pytest.mark.slow
 
 CATEGORIES = ["car", "person", "bus"]
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    # Workers cannot import this test module: ship its functions by value.
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def make_run(root: Path, clip_dir: str, steps: int) -> object:

@@ -125,15 +125,6 @@ def _cpus_come_back(ray, total: float, deadline_s: float = 20.0) -> bool:
     return True
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.timeout(600)
 def test_runner_asha_resources_and_resume_after_errors(local_ray, tmp_path):
     marker = tmp_path / "fail"
