@@ -25,6 +25,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -125,7 +126,14 @@ def run_variant(cfg: Config, run: RunDir, overrides: list[str], seed: int, split
     vcfg = with_updates(cfg, [*overrides, f"seed={seed}"])
     wanted = set(target_uris(cfg))
     items = [r for r in records_at(run, "collect/cloud.parquet") if r.uri in wanted]
-    state = distill(vcfg, run.path("disseminate", "model.pt"), items)
+    started = time.time()
+
+    def progress(step: int, metrics: dict[str, float]) -> None:
+        if step % 100 == 0:
+            print(f"[tables] {key} seed {seed}: step {step} loss {metrics['loss']:.3f} "
+                  f"({time.time() - started:.0f} s)", flush=True)
+
+    state = distill(vcfg, run.path("disseminate", "model.pt"), items, on_step=progress)
     result = evaluate(split, detect_split(state.detector, split))
     storage.write_text(uri, json.dumps(result.to_json()))
     print(f"[tables] {key} seed {seed}: mAP50 {result.map50:.1f}", flush=True)
