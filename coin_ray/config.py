@@ -91,7 +91,7 @@ class ModelConfig:
     backbone_lr_mult: float = _range(0.0, None, default=0.1)
     head_layers: int = _range(0, None, default=1)  # last CLIP vision layers run per region (ViT "C4")
     roi_size: int = _range(1, None, default=4)  # RoIAlign grid side, in patch tokens
-    target_backbone: Literal["clip", "resnet18"] = "clip"  # distilled detector: OpenVocabularyRCNN | LightRCNN
+    target_backbone: Literal["clip", "mobilenet_v3", "resnet18"] = "clip"  # distilled: OV-RCNN | LightRCNN
     min_size: int = _range(32, None, default=160)  # shorter image side fed to the detector
     max_size: int = _range(32, None, default=320)
     detections_per_image: int = _range(1, None, default=50)

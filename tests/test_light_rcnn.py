@@ -2,6 +2,7 @@
 saved and loaded without CLIP, distilled through burn-up (teacher swap) and resumed."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -15,14 +16,15 @@ from coin_ray.train.distill import Batch, build_state, distill_step, load_state_
 
 CATEGORIES = ["car", "person", "bus"]
 K = len(CATEGORIES)
-MODEL = ModelConfig(min_size=64, max_size=96, detections_per_image=8, score_threshold=0.0)
+TEACHER_MODEL = ModelConfig(min_size=64, max_size=96, detections_per_image=8, score_threshold=0.0)
+MODEL = dataclasses.replace(TEACHER_MODEL, target_backbone="mobilenet_v3")
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     clip = write_clip(tmp_path_factory.mktemp("clip"), CATEGORIES + ["a", "photo", "of", "background"],
                       hidden_size=32, projection_dim=24, num_layers=2)
-    return OpenVocabularyRCNN.from_clip(str(clip), CATEGORIES, MODEL, seed=0)
+    return OpenVocabularyRCNN.from_clip(str(clip), CATEGORIES, TEACHER_MODEL, seed=0)
 
 
 def _images() -> list[torch.Tensor]:
@@ -50,10 +52,15 @@ def test_the_light_detector_starts_in_the_teachers_joint_space(teacher):
     assert light.roi_heads.box_head.proj.out_features == 24
     # No CLIP weights inside: far fewer parameters than the CLIP detector's trunk alone.
     assert not any(n.startswith("trunk.embeddings") for n, _ in light.named_parameters())
+    with pytest.raises(ValueError, match="unknown light trunk 'clip'"):
+        LightRCNN.from_teacher(teacher, TEACHER_MODEL)
 
 
-def test_detect_gives_boxes_in_original_pixels_with_k_plus_1_probs(teacher):
-    light = LightRCNN.from_teacher(teacher, MODEL, seed=3).eval()
+@pytest.mark.parametrize("backbone", ["mobilenet_v3", "resnet18"])
+def test_detect_gives_boxes_in_original_pixels_with_k_plus_1_probs(teacher, backbone):
+    model_cfg = dataclasses.replace(MODEL, target_backbone=backbone)
+    light = LightRCNN.from_teacher(teacher, model_cfg, seed=3).eval()
+    assert light.meta["model_cfg"]["target_backbone"] == backbone
     images = _images()
     for img, det in zip(images, light.detect(images)):
         h, w = img.shape[-2:]

@@ -17,7 +17,7 @@ The student (``model.target_backbone``) is either
   backbone, as a detector would keep ImageNet weights), its RPN head and box regressor are
   randomly initialised, and it has never seen a cloud detection: the paper's "randomly
   initialised target detector" up to the backbone; or
-- ``resnet18``: a ``LightRCNN`` (models/light_rcnn.py), whose region features are
+- ``mobilenet_v3`` / ``resnet18``: a ``LightRCNN`` (models/light_rcnn.py), whose region features are
   projected into the same prototype space. The teacher cannot be an EMA of a different
   architecture, so at burn-up the teacher becomes a frozen copy of the student and is an
   EMA of the student from then on (``teacher_for_phase``).
@@ -345,7 +345,7 @@ def build_run_state(cfg: Config, teacher_uri: str, wrap: Callable[[nn.Module], n
 
 def build_student(cfg: Config, teacher: OpenVocabularyRCNN) -> OpenVocabularyRCNN:
     """A fresh target detector of ``cfg.model.target_backbone``, seeded by ``cfg.seed``."""
-    if cfg.model.target_backbone == "resnet18":
+    if cfg.model.target_backbone != "clip":
         return LightRCNN.from_teacher(teacher, cfg.model, seed=cfg.seed)
     return build_detector(cfg, clip_path=teacher.meta["clip_path"])
 
