@@ -52,9 +52,12 @@ def test_clip_scores_match_direct_formula(clip_dir):
     texts = category_texts(CATEGORIES, TEMPLATES, "foggy street scene")
     with torch.no_grad():
         crop = crop_boxes(image, boxes[:1])
-        img = model(**proc(text=texts[0], images=crop, return_tensors="pt", padding=True))
-        t = [torch.nn.functional.normalize(model(**proc(text=ts, images=crop, return_tensors="pt",
-                                                         padding=True)).text_embeds, dim=-1).mean(0)
+        # The crop is 4 px high: its layout must be stated (see test_flat_crops_are_read_channels_last).
+        img = model(**proc(text=texts[0], images=crop, return_tensors="pt", padding=True,
+                           input_data_format="channels_last"))
+        t = [torch.nn.functional.normalize(model(**proc(text=ts, images=crop, return_tensors="pt", padding=True,
+                                                         input_data_format="channels_last")).text_embeds,
+                                           dim=-1).mean(0)
              for ts in texts]
         t = torch.nn.functional.normalize(torch.stack(t), dim=-1)
         ref = (model.logit_scale.exp() * img.image_embeds @ t.T).softmax(-1)
@@ -66,3 +69,26 @@ def test_clip_keeps_errors_and_empty_records(clip_dir):
     err = Detections.empty("e", "e.png", 4, 4, SOURCE_CLOUD, 2, error="http 500: gave up")
     out = scorer.score(err, None)
     assert out.error == err.error and out.source == SOURCE_CLIP and len(out) == 0
+
+
+@pytest.mark.parametrize("height", [1, 3, 4])
+def test_flat_crops_are_read_channels_last(clip_dir, height):
+    # A crop 1, 3 or 4 px high is (h, w, 3): transformers would guess h channels unless told.
+    from transformers import AutoProcessor
+
+    from coin_ray.cloud.clip_score import _features, crop_pixels
+
+    proc = AutoProcessor.from_pretrained(clip_dir)
+    crop = np.random.default_rng(height).integers(0, 256, (height, 26, 3), dtype=np.uint8)
+    # (3, h, 26) is unambiguous (26 is no channel count): the reference layout.
+    reference = proc(images=[np.ascontiguousarray(crop.transpose(2, 0, 1))], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(crop_pixels(proc, [crop]), reference)
+    scorer = ClipBoxScorer(clip_dir, CATEGORIES, templates=TEMPLATES)
+    image = np.zeros((10, 40, 3), np.uint8)
+    image[2:2 + height, 5:31] = crop
+    probs = scorer.probs(image, np.asarray([[5, 2, 31, 2 + height]], np.float32))
+    with torch.no_grad():
+        emb = torch.nn.functional.normalize(_features(scorer.model.get_image_features(pixel_values=reference)),
+                                            dim=-1)
+        ref = (scorer.model.logit_scale.exp() * emb @ scorer.text.T).softmax(-1)
+    np.testing.assert_allclose(probs[0, :2], ref[0].numpy(), atol=1e-5)

@@ -38,6 +38,16 @@ def category_texts(categories: list[str], templates: list[str], style: str,
     return out
 
 
+def crop_pixels(processor: object, crops: list[np.ndarray]) -> torch.Tensor:
+    """(N, 3, S, S) float32 CLIP pixel values of (h, w, 3) uint8 ``crops`` (S: the processor's size).
+
+    The layout is stated, not inferred: transformers guesses channels-first when the first
+    axis is 1, 3 or 4 long, so a crop 1, 3 or 4 pixels high would be read as a (h, w, 3)
+    image with h channels and scored as noise.
+    """
+    return processor(images=crops, return_tensors="pt", input_data_format="channels_last")["pixel_values"]
+
+
 def crop_boxes(image: np.ndarray, boxes: np.ndarray) -> list[np.ndarray]:
     """Crops (h, w, 3) uint8 of xyxy pixel boxes; each at least 1x1 and inside the image."""
     h, w = image.shape[:2]
@@ -89,7 +99,7 @@ class ClipBoxScorer:
         scale = self.model.logit_scale.exp()
         for start in range(0, len(crops), self.batch_size):
             batch = crops[start:start + self.batch_size]
-            pixels = self.processor(images=batch, return_tensors="pt")["pixel_values"].to(self.device)
+            pixels = crop_pixels(self.processor, batch).to(self.device)
             emb = torch.nn.functional.normalize(
                 _features(self.model.get_image_features(pixel_values=pixels)), dim=-1)
             out[start:start + len(batch), :k] = (scale * emb @ self.text.T).softmax(-1).cpu().numpy()

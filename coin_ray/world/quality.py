@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from coin_ray.cloud.base import DetectorBackend
+from coin_ray.cloud.clip_score import crop_pixels
 from coin_ray.data.datasets import LabelledSplit, load_coco
 from coin_ray.data.images import load_image
 from coin_ray.evaluate import EvalResult, evaluate
@@ -87,7 +88,7 @@ def clip_crop_accuracy(clip_dir: str | Path, crops: list[np.ndarray], labels: np
     text = clip_text_embeddings(model, processor, categories, templates)
     predictions = []
     for i in range(0, len(crops), batch_size):
-        pixels = processor(images=crops[i:i + batch_size], return_tensors="pt")["pixel_values"]
+        pixels = crop_pixels(processor, crops[i:i + batch_size])
         emb = torch.nn.functional.normalize(_features(model.get_image_features(pixel_values=pixels)), dim=-1)
         predictions.append((emb @ text.T).argmax(-1).numpy())
     return float((np.concatenate(predictions) == labels).mean())
