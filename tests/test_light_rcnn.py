@@ -140,3 +140,16 @@ def test_the_light_detector_exports_to_torchscript_and_matches_eager(teacher, tm
     save_detector(light, str(tmp_path / "model.pt"))
     meta = export_detector(str(tmp_path / "model.pt"), str(tmp_path / "export"), batch_sizes=(1, 2))
     assert meta["check"]["images"] > 0 and (tmp_path / "export" / "detector_b2.pt").exists()
+
+
+@pytest.mark.parametrize("private_objectness", [False, True])
+def test_the_clouds_private_boxes_train_the_rpn_only_when_asked(teacher, private_objectness):
+    cfg = DistillConfig(steps=2, burn_up=1.0, min_score=0.0, min_clip_score=1.0, pi=0.0,
+                        private_objectness=private_objectness)
+    state = build_state(teacher, LightRCNN.from_teacher(teacher, MODEL, seed=1), cfg)
+    seen = []
+    state.detector.rpn.register_forward_pre_hook(lambda module, args: seen.append(args[2]))
+    m = distill_step(state, _batch(_images()), phase_at(0, cfg), cfg)
+    # The teacher sees nothing (min_clip_score 1), so all 3 cloud boxes per image are private.
+    assert m["sep_private"] == 6 and m["sep_consistent"] == m["sep_inconsistent"] == 0
+    assert [len(t["boxes"]) for t in seen[0]] == ([3, 3] if private_objectness else [0, 0])

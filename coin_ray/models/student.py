@@ -3,7 +3,8 @@
 The student is an ``OpenVocabularyRCNN``. ``DistillStudent.forward`` takes the images and
 their separations and runs the detector once over everything the losses need:
 
-    proposals   RPN proposals (targets: every matched box, consistent or inconsistent),
+    proposals   RPN proposals (targets: every matched box, consistent or inconsistent,
+                and with ``private_objectness`` the cloud's private boxes too),
                 minus those sitting on an inconsistent or private box, assigned to the
                 consistent boxes (+ background) and sampled: L_con
     consistent  the consistent boxes themselves: the CKG's supervision (g^, KL to l^)
@@ -84,9 +85,10 @@ def _set_boxes(sep: Separation, device: torch.device) -> dict[str, torch.Tensor]
 class DistillStudent(nn.Module):
     """Wraps the student detector; ``forward`` is the distillation pass (``detector`` holds it)."""
 
-    def __init__(self, detector: OpenVocabularyRCNN) -> None:
+    def __init__(self, detector: OpenVocabularyRCNN, private_objectness: bool = False) -> None:
         super().__init__()
         self.detector = detector
+        self.private_objectness = private_objectness
 
     def forward(self, images: list[torch.Tensor], separations: list[Separation],
                 generator: torch.Generator | None = None) -> StudentPass:
@@ -96,7 +98,8 @@ class DistillStudent(nn.Module):
         features, image_list, resized = det.encode(images, [_set_boxes(s, device) for s in separations])
         counts = [(len(s.consistent), len(s.inconsistent), len(s.private)) for s in separations]
         split = [r["boxes"].split(c) for r, c in zip(resized, counts)]  # per image: cons, inc, priv
-        rpn_targets = [{"boxes": torch.cat([c, i])} for c, i, _ in split]
+        rpn_targets = [{"boxes": torch.cat([c, i, *self._private_objects(q, s)])}
+                       for (c, i, q), s in zip(split, separations)]
         proposals, rpn_losses = det.propose(features, image_list, rpn_targets)
         proposals = [drop_uncertain(p.detach(), c, torch.cat([i, q])) for p, (c, i, q) in zip(proposals, split)]
         cons_targets = [{"boxes": c, "labels": s.consistent.cloud_labels.to(device)}
@@ -111,6 +114,13 @@ class DistillStudent(nn.Module):
         return StudentPass(rpn_losses, regions, kinds["proposals"][0], kinds["consistent"][0],
                            kinds["inconsistent"][0], kinds["private"][0], kinds["consistent"][1],
                            kinds["inconsistent"][1], t)
+
+
+    def _private_objects(self, private_boxes: torch.Tensor, sep: Separation) -> list[torch.Tensor]:
+        """The cloud's private boxes (resized frame) when they count as objects for the RPN."""
+        if not self.private_objectness:
+            return []
+        return [private_boxes[sep.private.from_cloud.to(private_boxes.device)]]
 
 
 def _split_by_kind(outputs: RegionOutputs, layer_inputs: torch.Tensor, rows: list[list[int]]

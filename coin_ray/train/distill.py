@@ -109,7 +109,7 @@ def build_state(teacher: OpenVocabularyRCNN, student: OpenVocabularyRCNN, cfg: D
     joint = teacher.prototypes.vectors.shape[1]
     ckg = CKG(joint, teacher.num_classes, cfg.ckg_heads, teacher.prototypes.vectors).to(
         teacher.prototypes.vectors.device)
-    student_module = wrap(DistillStudent(student))
+    student_module = wrap(DistillStudent(student, cfg.private_objectness))
     optimizer = torch.optim.AdamW(student.param_groups(cfg.lr), weight_decay=cfg.weight_decay)
     ckg_optimizer = torch.optim.AdamW(ckg.parameters(), lr=cfg.ckg_lr)
     return DistillState(student_module, teacher, ckg, optimizer, ckg_optimizer,
