@@ -105,7 +105,7 @@ class OpenVocabularyRCNN(nn.Module):
                                              list(image_processor.image_mean),
                                              list(image_processor.image_std),
                                              size_divisible=trunk.patch_size)
-        return cls(transform=transform, trunk=trunk, rpn=_build_rpn(trunk.out_channels, model_cfg.min_size),
+        return cls(transform=transform, trunk=trunk, rpn=build_rpn(trunk.out_channels, model_cfg.min_size),
                    roi_heads=roi_heads, prompt_learner=prompt_learner, prototypes=prototypes,
                    model_cfg=model_cfg, meta=meta)
 
@@ -223,8 +223,9 @@ class OpenVocabularyRCNN(nn.Module):
         return self.detect(images)
 
 
-def _build_rpn(channels: int, min_size: int) -> RegionProposalNetwork:
-    anchors = AnchorGenerator(sizes=(anchor_sizes(min_size),), aspect_ratios=(ANCHOR_RATIOS,))
+def build_rpn(channels: int, min_size: int, ratios: tuple[float, ...] = ANCHOR_RATIOS) -> RegionProposalNetwork:
+    """torchvision's RPN on one feature map; anchors from ``anchor_sizes`` x ``ratios`` (h/w)."""
+    anchors = AnchorGenerator(sizes=(anchor_sizes(min_size),), aspect_ratios=(ratios,))
     head = RPNHead(channels, anchors.num_anchors_per_location()[0])
     return RegionProposalNetwork(anchors, head, **RPN_SETTINGS)
 
