@@ -16,6 +16,7 @@ from PIL import Image
 from coin_ray import storage
 from coin_ray.config import from_dict
 from coin_ray.models.clip_factory import write_clip
+from coin_ray.models.light_rcnn import LightRCNN
 from coin_ray.models.ov_rcnn import load_detector, save_detector
 from coin_ray.ray.distill import distill_worker, run_distill
 from coin_ray.ray.separate import run_separation
@@ -28,12 +29,12 @@ pytestmark = pytest.mark.slow
 CATEGORIES = ["car", "person", "bus"]
 
 
-def make_run(root: Path, clip_dir: str, steps: int) -> object:
+def make_run(root: Path, clip_dir: str, steps: int, target_backbone: str = "clip") -> object:
     """A run dir with a 'disseminated' detector and cloud records that half agree with it."""
     cfg = from_dict({
         "data": {"categories": CATEGORIES}, "clip": {"model": clip_dir}, "storage": str(root),
         "model": {"min_size": 64, "max_size": 96, "num_extra_context": 1, "detections_per_image": 6,
-                  "score_threshold": 0.0},
+                  "score_threshold": 0.0, "target_backbone": target_backbone},
         "train": {"distill": {"steps": steps, "batch_size": 1, "burn_up": 0.25, "checkpoint_every": 2,
                               "log_every": 1, "min_score": 0.0, "min_clip_score": 0.0, "pi": 0.0,
                               "teacher_keep_rate": 0.9}},
@@ -80,11 +81,13 @@ def check_then_fail_once(step_to_fail: int, folder: str, step: int, state) -> No
 
 
 @pytest.mark.timeout(480)
-def test_two_gloo_workers_agree_on_gradients_checkpoint_get_killed_and_resume(local_ray, tmp_path):
+@pytest.mark.parametrize("target_backbone", ["clip", "mobilenet_v3"])
+def test_two_gloo_workers_agree_on_gradients_checkpoint_get_killed_and_resume(local_ray, tmp_path,
+                                                                              target_backbone):
     clip_dir = str(write_clip(tmp_path / "clip", CATEGORIES + ["a", "photo", "of"], hidden_size=32,
                               projection_dim=32, num_layers=2))
     run_dir = tmp_path / "run"
-    cfg = make_run(run_dir, clip_dir, steps=4)
+    cfg = make_run(run_dir, clip_dir, steps=4, target_backbone=target_backbone)
     loop = functools.partial(distill_worker, after_step=functools.partial(check_then_fail_once, 3, str(tmp_path)))
     model_uri = run_distill(cfg, str(run_dir), loop=loop)
 
@@ -101,7 +104,12 @@ def test_two_gloo_workers_agree_on_gradients_checkpoint_get_killed_and_resume(lo
 
     model = load_detector(model_uri)
     assert model.meta["separation"]["counts"]["inconsistent_cloud"] > 0
-    fresh = build_detector(cfg)
+    if target_backbone == "clip":
+        fresh = build_detector(cfg)
+    else:  # resumed after burn-up, when the teacher had become the student's copy
+        fresh = LightRCNN.from_teacher(load_detector(str(run_dir / "disseminate" / "model.pt")), cfg.model,
+                                       seed=cfg.seed)
+        assert type(model) is LightRCNN
     assert not torch.equal(model.roi_heads.box_predictor.weight, fresh.roi_heads.box_predictor.weight)
 
 
