@@ -9,6 +9,7 @@ backward and step, the prototype and EMA-teacher updates. The supervised step is
 ``compute_losses`` on the cloud boxes + backward + optimizer step.
 
     .venv/bin/python benchmarks/step_cost.py --steps 8 --images 2 --size 160
+    .venv/bin/python benchmarks/step_cost.py --target-backbone mobilenet_v3   # the light student
 
 Times are process CPU time (``time.process_time``), not wall time: on a shared machine
 the wall clock mostly measures the neighbours. Prints the median of each and their ratios (the aim is <= 1.5x): before burn-up
@@ -19,6 +20,7 @@ every batch; the last line weighs the two by the burn-up fraction.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -27,6 +29,7 @@ import torch
 
 from coin_ray.config import DistillConfig, ModelConfig
 from coin_ray.models.clip_factory import write_clip
+from coin_ray.models.light_rcnn import LightRCNN
 from coin_ray.models.ov_rcnn import OpenVocabularyRCNN
 from coin_ray.separate import SourceBoxes, as_source
 from coin_ray.train.distill import Batch, Phase, build_state, distill_step
@@ -66,6 +69,8 @@ def main() -> None:
     parser.add_argument("--boxes", type=int, default=8, help="cloud boxes per image")
     parser.add_argument("--burn-up", type=float, default=0.7, help="fraction of steps before burn-up")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument("--target-backbone", default="clip", choices=["clip", "mobilenet_v3", "resnet18"],
+                        help="the student (and supervised) detector: model.target_backbone")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -77,8 +82,13 @@ def main() -> None:
         mc = ModelConfig(min_size=args.size, max_size=2 * args.size, detections_per_image=20,
                          score_threshold=0.0)
         teacher = OpenVocabularyRCNN.from_clip(clip, CATEGORIES, mc, seed=0)
-        student = OpenVocabularyRCNN.from_clip(clip, CATEGORIES, mc, seed=1)
-        plain = OpenVocabularyRCNN.from_clip(clip, CATEGORIES, mc, seed=1)
+        if args.target_backbone == "clip":
+            student = OpenVocabularyRCNN.from_clip(clip, CATEGORIES, mc, seed=1)
+            plain = OpenVocabularyRCNN.from_clip(clip, CATEGORIES, mc, seed=1)
+        else:
+            light = dataclasses.replace(mc, target_backbone=args.target_backbone)
+            student = LightRCNN.from_teacher(teacher, light, seed=1)
+            plain = LightRCNN.from_teacher(teacher, light, seed=1)
     cfg = DistillConfig(steps=args.steps, min_score=0.0, min_clip_score=0.0, pi=0.0)
     state = build_state(teacher, student, cfg)
     plain.train()
@@ -103,7 +113,7 @@ def main() -> None:
                 times[phase].append(t1 - t0)
                 times["plain"].append(t2 - t1)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"threads={torch.get_num_threads()} images={args.images} size={h}x{w} hidden={args.hidden} "
+    print(f"target={args.target_backbone} threads={torch.get_num_threads()} images={args.images} size={h}x{w} hidden={args.hidden} "
           f"layers={args.layers} sets: consistent={metrics['sep_consistent']} "
           f"inconsistent={metrics['sep_inconsistent']} private={metrics['sep_private']}")
     print(f"supervised step               {med['plain'] * 1000:8.1f} ms CPU (median of {2 * args.steps})")
