@@ -138,7 +138,7 @@ class DistillConfig:
     use_con: bool = True
     use_inc: bool = True
     use_pri: bool = True
-    private_objectness: bool = False  # the cloud's private boxes are RPN targets too
+    private_objectness: bool = True  # the cloud's private boxes are RPN targets too
     ckg_lr: float = _range(0.0, None, lo_open=True, default=1e-3)
     ckg_heads: int = _range(1, None, default=4)
     checkpoint_every: int = _range(1, None, default=100)

@@ -85,7 +85,7 @@ def _set_boxes(sep: Separation, device: torch.device) -> dict[str, torch.Tensor]
 class DistillStudent(nn.Module):
     """Wraps the student detector; ``forward`` is the distillation pass (``detector`` holds it)."""
 
-    def __init__(self, detector: OpenVocabularyRCNN, private_objectness: bool = False) -> None:
+    def __init__(self, detector: OpenVocabularyRCNN, private_objectness: bool = True) -> None:
         super().__init__()
         self.detector = detector
         self.private_objectness = private_objectness
