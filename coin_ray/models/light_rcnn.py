@@ -25,6 +25,7 @@ weights; a user with them can load them into ``trunk.body`` before distillation)
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 import torch
@@ -115,7 +116,7 @@ class ClassEmbeddings(nn.Module):
 
 
 class LightRCNN(OpenVocabularyRCNN):
-    """The CLIP detector's design on a ResNet-18 trunk; build with ``from_teacher``."""
+    """The CLIP detector's design on a MobileNetV3 or ResNet-18 trunk; build with ``from_teacher``."""
 
     @classmethod
     def from_teacher(cls, teacher: OpenVocabularyRCNN, model_cfg: ModelConfig | None = None, *,
@@ -131,10 +132,7 @@ class LightRCNN(OpenVocabularyRCNN):
         meta = {**{k: v for k, v in teacher.meta.items() if k in ("categories", "clip_path", "style",
                                                                   "templates")},
                 "architecture": ARCHITECTURE, "joint_dim": int(text.shape[1]), "seed": seed,
-                "model_cfg": {**teacher.meta.get("model_cfg", {}), "target_backbone": model_cfg.target_backbone,
-                              "min_size": model_cfg.min_size, "max_size": model_cfg.max_size,
-                              "detections_per_image": model_cfg.detections_per_image,
-                              "score_threshold": model_cfg.score_threshold}}
+                "model_cfg": dataclasses.asdict(model_cfg)}
         model = cls.from_meta(meta, model_cfg, seed=seed)
         with torch.no_grad():
             model.prompt_learner.weight.copy_(text)

@@ -256,11 +256,9 @@ def load_detector(uri: str | Path, map_location: str | torch.device = "cpu") -> 
 
     if is_light(meta):
         model = LightRCNN.from_meta(meta, model_cfg, seed=meta.get("seed", 0))
-        model.load_state_dict(blob["state_dict"])
-        return model.to(map_location)
-    model = OpenVocabularyRCNN.from_clip(meta["clip_path"], meta["categories"],
-                                         model_cfg, meta["style"],
-                                         meta["templates"], seed=meta.get("seed", 0))
+    else:
+        model = OpenVocabularyRCNN.from_clip(meta["clip_path"], meta["categories"], model_cfg, meta["style"],
+                                             meta["templates"], seed=meta.get("seed", 0))
     model.load_state_dict(blob["state_dict"])
     model.meta = dict(meta)
     return model.to(map_location)

@@ -115,7 +115,6 @@ class DistillStudent(nn.Module):
                            kinds["inconsistent"][0], kinds["private"][0], kinds["consistent"][1],
                            kinds["inconsistent"][1], t)
 
-
     def _private_objects(self, private_boxes: torch.Tensor, sep: Separation) -> list[torch.Tensor]:
         """The cloud's private boxes (resized frame) when they count as objects for the RPN."""
         if not self.private_objectness:
