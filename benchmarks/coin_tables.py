@@ -7,7 +7,7 @@ Stages 0-2 (collection, dissemination, CLIP detection) run once through the pipe
 (``coin_ray.ray.pipeline.run_adaptation``, resumed when already done); every distillation
 variant then runs in-process (``coin_ray.train.distill.distill``) from the same stored
 cloud detections and CLIP detector, is evaluated on the labelled target val split
-(pycocotools AP50) and cached as JSON under ``<storage>/tables/``, so a re-run only trains
+(pycocotools AP50) and cached as JSON under ``<storage>/tables/<world>/<settings>/``, so a re-run only trains
 what is missing.
 
     Table 1   Cloud det, CLIP, CLIP det (stored detections) and COIN: AP50 per class, mAP50
@@ -181,7 +181,11 @@ def main() -> None:
 
     split = val_split(cfg)
     world = demo_world(cfg)
-    cache = storage.join(args.storage, "tables", args.world)
+    # Results are cached per world and per shared setting (steps, overrides), so a run with
+    # other settings into the same storage never reuses these.
+    shared = [*([f"steps={args.steps}"] if args.steps else []), *args.overrides]
+    tag = "-".join(o.replace("=", "_").replace("/", "_") for o in shared) or "defaults"
+    cache = storage.join(args.storage, "tables", args.world, tag)
     tables = set(args.tables.split(","))
     if world is not None:
         train_gt = load_coco(str(world.target_train_json), str(world.target_train_images), cfg.data.categories)
