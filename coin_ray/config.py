@@ -88,7 +88,7 @@ class ModelConfig:
     context_init: str = "a photo of a"
     num_extra_context: int = _range(0, None, default=4)  # M learnable tokens after the init
     frozen_vision_layers: int = _range(0, None, default=0)
-    backbone_lr_mult: float = _range(0.0, None, default=0.1)
+    backbone_lr_mult: float = _range(0.0, None, default=1.0)  # CLIP vision layers (see README)
     head_layers: int = _range(0, None, default=1)  # last CLIP vision layers run per region (ViT "C4")
     roi_size: int = _range(1, None, default=4)  # RoIAlign grid side, in patch tokens
     target_backbone: Literal["clip", "mobilenet_v3", "resnet18"] = "clip"  # distilled: OV-RCNN | LightRCNN

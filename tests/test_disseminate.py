@@ -63,7 +63,8 @@ def small_cfg(clip_dir: str, **disseminate) -> object:
              "lambda": 1.0, **disseminate}
     return from_dict({"data": {"categories": CATEGORIES, "style": "foggy street scene"},
                       "clip": {"model": clip_dir},
-                      "model": {"min_size": 96, "max_size": 128, "num_extra_context": 2},
+                      "model": {"min_size": 96, "max_size": 128, "num_extra_context": 2,
+                                "backbone_lr_mult": 0.1},
                       "train": {"disseminate": steps}})
 
 
