@@ -27,12 +27,11 @@ import time
 
 import torch
 
-from coin_ray.config import DistillConfig, ModelConfig
+from coin_ray.config import DistillConfig, from_dict
 from coin_ray.models.clip_factory import write_clip
-from coin_ray.models.light_rcnn import LightRCNN
 from coin_ray.models.ov_rcnn import OpenVocabularyRCNN
 from coin_ray.separate import SourceBoxes, as_source
-from coin_ray.train.distill import Batch, Phase, build_state, distill_step
+from coin_ray.train.distill import Batch, Phase, build_state, build_student, distill_step
 
 CATEGORIES = ["truck", "car", "rider", "person", "train", "motorcycle", "bicycle", "bus"]
 
@@ -79,16 +78,15 @@ def main() -> None:
         clip = str(write_clip(tmp, CATEGORIES + ["a", "photo", "of", "background"], image_size=224,
                               patch_size=16, hidden_size=args.hidden, projection_dim=args.hidden,
                               num_layers=args.layers))
-        mc = ModelConfig(min_size=args.size, max_size=2 * args.size, detections_per_image=20,
-                         score_threshold=0.0)
-        teacher = OpenVocabularyRCNN.from_clip(clip, CATEGORIES, mc, seed=0)
-        if args.target_backbone == "clip":
-            student = OpenVocabularyRCNN.from_clip(clip, CATEGORIES, mc, seed=1)
-            plain = OpenVocabularyRCNN.from_clip(clip, CATEGORIES, mc, seed=1)
-        else:
-            light = dataclasses.replace(mc, target_backbone=args.target_backbone)
-            student = LightRCNN.from_teacher(teacher, light, seed=1)
-            plain = LightRCNN.from_teacher(teacher, light, seed=1)
+        target_cfg = from_dict({"seed": 1, "data": {"categories": CATEGORIES, "style": ""},
+                                "model": {"min_size": args.size, "max_size": 2 * args.size,
+                                          "detections_per_image": 20, "score_threshold": 0.0,
+                                          "target_backbone": args.target_backbone}})
+        mc = dataclasses.replace(target_cfg.model, target_backbone="clip")
+        teacher = OpenVocabularyRCNN.from_clip(clip, CATEGORIES, mc, style="", seed=0)
+        # Two identical fresh targets: one distilled, one trained plainly on the same batch.
+        student = build_student(target_cfg, teacher)
+        plain = build_student(target_cfg, teacher)
     cfg = DistillConfig(steps=args.steps, min_score=0.0, min_clip_score=0.0, pi=0.0)
     state = build_state(teacher, student, cfg)
     plain.train()
