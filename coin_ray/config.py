@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -98,6 +99,24 @@ class ModelConfig:
     score_threshold: float = _range(0.0, 1.0, default=0.05)
 
 
+# The reference's foggy schedule: 65k steps with EMA keep rates of 0.9996 per step (eta for
+# the prototypes, the teacher's keep rate). The same time constant on a run of any length
+# is a half-life as a fraction of the run: ln(0.5) / ln(0.9996) = 1733 steps = 0.0267 of it.
+PAPER_RUN_STEPS = 65_000
+PAPER_HALF_LIFE = round(math.log(0.5) / math.log(0.9996) / PAPER_RUN_STEPS, 6)  # 0.026654
+
+
+def keep_rate(half_life: float, steps: int) -> float:
+    """The per-step EMA keep rate whose half-life is ``half_life`` x ``steps`` steps.
+
+    ``0.5 ** (1 / (half_life * steps))``: after that many steps an old value keeps half its
+    weight. ``keep_rate(PAPER_HALF_LIFE, PAPER_RUN_STEPS)`` is the paper's 0.9996. A run of
+    0 steps (or a half-life of 0) keeps nothing: 0.0.
+    """
+    span = half_life * steps
+    return 0.0 if span <= 0 else math.exp(math.log(0.5) / span)
+
+
 @dataclass
 class DisseminateConfig:
     """Stage 1: pre-training the CLIP detector on cloud detections."""
@@ -107,11 +126,16 @@ class DisseminateConfig:
     lr: float = _range(0.0, None, lo_open=True, default=2e-3)
     weight_decay: float = _range(0.0, None, default=1e-4)
     lambda_: float = _range(0.0, None, default=10.0)
-    eta: float = _range(0.0, 1.0, default=0.9996)
+    eta_half_life: float = _range(0.0, None, default=PAPER_HALF_LIFE)  # prototype EMA, fraction of the run
     background_weight: float = _range(0.0, None, default=1.0)
     min_cloud_score: float = _range(0.0, 1.0, default=0.3)
     checkpoint_every: int = _range(1, None, default=100)
     log_every: int = _range(1, None, default=10)
+
+    @property
+    def eta(self) -> float:
+        """The prototypes' per-step EMA keep rate (the paper's eta) for this run's length."""
+        return keep_rate(self.eta_half_life, self.steps)
 
 
 @dataclass
@@ -125,10 +149,10 @@ class DistillConfig:
     gamma1: float = _range(0.0, None, default=0.1)  # L_inc weight
     gamma2: float = _range(0.0, None, default=0.1)  # L_pri weight
     lambda_: float = _range(0.0, None, default=10.0)  # L_align weight
-    eta: float = _range(0.0, 1.0, default=0.9996)  # prototype EMA rate
+    eta_half_life: float = _range(0.0, None, default=PAPER_HALF_LIFE)  # prototype EMA (eta), fraction of the run
     pi: float = _range(0.0, 1.0, default=0.7)  # CKG confidence threshold
     burn_up: float = _range(0.0, 1.0, default=0.7)  # fraction of steps before L_inc/EMA teacher
-    teacher_keep_rate: float = _range(0.0, 1.0, default=0.9996)
+    teacher_half_life: float = _range(0.0, None, default=PAPER_HALF_LIFE)  # EMA teacher, fraction of the run
     match_iou: float = _range(0.0, 1.0, lo_open=True, default=0.5)
     min_score: float = _range(0.0, 1.0, default=0.3)  # cloud boxes below it are not separated
     min_clip_score: float = _range(0.0, 1.0, default=0.1)  # CLIP-det boxes below it are not separated
@@ -144,6 +168,16 @@ class DistillConfig:
     checkpoint_every: int = _range(1, None, default=100)
     log_every: int = _range(1, None, default=10)
     eval_every: int = _range(0, None, default=0)  # 0 = only at the end
+
+    @property
+    def eta(self) -> float:
+        """The prototypes' per-step EMA keep rate (the paper's eta) for this run's length."""
+        return keep_rate(self.eta_half_life, self.steps)
+
+    @property
+    def teacher_keep_rate(self) -> float:
+        """The EMA teacher's per-step keep rate for this run's length."""
+        return keep_rate(self.teacher_half_life, self.steps)
 
 
 @dataclass

@@ -45,7 +45,12 @@ def _empty_loss(like: torch.Tensor) -> torch.Tensor:
 
 
 def kl_to_target(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
-    """KL(target || softmax(logits)), summed over classes and averaged over rows.
+    """KL(target || softmax(logits)), averaged over rows *and* the K+1 classes.
+
+    This is torch's ``KLDivLoss(reduction='mean')``, the scale the reference code trains
+    with: a per-row KL divided by K+1 as well as by the number of rows. With the paper's
+    gamma1 = gamma2 = 0.1 tuned at that scale, summing over classes instead would make
+    L_inc and L_pri K+1 times heavier relative to L_con.
 
     Args:
         logits: (R, K+1) raw scores of the model being taught.
@@ -58,7 +63,7 @@ def kl_to_target(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tens
     target = target_probs.detach().to(logits.dtype)
     log_p = torch.log_softmax(logits, dim=-1)
     log_t = torch.log(target.clamp_min(1e-12))
-    return (target * (log_t - log_p)).sum(dim=-1).mean()
+    return (target * (log_t - log_p)).mean()
 
 
 def l_con(outputs: RegionOutputs, targets: RegionTargets, rpn_losses: dict[str, torch.Tensor], *,
@@ -119,36 +124,61 @@ def squared_error(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((probs - target) ** 2).sum(dim=-1).mean()
 
 
-def gradient_direction_loss(g_consistent: torch.Tensor, g_inconsistent: torch.Tensor) -> torch.Tensor:
-    """1 - cos(g^, g~): 0 for parallel gradients, 2 for opposite ones.
+def _unit_rows(g: torch.Tensor) -> torch.Tensor:
+    """``g`` as rows (a matrix row by row, a vector as one row), each divided by its (detached)
+    largest entry: the cosine and its gradient are unchanged, and tiny gradients no longer
+    underflow when squared for the norm."""
+    rows = g.reshape(g.shape[0], -1) if g.dim() >= 2 else g.reshape(1, -1)
+    return rows / rows.detach().abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(rows.dtype).tiny)
 
-    g^ (from consistent boxes) is the supervision and is detached; g~ (from inconsistent
-    boxes, through the CKG's fused probs) carries the graph back to the CKG.
+
+def gradient_direction_loss(g_consistent: list[torch.Tensor], g_inconsistent: list[torch.Tensor]) -> torch.Tensor:
+    """mean over tensors of (1 - cos(g^, g~)): 0 for parallel gradients, 2 for opposite ones.
+
+    As in the reference code, the cosine of a weight matrix's gradients is taken row by row
+    (one row per output unit) and averaged; a bias vector's is one plain cosine. 0 when
+    no row has a direction on both sides. g^ (from
+    consistent boxes) is the supervision and is detached; g~ (from inconsistent boxes,
+    through the CKG's fused probs) carries the graph back to the CKG.
 
     Args:
-        g_consistent, g_inconsistent: (P,) flattened gradients w.r.t. one student layer.
+        g_consistent, g_inconsistent: one gradient per parameter tensor of the aligned
+            layers, in the same order and shapes ((out, in) weights, (out,) biases).
     """
-    a, b = g_consistent.detach().flatten(), g_inconsistent.flatten()
-    # Rescale each by its (detached) largest entry: the cosine and its gradient are
-    # unchanged, and tiny gradients no longer underflow when squared for the norm.
-    a = a / a.abs().max().clamp_min(torch.finfo(a.dtype).tiny)
-    b = b / b.detach().abs().max().clamp_min(torch.finfo(b.dtype).tiny)
-    return 1.0 - torch.nn.functional.cosine_similarity(a, b, dim=0, eps=1e-12)
+    if len(g_consistent) != len(g_inconsistent) or not g_consistent:
+        raise ValueError(f"need the same non-zero number of gradient tensors, got "
+                         f"{len(g_consistent)} and {len(g_inconsistent)}")
+    per_tensor = []
+    for a, b in zip(g_consistent, g_inconsistent):
+        if a.shape != b.shape:
+            raise ValueError(f"gradient shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+        ra, rb = _unit_rows(a.detach()), _unit_rows(b)
+        # A row that is zero on either side has no direction (a ReLU unit dead on these
+        # regions, or no inconsistent box in the batch): it is left out rather than scored
+        # as cos 0, a constant that only shifts the loss.
+        live = (ra.abs().amax(dim=1) > 0) & (rb.detach().abs().amax(dim=1) > 0)
+        if bool(live.any()):
+            cos = torch.nn.functional.cosine_similarity(ra[live], rb[live], dim=1, eps=1e-12)
+            per_tensor.append(1.0 - cos.mean())
+    if not per_tensor:
+        return _empty_loss(g_inconsistent[0])
+    return torch.stack(per_tensor).mean()
 
 
-def l_ckg(g_consistent: torch.Tensor, g_inconsistent: torch.Tensor, ckg_probs_consistent: torch.Tensor,
-          consistent_labels: torch.Tensor) -> torch.Tensor:
+def l_ckg(g_consistent: list[torch.Tensor], g_inconsistent: list[torch.Tensor],
+          ckg_probs_consistent: torch.Tensor, consistent_labels: torch.Tensor) -> torch.Tensor:
     """L_ckg = (1 - cos(g^, g~)) + KL(onehot(l^) || p^_ckg).
 
     Args:
-        g_consistent, g_inconsistent: flattened layer gradients (see ``gradient_direction_loss``).
+        g_consistent, g_inconsistent: per-tensor gradients (see ``gradient_direction_loss``).
         ckg_probs_consistent: (P, K+1) CKG output on consistent boxes (probabilities).
         consistent_labels: (P,) int64 in [0, K), the label both sources agree on.
     Returns:
-        A scalar. The KL to a one-hot target is -log p[l] (the one-hot has no entropy).
+        A scalar. The KL to a one-hot target is -log p[l] (the one-hot has no entropy),
+        averaged over rows and, as ``kl_to_target``, over the K+1 classes.
     """
     direction = gradient_direction_loss(g_consistent, g_inconsistent)
     if len(ckg_probs_consistent) == 0:
         return direction + _empty_loss(ckg_probs_consistent)
     picked = ckg_probs_consistent.gather(1, consistent_labels[:, None]).squeeze(1)
-    return direction - torch.log(picked.clamp_min(1e-7)).mean()
+    return direction - torch.log(picked.clamp_min(1e-7)).mean() / ckg_probs_consistent.shape[1]

@@ -98,7 +98,8 @@ def _set_colours(cloud: Detections, clip_det: Detections, iou: float) -> tuple[l
     Uses the same one-to-one matching as ``coin_ray.separate.separate``: a matched pair is
     consistent when the labels agree, inconsistent otherwise; unmatched boxes are private.
     """
-    pairs = match_one_to_one(torch.from_numpy(cloud.boxes), torch.from_numpy(clip_det.boxes), iou).tolist()
+    pairs = match_one_to_one(torch.from_numpy(cloud.boxes), torch.from_numpy(clip_det.boxes), iou,
+                             labels_a=torch.as_tensor(cloud.labels), labels_b=torch.as_tensor(clip_det.labels)).tolist()
     cloud_colours = [SET_COLOURS["private"]] * len(cloud)
     clip_colours = [SET_COLOURS["private"]] * len(clip_det)
     for i, j in pairs:

@@ -1,7 +1,8 @@
 """Stage 2, knowledge separation: consistent, inconsistent and private detections.
 
 For one image, the cloud detections and the CLIP-detector detections are matched one to
-one by IoU (``coin_ray.boxes.match_one_to_one``, cloud first). Then (paper, Sec. 3.3):
+one by IoU, a same-label partner preferred among a box's partners above the threshold
+(``coin_ray.boxes.match_one_to_one``, cloud first). Then (paper, Sec. 3.3):
 
     consistent P^    matched pairs whose labels agree
     inconsistent P~  matched pairs whose labels differ (both probability vectors kept)
@@ -153,7 +154,8 @@ def separate(cloud: SourceBoxes, clip_det: SourceBoxes, *,
     Returns:
         ``Separation``; every input box lands in exactly one set (a pair counts once).
     """
-    pairs = match_one_to_one(cloud.boxes, clip_det.boxes, iou_threshold)
+    pairs = match_one_to_one(cloud.boxes, clip_det.boxes, iou_threshold,
+                             labels_a=cloud.labels, labels_b=clip_det.labels)
     ci, ji = pairs[:, 0], pairs[:, 1]
     cloud_m, clip_m = cloud.select(ci), clip_det.select(ji)
     same = cloud_m.labels == clip_m.labels

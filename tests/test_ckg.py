@@ -6,7 +6,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from coin_ray.losses import l_ckg
-from coin_ray.models.ckg import CKG, FUSIONS, layer_gradients
+from coin_ray.models.ckg import CKG, FUSIONS, mlp_gradients
 
 K, D = 3, 8
 
@@ -57,12 +57,12 @@ def test_fusions_are_the_table_6_variants():
 
 
 class _Student(nn.Module):
-    """A backbone, the named layer theta (proj) and a cosine classifier, as the detector."""
+    """A backbone, the aligned projection MLP theta (``trans``) and a cosine classifier."""
 
     def __init__(self):
         super().__init__()
         self.backbone = nn.Linear(6, 10)
-        self.proj = nn.Linear(10, D)
+        self.trans = nn.Sequential(nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, D))
         self.text = nn.Parameter(F.normalize(torch.randn(K + 1, D), dim=-1))
 
     def head(self, projected):
@@ -75,8 +75,8 @@ def _alignment_inputs(seed=0):
     x_con, x_inc = torch.randn(4, 6), torch.randn(3, 6)
     h_con, h_inc = torch.relu(student.backbone(x_con)), torch.relu(student.backbone(x_inc))
     labels = torch.tensor([0, 1, 2, 1])
-    f_con = F.normalize(student.proj(h_con), dim=-1)
-    f_inc = F.normalize(student.proj(h_inc), dim=-1)
+    f_con = F.normalize(student.trans(h_con), dim=-1)
+    f_inc = F.normalize(student.trans(h_inc), dim=-1)
     return student, ckg, h_con, h_inc, labels, f_con, f_inc
 
 
@@ -84,30 +84,33 @@ def test_l_ckg_reaches_the_ckg_and_not_the_student():
     student, ckg, h_con, h_inc, labels, f_con, f_inc = _alignment_inputs()
     p_inc = ckg(f_inc.detach(), _probs(3, 6), _probs(3, 7))
     p_con = ckg(f_con.detach(), _probs(4, 8), _probs(4, 9))
-    g_con, g_inc = layer_gradients(student.proj, student.head, h_con, F.one_hot(labels, K + 1).float(),
-                                   h_inc, p_inc)
-    assert g_con.shape == g_inc.shape == (10 * D + D,)
+    g_con, g_inc = mlp_gradients(student.trans, student.head, h_con, F.one_hot(labels, K + 1).float(),
+                                 h_inc, p_inc)
+    shapes = [(12, 10), (12,), (D, 12), (D,)]
+    assert [tuple(g.shape) for g in g_con] == [tuple(g.shape) for g in g_inc] == shapes
     loss = l_ckg(g_con, g_inc, p_con, labels)
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ckg.parameters())
     assert all(p.grad is None for p in student.parameters())
 
 
-def test_layer_gradients_match_autograd_on_the_real_layer():
+def test_mlp_gradients_match_autograd_on_every_tensor_of_the_real_mlp():
     student, ckg, h_con, h_inc, labels, _, _ = _alignment_inputs(1)
     target = F.one_hot(labels, K + 1).float()
-    g_con, _ = layer_gradients(student.proj, student.head, h_con, target, h_inc, _probs(3, 1))
-    p = torch.softmax(student.head(student.proj(h_con.detach())), -1)
+    g_con, _ = mlp_gradients(student.trans, student.head, h_con, target, h_inc, _probs(3, 1))
+    p = torch.softmax(student.head(student.trans(h_con.detach())), -1)
     ((p - target) ** 2).sum(-1).mean().backward()
-    expected = torch.cat([student.proj.weight.grad.flatten(), student.proj.bias.grad.flatten()])
-    assert torch.allclose(g_con, expected, atol=1e-6)
+    expected = [p.grad for p in student.trans.parameters()]
+    assert len(g_con) == len(expected) == 4
+    for got, want in zip(g_con, expected):
+        assert torch.allclose(got, want, atol=1e-6)
 
 
 def test_alignment_is_zero_when_the_ckg_teaches_the_consistent_answer():
     # Same regions on both sides, inconsistent target = the consistent one-hot: g~ == g^.
     student, _, h_con, _, labels, _, _ = _alignment_inputs(2)
     target = F.one_hot(labels, K + 1).float()
-    g_con, g_inc = layer_gradients(student.proj, student.head, h_con, target, h_con, target)
+    g_con, g_inc = mlp_gradients(student.trans, student.head, h_con, target, h_con, target)
     assert l_ckg(g_con, g_inc, target, labels).item() == pytest.approx(0.0, abs=1e-5)
 
 
@@ -115,11 +118,12 @@ def test_alignment_under_bf16_autocast_matches_float32():
     student, ckg, h_con, h_inc, labels, f_con, f_inc = _alignment_inputs(3)
     target = F.one_hot(labels, K + 1).float()
     p_inc = ckg(f_inc.detach(), _probs(3, 6), _probs(3, 7))
-    g32 = layer_gradients(student.proj, student.head, h_con, target, h_inc, p_inc)
+    g32 = mlp_gradients(student.trans, student.head, h_con, target, h_inc, p_inc)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        g16 = layer_gradients(student.proj, student.head, h_con.bfloat16(), target, h_inc.bfloat16(), p_inc)
+        g16 = mlp_gradients(student.trans, student.head, h_con.bfloat16(), target, h_inc.bfloat16(), p_inc)
         loss = l_ckg(*g16, p_inc, labels[:3])
-    assert g16[1].dtype == torch.float32 and torch.isfinite(loss)
-    cos32 = F.cosine_similarity(*g32, dim=0)
-    cos16 = F.cosine_similarity(*g16, dim=0)
-    assert cos16.item() == pytest.approx(cos32.item(), abs=2e-2)
+    assert all(g.dtype == torch.float32 for g in g16[1]) and torch.isfinite(loss)
+    for a32, b32, a16, b16 in zip(g32[0], g32[1], g16[0], g16[1]):
+        cos32 = F.cosine_similarity(a32.flatten(), b32.flatten(), dim=0)
+        cos16 = F.cosine_similarity(a16.flatten(), b16.flatten(), dim=0)
+        assert cos16.item() == pytest.approx(cos32.item(), abs=2e-2)

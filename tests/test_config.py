@@ -1,13 +1,31 @@
 import pytest
 import yaml
 
-from coin_ray.config import Config, ConfigError, from_dict, load_config, to_yaml, with_updates
+from coin_ray.config import (PAPER_HALF_LIFE, PAPER_RUN_STEPS, Config, ConfigError, from_dict, keep_rate, load_config,
+                             to_yaml, with_updates)
 
 
 def test_defaults_are_the_papers():
     cfg = load_config()
     d = cfg.train.distill
-    assert (d.gamma1, d.gamma2, d.lambda_, d.eta, d.pi) == (0.1, 0.1, 10.0, 0.9996, 0.7)
+    assert (d.gamma1, d.gamma2, d.lambda_, d.pi) == (0.1, 0.1, 10.0, 0.7)
+    # eta and the teacher's keep rate are time constants: on the paper's 65k-step run the
+    # default half-life gives its 0.9996 per step.
+    paper = with_updates(cfg, [f"train.distill.steps={PAPER_RUN_STEPS}"]).train.distill
+    assert round(paper.eta, 4) == round(paper.teacher_keep_rate, 4) == 0.9996
+
+
+def test_half_lives_are_fractions_of_the_run():
+    assert keep_rate(0.5, 2) == pytest.approx(0.5)  # half-life 1 step: half kept per step
+    assert keep_rate(0.25, 8) == pytest.approx(0.5 ** 0.5)
+    assert keep_rate(0.1, 0) == keep_rate(0.0, 100) == 0.0
+    assert keep_rate(PAPER_HALF_LIFE, PAPER_RUN_STEPS) == pytest.approx(0.9996, abs=2e-7)
+    # The same fraction on a 2000-step run: a 53.4-step half-life, not 1733 steps.
+    d = with_updates(Config(), ["train.distill.steps=2000", "train.distill.eta_half_life=0.05"]).train.distill
+    assert d.eta == pytest.approx(0.5 ** (1 / 100))
+    assert d.teacher_keep_rate == pytest.approx(0.5 ** (1 / (2000 * PAPER_HALF_LIFE)))
+    assert with_updates(Config(), ["train.disseminate.steps=100"]).train.disseminate.eta == pytest.approx(
+        0.5 ** (1 / (100 * PAPER_HALF_LIFE)))
 
 
 def test_yaml_and_dotted_overrides(tmp_path):

@@ -59,7 +59,7 @@ def clip_dir(tmp_path_factory):
 
 
 def small_cfg(clip_dir: str, **disseminate) -> object:
-    steps = {"steps": 30, "batch_size": 2, "lr": 3e-3, "min_cloud_score": 0.3, "eta": 0.9,
+    steps = {"steps": 30, "batch_size": 2, "lr": 3e-3, "min_cloud_score": 0.3, "eta_half_life": 0.2,
              "lambda": 1.0, **disseminate}
     return from_dict({"data": {"categories": CATEGORIES, "style": "foggy street scene"},
                       "clip": {"model": clip_dir},
@@ -123,9 +123,13 @@ def test_resuming_from_a_training_state_gives_the_same_model(tmp_path, clip_dir)
         return model, optimizer, build_scheduler(optimizer, cfg.train.disseminate.steps)
 
     def run(objects, steps: int, start: int = 0) -> None:
+        # Stop after ``steps`` of the 4-step run: the half-life is a fraction of the run, so
+        # it is rescaled to keep the 4-step run's per-step eta.
         model, optimizer, scheduler = objects
-        run_steps(model, dataset, optimizer, scheduler, dataclasses.replace(cfg.train.disseminate, steps=steps),
-                  seed=0, start_step=start)
+        d = cfg.train.disseminate
+        part = dataclasses.replace(d, steps=steps, eta_half_life=d.eta_half_life * d.steps / steps)
+        assert part.eta == pytest.approx(d.eta)
+        run_steps(model, dataset, optimizer, scheduler, part, seed=0, start_step=start)
 
     straight = fresh()
     run(straight, 4)

@@ -1,6 +1,7 @@
 """The distillation step on a tiny real CLIP detector: phases, CKG isolation, EMA, resume."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -47,8 +48,14 @@ def _batch(teacher) -> Batch:
     return Batch(images, cloud)
 
 
+def _half_life(keep: float, steps: int) -> float:
+    """The half-life (fraction of a ``steps``-step run) whose per-step keep rate is ``keep``."""
+    return math.log(0.5) / math.log(keep) / steps
+
+
 def _cfg(**kw) -> DistillConfig:
-    base = dict(steps=4, burn_up=0.5, min_score=0.0, min_clip_score=0.0, teacher_keep_rate=0.9, pi=0.0, lr=1e-3)
+    base = dict(steps=4, burn_up=0.5, min_score=0.0, min_clip_score=0.0, teacher_half_life=_half_life(0.9, 4),
+                pi=0.0, lr=1e-3)
     return DistillConfig(**{**base, **kw})
 
 
@@ -92,7 +99,8 @@ def _student_pass(state, batch, cfg):
 def test_after_burn_up_the_teacher_moves_toward_the_student_by_the_keep_rate(clip_dir):
     torch.manual_seed(0)
     teacher, student = _models(clip_dir)
-    cfg = _cfg(teacher_keep_rate=0.75)
+    cfg = _cfg(teacher_half_life=_half_life(0.75, 4))
+    assert cfg.teacher_keep_rate == pytest.approx(0.75)
     state = build_state(teacher, student, cfg)
     batch = _batch(state.teacher)
     before = copy.deepcopy(state.teacher.state_dict())

@@ -3,6 +3,7 @@ saved and loaded without CLIP, distilled through burn-up (teacher swap) and resu
 
 import copy
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -86,7 +87,8 @@ def test_a_saved_light_detector_loads_without_clip_and_detects_the_same(teacher,
 
 def test_distillation_swaps_the_teacher_at_burn_up_then_tracks_the_student(teacher):
     torch.manual_seed(0)
-    cfg = DistillConfig(steps=4, burn_up=0.5, min_score=0.0, min_clip_score=0.0, teacher_keep_rate=0.75,
+    cfg = DistillConfig(steps=4, burn_up=0.5, min_score=0.0, min_clip_score=0.0,
+                        teacher_half_life=math.log(0.5) / math.log(0.75) / 4,  # keep rate 0.75
                         pi=0.0, lr=1e-3)
     state = build_state(teacher, LightRCNN.from_teacher(teacher, MODEL, seed=1), cfg)
     batch = _batch(_images())

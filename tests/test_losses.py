@@ -27,7 +27,7 @@ def _kl_by_hand(logits, target):
     for row_l, row_t in zip(logits.tolist(), target.tolist()):
         z = math.log(sum(math.exp(v) for v in row_l))
         total += sum(t * (math.log(t) - (v - z)) for v, t in zip(row_l, row_t) if t > 0)
-    return total / len(logits)
+    return total / len(logits) / (K + 1)  # the reference's KLDivLoss(reduction='mean')
 
 
 def test_l_align_is_the_mean_absolute_difference_and_only_teaches_the_text_side():
@@ -43,14 +43,24 @@ def test_l_pri_is_the_kl_to_the_source_probs():
     logits = torch.randn(5, K + 1, generator=_gen(1))
     target = _probs(5, 2)
     assert l_pri(logits, target).item() == pytest.approx(_kl_by_hand(logits, target), rel=1e-5)
-    ref = torch.nn.functional.kl_div(torch.log_softmax(logits, -1), target, reduction="batchmean")
+    ref = torch.nn.functional.kl_div(torch.log_softmax(logits, -1), target, reduction="sum") / logits.numel()
     assert l_pri(logits, target).item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_kl_terms_are_scaled_as_kldivloss_mean_over_rows_and_classes():
+    # Two rows, K+1 = 4: one-hot targets give -log p[label], summed then divided by 2 * 4.
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [math.log(3.0), 0.0, 0.0, 0.0]])
+    target = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    expected = (math.log(4.0) + math.log(6.0 / 3.0)) / 8
+    assert kl_to_target(logits, target).item() == pytest.approx(expected, rel=1e-6)
+    assert l_pri(logits, target).item() == pytest.approx(expected, rel=1e-6)
+    assert l_inc(logits, target, pi=0.7).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_kl_to_target_with_zero_entries_and_zero_when_equal():
     target = torch.tensor([[0.0, 1.0, 0.0, 0.0]])
     logits = torch.tensor([[0.3, 1.2, -0.5, 0.0]])
-    assert kl_to_target(logits, target).item() == pytest.approx(-torch.log_softmax(logits, -1)[0, 1].item())
+    assert kl_to_target(logits, target).item() == pytest.approx(-torch.log_softmax(logits, -1)[0, 1].item() / (K + 1))
     probs = _probs(4, 3)
     assert kl_to_target(torch.log(probs), probs).item() == pytest.approx(0.0, abs=1e-6)
 
@@ -102,19 +112,38 @@ def test_squared_error_sums_classes_and_averages_rows():
 
 def test_gradient_direction_loss_is_0_parallel_1_orthogonal_2_opposite():
     g = torch.tensor([1.0, -2.0, 3.0])
-    assert gradient_direction_loss(g, 5 * g).item() == pytest.approx(0.0, abs=1e-6)
-    assert gradient_direction_loss(g, -0.1 * g).item() == pytest.approx(2.0, abs=1e-6)
-    assert gradient_direction_loss(torch.tensor([1.0, 0]), torch.tensor([0, 2.0])).item() == pytest.approx(1.0)
+    assert gradient_direction_loss([g], [5 * g]).item() == pytest.approx(0.0, abs=1e-6)
+    assert gradient_direction_loss([g], [-0.1 * g]).item() == pytest.approx(2.0, abs=1e-6)
+    assert gradient_direction_loss([torch.tensor([1.0, 0])], [torch.tensor([0, 2.0])]).item() == pytest.approx(1.0)
     # Tiny gradients keep their direction (no eps swallowing them).
-    assert gradient_direction_loss(1e-20 * g, -1e-20 * g).item() == pytest.approx(2.0, abs=1e-5)
+    assert gradient_direction_loss([1e-20 * g], [-1e-20 * g]).item() == pytest.approx(2.0, abs=1e-5)
+
+
+def test_gradient_direction_loss_takes_matrices_row_by_row_and_averages_tensors():
+    # Weight rows: parallel (cos 1), orthogonal (cos 0) -> 1 - mean = 0.5. A global cosine
+    # of the flattened matrices would give 1 - 3/sqrt(10 * 5) instead.
+    w_con = torch.tensor([[1.0, 2.0], [1.0, 0.0]])
+    w_inc = torch.tensor([[3.0, 6.0], [0.0, 5.0]])
+    assert gradient_direction_loss([w_con], [w_inc]).item() == pytest.approx(0.5, abs=1e-6)
+    # A bias is one plain cosine: opposite -> 2. Mean over the two tensors: (0.5 + 2) / 2.
+    b = torch.tensor([1.0, -1.0])
+    assert gradient_direction_loss([w_con, b], [w_inc, -b]).item() == pytest.approx(1.25, abs=1e-6)
+    # A row that is zero on either side (a dead unit) has no direction and is left out.
+    dead = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
+    assert gradient_direction_loss([dead], [w_inc]).item() == pytest.approx(0.0, abs=1e-6)
+    nothing = torch.zeros(2, 2, requires_grad=True)
+    loss = gradient_direction_loss([w_con], [nothing])
+    assert loss.item() == 0.0 and loss.requires_grad
+    with pytest.raises(ValueError):
+        gradient_direction_loss([w_con], [b])
 
 
 def test_l_ckg_adds_the_kl_to_the_consistent_one_hot():
     g = torch.tensor([0.5, 1.0])
     probs = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.2, 0.2, 0.5, 0.1]])
     labels = torch.tensor([0, 2])
-    expected = 2.0 + (-math.log(0.7) - math.log(0.5)) / 2
-    assert l_ckg(g, -g, probs, labels).item() == pytest.approx(expected, rel=1e-6)
+    expected = 2.0 + (-math.log(0.7) - math.log(0.5)) / 2 / (K + 1)
+    assert l_ckg([g], [-g], probs, labels).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_losses_do_not_modify_inputs():

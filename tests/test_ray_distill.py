@@ -37,7 +37,7 @@ def make_run(root: Path, clip_dir: str, steps: int, target_backbone: str = "clip
                   "score_threshold": 0.0, "target_backbone": target_backbone},
         "train": {"distill": {"steps": steps, "batch_size": 1, "burn_up": 0.25, "checkpoint_every": 2,
                               "log_every": 1, "min_score": 0.0, "min_clip_score": 0.0, "pi": 0.0,
-                              "teacher_keep_rate": 0.9}},
+                              "teacher_half_life": 0.5}},
         "ray": {"num_workers": 2, "cpus_per_worker": 1.0}})
     teacher = build_detector(cfg).eval()
     save_detector(teacher, str(root / "disseminate" / "model.pt"))

@@ -41,6 +41,25 @@ def test_matching_respects_the_threshold():
     assert match_one_to_one(cloud, clip, 0.4).tolist() == [[0, 0]]
 
 
+def test_matching_prefers_a_same_label_partner_among_those_above_the_threshold():
+    # A cloud car; the CLIP detector's per-class duplicates on it: truck (IoU 1.0) and car
+    # (IoU 0.8). By IoU alone the truck wins and the pair disagrees; with labels the car
+    # partner is taken and the truck duplicate stays free (private).
+    cloud = torch.tensor([[0, 0, 10, 10]], dtype=torch.float32)
+    clip = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 8]], dtype=torch.float32)
+    car, truck = 0, 1
+    assert match_one_to_one(cloud, clip, 0.5).tolist() == [[0, 0]]
+    assert match_one_to_one(cloud, clip, 0.5, labels_a=torch.tensor([car]),
+                            labels_b=torch.tensor([truck, car])).tolist() == [[0, 1]]
+    # A same-label partner below the threshold is no partner: the other-label one is taken.
+    low = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 4]], dtype=torch.float32)  # IoU 1.0, 0.4
+    assert match_one_to_one(cloud, low, 0.5, labels_a=torch.tensor([car]),
+                            labels_b=torch.tensor([truck, car])).tolist() == [[0, 0]]
+    sep = separate(_src([[0, 0, 10, 10]], [car], [0.9]), _src(clip.tolist(), [truck, car], [0.6, 0.5]))
+    assert (len(sep.consistent), len(sep.inconsistent), len(sep.private)) == (1, 0, 1)
+    assert sep.private.labels.tolist() == [truck]
+
+
 def test_sets_membership_and_probs():
     cloud = _src([[0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60]], [0, 1, 2], [0.9, 0.8, 0.7])
     clip = _src([[0, 0, 10, 10], [21, 21, 31, 31], [80, 80, 90, 90]], [0, 2, 1], [0.6, 0.5, 0.4])

@@ -17,7 +17,7 @@ from coin_ray.config import Config, load_config, to_yaml
 from coin_ray.ray import tune as sweep
 
 ROOT = Path(__file__).resolve().parents[1]
-PAPER_FIVE = {"gamma1", "gamma2", "lambda", "eta", "pi"}
+PAPER_FIVE = {"gamma1", "gamma2", "lambda", "eta_half_life", "pi"}
 
 
 @pytest.mark.parametrize("name", ["default.yaml", "demo.yaml"])
@@ -26,7 +26,7 @@ def test_shipped_spaces_cover_the_paper_five_and_hold_its_defaults(name):
     assert set(space) == PAPER_FIVE
     kinds = {k: d.kind for k, d in space.items()}
     assert kinds["gamma1"] == kinds["gamma2"] == kinds["lambda"] == "loguniform"
-    assert kinds["eta"] == "choice" and kinds["pi"] == "uniform"
+    assert kinds["eta_half_life"] == "choice" and kinds["pi"] == "uniform"
     defaults = Config().train.distill
     for key, dim in space.items():
         value = getattr(defaults, "lambda_" if key == "lambda" else key)
@@ -38,8 +38,8 @@ def test_space_becomes_ray_tune_samplers():
     from ray.tune.search.sample import Categorical, Float
 
     domains = sweep.param_space(sweep.parse_space(
-        {"gamma1": {"loguniform": [0.01, 1.0]}, "eta": {"choice": [0.99, 0.9996]}, "steps": 5}))
-    assert isinstance(domains["gamma1"], Float) and isinstance(domains["eta"], Categorical)
+        {"gamma1": {"loguniform": [0.01, 1.0]}, "eta_half_life": {"choice": [0.01, 0.1]}, "steps": 5}))
+    assert isinstance(domains["gamma1"], Float) and isinstance(domains["eta_half_life"], Categorical)
     assert domains["steps"] == 5
     samples = [domains["gamma1"].sample() for _ in range(50)]
     assert all(0.01 <= s <= 1.0 for s in samples)
@@ -51,7 +51,7 @@ def test_space_becomes_ray_tune_samplers():
     ({"gamma1": {"loguniform": [0.0, 1.0]}}, "loguniform needs low > 0"),
     ({"gamma1": {"uniform": [1.0, 0.5]}}, "low < high"),
     ({"pi": {"uniform": [0.5, 1.5]}}, "train.distill.pi: 1.5 is out of range"),
-    ({"eta": {"choice": []}}, "choice needs a non-empty list"),
+    ({"eta_half_life": {"choice": []}}, "choice needs a non-empty list"),
     ({"gamma1": {"normal": [0, 1]}}, "expected one of {uniform, loguniform, choice"),
     ({"steps": 10}, "nothing to sweep"),
     ([1, 2], "expected a non-empty mapping"),
@@ -74,7 +74,7 @@ def test_missing_or_broken_space_file(tmp_path):
 def test_params_map_lambda_to_its_field_and_the_config_reloads(tmp_path):
     import numpy as np
 
-    cfg = sweep.apply_params(Config(), {"lambda": np.float64(3.5), "gamma1": 0.2, "eta": 0.99})
+    cfg = sweep.apply_params(Config(), {"lambda": np.float64(3.5), "gamma1": 0.2, "eta_half_life": 0.01})
     assert cfg.train.distill.lambda_ == 3.5 and cfg.train.distill.gamma1 == 0.2
     (tmp_path / "best.yaml").write_text(to_yaml(cfg))
     assert load_config(str(tmp_path / "best.yaml")).train.distill.lambda_ == 3.5

@@ -11,12 +11,13 @@ Shapes (R regions, K categories, index K background, D the CLIP joint-space widt
 
 The CKG is trained with its own optimizer by L_ckg (``coin_ray.losses.l_ckg``): the
 gradient that the inconsistent boxes, taught by p_ckg, would put on one student layer
-should point where the consistent boxes' gradient points. ``layer_gradients`` computes
-those gradients through that layer only, on detached inputs and a detached copy of its
-weights, so the second-order backward reaches the CKG and nothing of the student.
+should point where the consistent boxes' gradient points. ``mlp_gradients`` computes
+those gradients through the student's region projection MLP only, on detached inputs and
+detached copies of its weights, so the second-order backward reaches the CKG and nothing
+of the student.
 
-Numerical range: both gradients are recomputed in float32 with autocast off (the layer
-is one Linear, so this costs little). The cosine is scale-free, so no loss scaling is
+Numerical range: both gradients are recomputed in float32 with autocast off (a few
+Linear layers, so this costs little). The cosine is scale-free, so no loss scaling is
 needed; the reference multiplies by 1e4 because fp16 gradients of a mean-squared error
 over (R, K+1) entries underflow. Our squared error is summed over classes (not averaged
 over K+1), which keeps the gradient entries of order 1/R.
@@ -90,47 +91,48 @@ class CKG(nn.Module):
         self.clip_prototypes.update(features, clip_labels, eta)
 
 
-def layer_gradients(layer: nn.Linear, head: Callable[[torch.Tensor], torch.Tensor],
-                    consistent_inputs: torch.Tensor, consistent_targets: torch.Tensor,
-                    inconsistent_inputs: torch.Tensor, inconsistent_targets: torch.Tensor,
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """g^ and g~: gradients of ||p - target||^2 w.r.t. one student layer (weight and bias).
+def mlp_gradients(mlp: nn.Module, head: Callable[[torch.Tensor], torch.Tensor],
+                  consistent_inputs: torch.Tensor, consistent_targets: torch.Tensor,
+                  inconsistent_inputs: torch.Tensor, inconsistent_targets: torch.Tensor,
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """g^ and g~: gradients of ||p - target||^2 w.r.t. every parameter of the student's
+    region projection MLP theta (the layers just before the classifier).
 
-    The layer is re-applied functionally to detached inputs with a detached float32 copy of
-    its parameters; ``head`` maps the layer's output to class logits (R, K+1) and must use
-    only detached tensors of the student. Hence g~ depends on the student through values
-    only and on ``inconsistent_targets`` (the CKG's p~_ckg) through a graph: backward of
-    any function of g~ reaches the CKG and leaves the student's ``.grad`` untouched.
+    The MLP is re-applied functionally to detached inputs with detached float32 copies of
+    its parameters; ``head`` maps its output to class logits (R, K+1) and must use only
+    detached tensors of the student. Hence g~ depends on the student through values only
+    and on ``inconsistent_targets`` (the CKG's p~_ckg) through a graph: backward of any
+    function of g~ reaches the CKG and leaves the student's ``.grad`` untouched.
 
     Args:
-        layer: the named student layer theta (an nn.Linear, in -> out).
-        head: (R, out) -> (R, K+1) logits.
-        consistent_inputs: (P, in) inputs of the layer on consistent regions.
+        mlp: the student's projection MLP (``box_head.projection_mlp()``), in -> D.
+        head: (R, D) -> (R, K+1) logits.
+        consistent_inputs: (P, in) inputs of the MLP on consistent regions.
         consistent_targets: (P, K+1) one-hot of the consistent labels.
-        inconsistent_inputs: (Q, in) inputs of the layer on inconsistent regions.
+        inconsistent_inputs: (Q, in) inputs of the MLP on inconsistent regions.
         inconsistent_targets: (Q, K+1) p~_ckg (with graph).
     Returns:
-        (g^ detached, g~ with graph), each flattened to (numel(weight) + numel(bias),).
+        (g^ detached, g~ with graph): one gradient per parameter tensor of ``mlp``, in
+        ``named_parameters`` order, shaped as the parameter (zeros where unused).
     """
     device_type = consistent_inputs.device.type
     with torch.autocast(device_type=device_type, enabled=False):
-        params = [p.detach().float().requires_grad_(True) for p in (layer.weight, layer.bias)
-                  if p is not None]
+        params = {name: p.detach().float().requires_grad_(True) for name, p in mlp.named_parameters()}
 
         def probs(inputs: torch.Tensor) -> torch.Tensor:
-            out = F.linear(inputs.detach().float(), params[0], params[1] if len(params) > 1 else None)
+            out = torch.func.functional_call(mlp, params, (inputs.detach().float(),))
             return torch.softmax(head(out).float(), dim=-1)
 
+        tensors = list(params.values())
         loss_con = squared_error(probs(consistent_inputs), consistent_targets.detach().float())
-        g_con = torch.autograd.grad(loss_con, params, allow_unused=True)
+        g_con = torch.autograd.grad(loss_con, tensors, allow_unused=True)
         loss_inc = squared_error(probs(inconsistent_inputs), inconsistent_targets.float())
-        g_inc = torch.autograd.grad(loss_inc, params, create_graph=True, allow_unused=True)
-    return _flat(g_con, params).detach(), _flat(g_inc, params)
+        g_inc = torch.autograd.grad(loss_inc, tensors, create_graph=True, allow_unused=True)
+    return [g.detach() for g in _filled(g_con, tensors)], _filled(g_inc, tensors)
 
 
-def _flat(grads: tuple[torch.Tensor | None, ...], params: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
-                      for g, p in zip(grads, params)])
+def _filled(grads: tuple[torch.Tensor | None, ...], params: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
 
 
 def _cloud(cloud_probs: torch.Tensor, clip_probs: torch.Tensor, cloud_scores: torch.Tensor,

@@ -68,7 +68,7 @@ class ClipRegionHead(nn.Module):
 
     ``proj`` starts as CLIP's ``visual_projection`` (zero bias), so before any training a
     region's embedding is CLIP's image embedding of that region seen through the trunk.
-    The CKG's gradient alignment differentiates with respect to ``proj``.
+    The CKG's gradient alignment differentiates with respect to ``proj`` (``projection_mlp``).
     """
 
     def __init__(self, clip: CLIPModel, layers: list[nn.Module]) -> None:
@@ -101,6 +101,11 @@ class ClipRegionHead(nn.Module):
         # Without per-region layers the CLS token would see nothing: pool the tokens instead.
         pooled = x[:, 0] if len(self.layers) else x[:, 1:].mean(dim=1)
         return x.flatten(1), self.proj(pooled)
+
+    def projection_mlp(self) -> nn.Sequential:
+        """The layers between the pooled region feature and the classifier: ``proj`` alone
+        (C -> D). The CKG's gradient alignment differentiates with respect to them."""
+        return nn.Sequential(self.proj)
 
     def box_feature_size(self, roi_size: int) -> int:
         """Width of the box features for an s x s RoI grid: (s*s + 1) * C."""

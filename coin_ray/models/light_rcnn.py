@@ -97,6 +97,12 @@ class ConvRegionHead(nn.Module):
         x = F.relu(self.fc7(x))
         return x, self.proj(x)
 
+    def projection_mlp(self) -> nn.Sequential:
+        """fc6 -> ReLU -> fc7 -> ReLU -> proj: the region projection MLP before the classifier
+        (flattened region tokens -> D), 3 Linear layers and 6 tensors as the reference's
+        ``trans``; the CKG's gradient alignment differentiates with respect to all of them."""
+        return nn.Sequential(self.fc6, nn.ReLU(), self.fc7, nn.ReLU(), self.proj)
+
     def box_feature_size(self, roi_size: int) -> int:
         return HEAD_WIDTH
 

@@ -13,8 +13,9 @@ their separations and runs the detector once over everything the losses need:
 
 Shapes: R_* rows per kind over the batch; outputs are ``RegionOutputs`` (embeddings (R,D)
 normalised, logits (R,K+1), box_deltas (R,4)); ``*_inputs`` (R,C) are the inputs of the
-aligned layer ``roi_heads.box_head.proj`` (captured by a forward hook during the one
-region pass, so the CKG can re-apply that layer alone). Set boxes arrive in original-image
+aligned region projection MLP ``roi_heads.box_head.projection_mlp()`` (captured by a
+forward hook on its first layer during the one region pass, so the CKG can re-apply that
+MLP alone). Set boxes arrive in original-image
 pixels and are resized with the images.
 """
 
@@ -107,7 +108,7 @@ class DistillStudent(nn.Module):
         regions = assign_targets(proposals, cons_targets, det.num_classes, det.roi_heads.box_coder, generator)
         t = det.text_embeddings()
         boxes = [torch.cat([r, *parts]) for r, parts in zip(regions.proposals, split)]
-        with capture_input(det.roi_heads.box_head.proj) as seen:
+        with capture_input(det.roi_heads.box_head.projection_mlp()[0]) as seen:
             outputs = det.region_outputs(features, boxes, image_list.image_sizes, t)
         rows = [[len(r), *c] for r, c in zip(regions.proposals, counts)]
         kinds = _split_by_kind(outputs, torch.cat(seen), rows)

@@ -9,7 +9,7 @@ unfinished or errored.
 Search spaces are small YAML files (``tune_spaces/*.yaml``)::
 
     gamma1: {loguniform: [0.01, 1.0]}
-    eta: {choice: [0.99, 0.9996]}
+    eta_half_life: {choice: [0.001, 0.026654]}
     pi: {uniform: [0.5, 0.9]}
     steps: 200                     # a fixed value
 

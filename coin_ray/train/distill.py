@@ -39,7 +39,7 @@ from torch import nn
 
 from coin_ray.config import Config, DistillConfig
 from coin_ray.losses import l_align, l_ckg, l_con, l_inc, l_pri
-from coin_ray.models.ckg import CKG, FUSIONS, layer_gradients
+from coin_ray.models.ckg import CKG, FUSIONS, mlp_gradients
 from coin_ray.models.light_rcnn import LightRCNN
 from coin_ray.models.ov_rcnn import OpenVocabularyRCNN, load_detector
 from coin_ray.models.roi_heads import MAX_LOGIT_SCALE
@@ -224,12 +224,12 @@ def update_ckg(state: DistillState, out: StudentPass, cons: PairedSet, p_ckg_inc
     text = out.text_embeddings.detach()
 
     def head(projected: torch.Tensor) -> torch.Tensor:
-        # The classifier after ``proj`` (ClipRoIHeads.forward), with everything detached.
+        # The classifier after the projection MLP (ClipRoIHeads.forward), everything detached.
         return scale * F.normalize(projected, dim=-1) @ text.t()
 
-    g_con, g_inc = layer_gradients(detector.roi_heads.box_head.proj, head, out.consistent_inputs,
-                                   F.one_hot(labels, detector.num_classes + 1).float(),
-                                   out.inconsistent_inputs, p_ckg_inc)
+    g_con, g_inc = mlp_gradients(detector.roi_heads.box_head.projection_mlp(), head, out.consistent_inputs,
+                                 F.one_hot(labels, detector.num_classes + 1).float(),
+                                 out.inconsistent_inputs, p_ckg_inc)
     loss = l_ckg(g_con, g_inc, p_ckg_cons, labels)
     state.ckg_optimizer.zero_grad(set_to_none=True)
     loss.backward()
