@@ -163,6 +163,8 @@ class DistillConfig:
     use_inc: bool = True
     use_pri: bool = True
     private_objectness: bool = True  # the cloud's private boxes are RPN targets too
+    flip: bool = True  # the student's weak view: a horizontal flip (p 0.5), boxes flipped too
+    strong_augment: bool = True  # the student's strong view: colour jitter, grayscale, blur, cutout
     ckg_lr: float = _range(0.0, None, lo_open=True, default=1e-3)
     ckg_heads: int = _range(1, None, default=4)
     checkpoint_every: int = _range(1, None, default=100)

@@ -174,3 +174,20 @@ def test_a_batch_with_no_boxes_at_all_still_steps(clip_dir):
     assert m["sep_consistent"] == m["sep_inconsistent"] == m["sep_private"] == 0
     assert m["l_pri"] == m["l_inc"] == 0.0 and m["l_con"] > 0  # background and RPN only
     assert all(torch.isfinite(p).all() for p in state.detector.parameters())
+
+
+def test_steps_with_augmented_views_are_deterministic_under_a_seed(clip_dir):
+    def two_steps(seed: int) -> list[dict[str, float]]:
+        torch.manual_seed(0)
+        teacher, student = _models(clip_dir)
+        cfg = _cfg(flip=True, strong_augment=True)
+        state = build_state(teacher, student, cfg, seed=seed)
+        batch = _batch(state.teacher)
+        out = []
+        for step in range(2):
+            state.generator = torch.Generator().manual_seed(seed * 100 + step)
+            out.append(distill_step(state, batch, phase_at(step, cfg), cfg))
+        return out
+
+    assert two_steps(3) == two_steps(3)
+    assert two_steps(3) != two_steps(4)

@@ -47,6 +47,7 @@ from coin_ray.models.student import DistillStudent, StudentPass
 from coin_ray.models.teacher import ema_update, make_teacher
 from coin_ray.schema import Detections
 from coin_ray.separate import PairedSet, PrivateSet, Separation, SeparationStats, SourceBoxes, as_source, separate
+from coin_ray.train.augment import student_views
 from coin_ray.train.data import DetectionDataset, image_tensor, step_indices
 from coin_ray.train.disseminate import StepHook, build_detector, build_scheduler, step_generator
 
@@ -169,7 +170,9 @@ def distill_step(state: DistillState, batch: Batch, phase: Phase, cfg: DistillCo
     for i, sep in enumerate(seps):
         gt = batch.gt[i] if batch.gt else {}
         state.stats.add(sep, gt.get("boxes"), gt.get("labels"))
-    out = state.student(batch.images, seps, state.generator)
+    # The student learns from a weak (flipped) view made strong; the teacher saw the plain image.
+    images, seps = student_views(batch.images, seps, state.generator, flip=cfg.flip, strong=cfg.strong_augment)
+    out = state.student(images, seps, state.generator)
     device = out.text_embeddings.device
     cons = concat_paired([s.consistent for s in seps]).to(device)
     inc = concat_paired([s.inconsistent for s in seps]).to(device)
