@@ -153,6 +153,11 @@ class DistillConfig:
     pi: float = _range(0.0, 1.0, default=0.7)  # CKG confidence threshold
     burn_up: float = _range(0.0, 1.0, default=0.7)  # fraction of steps before L_inc/EMA teacher
     teacher_half_life: float = _range(0.0, None, default=PAPER_HALF_LIFE)  # EMA teacher, fraction of the run
+    # After burn-up the CLIP-side source stays CLIP knowledge: "ema" makes the teacher an EMA
+    # of the student where the architectures match (the CLIP-ViT target), else it stays the
+    # frozen CLIP detector; "frozen" keeps the CLIP detector frozen for every target.
+    teacher_after_burn_up: Literal["ema", "frozen"] = "ema"
+    prototype_start: float = _range(0.0, 1.0, default=0.077)  # prototypes (and the CKG) update from here
     match_iou: float = _range(0.0, 1.0, lo_open=True, default=0.5)
     min_score: float = _range(0.0, 1.0, default=0.3)  # cloud boxes below it are not separated
     min_clip_score: float = _range(0.0, 1.0, default=0.1)  # CLIP-det boxes below it are not separated

@@ -3,12 +3,11 @@
 One step reads like the paper: detect with the teacher, separate, compute the losses,
 update the CKG, update the student, update the teacher and the prototypes.
 
-Separation is online, inside the step: the teacher (the disseminated CLIP detector, an
-EMA of the student after burn-up) detects on the batch and the result is matched with the
-batch's stored cloud detections. After burn-up the teacher changes every step, so stored
-CLIP-detector detections would be stale; before burn-up the same path costs one no-grad
-forward and keeps one behaviour. (``clip_det/detections.parquet`` stays the evaluation
-record of the CLIP detector.)
+Separation is online, inside the step: the teacher (the disseminated CLIP detector; after
+burn-up an EMA of the student where the architectures match) detects on the batch and the
+result is matched with the batch's stored cloud detections. A moving teacher detects on
+every batch; a frozen one detects on an image once and its answer is reused.
+(``clip_det/detections.parquet`` stays the evaluation record of the CLIP detector.)
 
 The student (``model.target_backbone``) is either
 
@@ -19,11 +18,12 @@ The student (``model.target_backbone``) is either
   initialised target detector" up to the backbone; or
 - ``mobilenet_v3`` / ``resnet18``: a ``LightRCNN`` (models/light_rcnn.py), whose region features are
   projected into the same prototype space. The teacher cannot be an EMA of a different
-  architecture, so at burn-up the teacher becomes a frozen copy of the student and is an
-  EMA of the student from then on (``teacher_for_phase``).
+  architecture, so it stays the frozen CLIP detector throughout: the CLIP side of every
+  disagreement stays CLIP knowledge (``teacher_tracks_student``).
 
-The phase (before / after burn-up) is decided once per step by ``phase_at`` and passed as
-a value. Under torch.distributed the student is DDP-wrapped by the caller; the CKG's
+The student sees a weak (flipped) view made strong (``coin_ray.train.augment``); the
+learning rate, the burn-up and the prototypes' warm-up follow the reference's schedule
+(``coin_ray.train.schedule``), whose ``phase_at`` decides the phase once per step. Under torch.distributed the student is DDP-wrapped by the caller; the CKG's
 gradients and all prototypes are averaged over ranks here.
 """
 
@@ -48,24 +48,9 @@ from coin_ray.models.teacher import ema_update, make_teacher
 from coin_ray.schema import Detections
 from coin_ray.separate import PairedSet, PrivateSet, Separation, SeparationStats, SourceBoxes, as_source, separate
 from coin_ray.train.augment import student_views
+from coin_ray.train.schedule import Phase, build_distill_scheduler, phase_at
 from coin_ray.train.data import DetectionDataset, image_tensor, step_indices
-from coin_ray.train.disseminate import StepHook, build_detector, build_scheduler, step_generator
-
-
-@dataclass(frozen=True)
-class Phase:
-    """Before burn-up: teacher frozen, pairs take the cloud box, no L_inc. After: all on."""
-
-    after_burn_up: bool
-
-
-def burn_up_step(cfg: DistillConfig) -> int:
-    return int(round(cfg.burn_up * cfg.steps))
-
-
-def phase_at(step: int, cfg: DistillConfig) -> Phase:
-    """The one place the training phase is decided."""
-    return Phase(after_burn_up=step >= burn_up_step(cfg))
+from coin_ray.train.disseminate import StepHook, build_detector, step_generator
 
 
 @dataclass
@@ -104,7 +89,8 @@ def build_state(teacher: OpenVocabularyRCNN, student: OpenVocabularyRCNN, cfg: D
     """Frozen teacher, student (``wrap`` e.g. DDP), CKG from the teacher's prototypes, optimizers.
 
     The student's optimizer is AdamW over ``param_groups`` (backbone at lr * backbone_lr_mult)
-    with dissemination's warm-up + cosine schedule; the CKG has its own AdamW at ``ckg_lr``.
+    with the reference's step schedule (``coin_ray.train.schedule``); the CKG has its own
+    AdamW at ``ckg_lr``.
     """
     teacher = make_teacher(teacher)
     joint = teacher.prototypes.vectors.shape[1]
@@ -114,18 +100,18 @@ def build_state(teacher: OpenVocabularyRCNN, student: OpenVocabularyRCNN, cfg: D
     optimizer = torch.optim.AdamW(student.param_groups(cfg.lr), weight_decay=cfg.weight_decay)
     ckg_optimizer = torch.optim.AdamW(ckg.parameters(), lr=cfg.ckg_lr)
     return DistillState(student_module, teacher, ckg, optimizer, ckg_optimizer,
-                        build_scheduler(optimizer, cfg.steps), torch.Generator().manual_seed(seed))
+                        build_distill_scheduler(optimizer, cfg), torch.Generator().manual_seed(seed))
 
 
 def teacher_detections(state: DistillState, batch: Batch, phase: Phase, cfg: DistillConfig
                        ) -> list[SourceBoxes]:
     """The teacher's detections per image (original pixels, score >= ``cfg.min_clip_score``).
 
-    Before burn-up the teacher is frozen, so an image's detections are computed the first
-    time it is seen and reused (when the batch carries image ids); after burn-up the teacher
-    moves every step and detects on every batch.
+    A frozen teacher (before burn-up, or one that does not track the student) detects on an
+    image the first time it is seen and its answer is reused (when the batch carries image
+    ids); a teacher that moves every step detects on every batch.
     """
-    if phase.after_burn_up or batch.image_ids is None:
+    if (phase.after_burn_up and teacher_tracks_student(state, cfg)) or batch.image_ids is None:
         state.teacher_cache.clear()
         return [as_source(d, cfg.min_clip_score) for d in state.teacher.detect(batch.images)]
     missing = [i for i, key in enumerate(batch.image_ids) if key not in state.teacher_cache]
@@ -150,21 +136,16 @@ def detect_and_separate(state: DistillState, batch: Batch, phase: Phase,
                      fuse=phase.after_burn_up) for c, d in zip(batch.cloud, clip_det)]
 
 
-def teacher_tracks_student(state: DistillState) -> bool:
-    """Whether the teacher has the student's architecture (so an EMA of it is possible)."""
-    return type(state.teacher) is type(state.detector)
-
-
-def teacher_for_phase(state: DistillState, phase: Phase) -> None:
-    """After burn-up with a student of another architecture: the teacher becomes its copy."""
-    if phase.after_burn_up and not teacher_tracks_student(state):
-        state.teacher = make_teacher(state.detector)
-        state.teacher_cache.clear()
+def teacher_tracks_student(state: DistillState, cfg: DistillConfig) -> bool:
+    """Whether the teacher follows the student by EMA after burn-up: only when asked
+    (``teacher_after_burn_up: ema``) and when the two share an architecture. Otherwise the
+    teacher stays the frozen CLIP detector, so the CLIP side of every disagreement is CLIP
+    knowledge, never the student's own opinion."""
+    return cfg.teacher_after_burn_up == "ema" and type(state.teacher) is type(state.detector)
 
 
 def distill_step(state: DistillState, batch: Batch, phase: Phase, cfg: DistillConfig) -> dict[str, float]:
     """One COIN step on one batch; returns scalar metrics."""
-    teacher_for_phase(state, phase)
     # 1-2. Detect with the teacher and separate into consistent / inconsistent / private.
     seps = detect_and_separate(state, batch, phase, cfg)
     for i, sep in enumerate(seps):
@@ -183,16 +164,19 @@ def distill_step(state: DistillState, batch: Batch, phase: Phase, cfg: DistillCo
                                 p_ckg.detach())
     losses = student_losses(state.detector, out, inc_fused=fused, private=priv, phase=phase, cfg=cfg)
     total = sum(losses.values())
-    # 4. Update the CKG with its own optimizer (gradient direction alignment).
-    loss_ckg = update_ckg(state, out, cons, p_ckg) if cfg.fusion == "ckg" else torch.zeros(())
+    # 4. Update the CKG with its own optimizer (gradient direction alignment), once its
+    #    prototypes have started to move.
+    train_ckg = cfg.fusion == "ckg" and phase.prototypes_update
+    loss_ckg = update_ckg(state, out, cons, p_ckg) if train_ckg else torch.zeros(())
     # 5. Update the student.
     state.optimizer.zero_grad(set_to_none=True)
     total.backward()
     state.optimizer.step()
     state.scheduler.step()
-    # 6. Update the prototypes and (after burn-up) the teacher.
-    update_prototypes(state, out, cons, inc, cfg.eta)
-    if phase.after_burn_up:
+    # 6. Update the prototypes (after their warm-up) and (after burn-up) the teacher.
+    if phase.prototypes_update:
+        update_prototypes(state, out, cons, inc, cfg.eta)
+    if phase.after_burn_up and teacher_tracks_student(state, cfg):
         ema_update(state.teacher, state.detector, cfg.teacher_keep_rate)
     state.step += 1
     return {"loss": total.item(), "l_ckg": loss_ckg.item(), **{k: v.item() for k, v in losses.items()},
@@ -287,15 +271,12 @@ def state_dict(state: DistillState) -> dict[str, Any]:
     return {"student": state.detector.state_dict(), "teacher": state.teacher.state_dict(),
             "ckg": state.ckg.state_dict(), "optimizer": state.optimizer.state_dict(),
             "ckg_optimizer": state.ckg_optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
-            "step": state.step, "teacher_is_student_copy": isinstance(state.teacher, LightRCNN),
-            "generator": state.generator.get_state()}
+            "step": state.step, "generator": state.generator.get_state()}
 
 
 def load_state_dict(state: DistillState, blob: dict[str, Any]) -> None:
     """Inverse of ``state_dict`` (in place)."""
     state.detector.load_state_dict(blob["student"])
-    if blob.get("teacher_is_student_copy") and not teacher_tracks_student(state):
-        state.teacher = make_teacher(state.detector)  # the architecture it had when saved
     state.teacher.load_state_dict(blob["teacher"])
     state.ckg.load_state_dict(blob["ckg"])
     state.optimizer.load_state_dict(blob["optimizer"])
