@@ -48,7 +48,8 @@ from coin_ray.models.teacher import ema_update, make_teacher
 from coin_ray.schema import Detections
 from coin_ray.separate import PairedSet, PrivateSet, Separation, SeparationStats, SourceBoxes, as_source, separate
 from coin_ray.train.data import DetectionDataset, image_tensor, step_indices
-from coin_ray.train.disseminate import StepHook, build_detector, build_scheduler, step_generator
+from coin_ray.train.disseminate import build_detector
+from coin_ray.train.loop import StepHook, build_scheduler, step_generator
 
 
 @dataclass(frozen=True)
@@ -329,6 +330,33 @@ def run_steps(state: DistillState, dataset: DetectionDataset, cfg: DistillConfig
         metrics = distill_step(state, batch, phase_at(step - 1, cfg), cfg)
         if on_step is not None:
             on_step(step, metrics)
+
+
+@dataclass
+class DistillTraining:
+    """Stage 3 as a ``coin_ray.train.loop.Training`` over a ``DistillState``."""
+
+    state: DistillState
+    dataset: DetectionDataset
+    cfg: DistillConfig
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    def run_steps(self, on_step: StepHook | None = None) -> None:
+        run_steps(self.state, self.dataset, self.cfg, seed=self.seed, rank=self.rank,
+                  world_size=self.world_size, device=self.device, on_step=on_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return state_dict(self.state)
+
+    def load_state_dict(self, blob: dict[str, Any]) -> None:
+        load_state_dict(self.state, blob)
 
 
 def build_run_state(cfg: Config, teacher_uri: str, wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
