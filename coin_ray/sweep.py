@@ -32,7 +32,7 @@ from coin_ray.data.datasets import GroundTruth, LabelledSplit, target_uris, val_
 from coin_ray.data.images import load_image
 from coin_ray.demo import unbuilt_demo_world, with_demo_world
 from coin_ray.evaluate import evaluate
-from coin_ray.models.ov_rcnn import OpenVocabularyRCNN
+from coin_ray.models.rcnn import RegionDetector
 from coin_ray.run import RunDir, run_dir
 from coin_ray.schema import Detections
 from coin_ray.search_space import Dimension, apply_params, rows_to_csv, rows_to_markdown
@@ -122,7 +122,7 @@ def validation(cfg: Config, run: RunDir, proxy: bool = False) -> Validation:
     return Validation("val_map50", split, train_uris, title)
 
 
-def student_map50(detector: OpenVocabularyRCNN, split: LabelledSplit, batch_size: int = 4) -> float:
+def student_map50(detector: RegionDetector, split: LabelledSplit, batch_size: int = 4) -> float:
     """mAP50 (%) of ``detector`` (any detector of coin_ray.models) on ``split`` (pycocotools)."""
     records = []
     for i in range(0, len(split.items), batch_size):

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from coin_ray.config import DistillConfig, ModelConfig
+from coin_ray.models.build import load_detector, save_detector
 from coin_ray.models.clip_factory import write_clip
 from coin_ray.models.light_rcnn import LightRCNN
-from coin_ray.models.ov_rcnn import OpenVocabularyRCNN, load_detector, save_detector
+from coin_ray.models.ov_rcnn import OpenVocabularyRCNN
 from coin_ray.separate import SourceBoxes
 from coin_ray.train.distill import Batch, build_state, distill_step, load_state_dict, phase_at, state_dict
 

@@ -15,14 +15,13 @@ from PIL import Image
 
 from coin_ray import storage
 from coin_ray.config import from_dict
+from coin_ray.models.build import build_detector, load_detector, save_detector
 from coin_ray.models.clip_factory import write_clip
 from coin_ray.models.light_rcnn import LightRCNN
-from coin_ray.models.ov_rcnn import load_detector, save_detector
 from coin_ray.ray.distill import distill_worker, run_distill
 from coin_ray.run import RunDir
 from coin_ray.schema import Detections, records_to_table
 from coin_ray.train.data import image_tensor
-from coin_ray.train.disseminate import build_detector
 
 pytestmark = pytest.mark.slow
 

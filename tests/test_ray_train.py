@@ -13,14 +13,13 @@ import torch
 from coin_ray import storage
 from coin_ray.config import from_dict, with_updates
 from coin_ray.data.images import load_image
+from coin_ray.models.build import build_detector, load_detector, save_detector
 from coin_ray.models.clip_factory import write_clip
-from coin_ray.models.ov_rcnn import load_detector, save_detector
 from coin_ray.ray.detect import run_detection
 from coin_ray.ray.disseminate import disseminate_worker, run_disseminate
 from coin_ray.run import RunDir
 from coin_ray.schema import records_to_table, table_to_records
 from coin_ray.train.data import image_tensor
-from coin_ray.train.disseminate import build_detector
 from test_disseminate import CATEGORIES, make_world
 
 pytestmark = pytest.mark.slow

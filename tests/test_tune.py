@@ -199,7 +199,7 @@ def test_a_sweep_refuses_an_uncollected_run(tmp_path):
 
 
 def test_proxy_validation_holds_out_cloud_detections(collected):
-    from coin_ray.models.ov_rcnn import load_detector
+    from coin_ray.models.build import load_detector
     from coin_ray.data.datasets import target_uris
     from coin_ray.sweep import collected_run, proxy_validation, student_map50
 

@@ -17,11 +17,11 @@ from __future__ import annotations
 from typing import Callable
 
 from coin_ray.config import Config
-from coin_ray.models.ov_rcnn import save_detector
+from coin_ray.models.build import build_detector, save_detector
 from coin_ray.ray.train import prepare, run_stage, run_training, worker_setup
 from coin_ray.run import RunDir
 from coin_ray.train.data import DetectionDataset, cloud_records
-from coin_ray.train.disseminate import DisseminateTraining, build_detector, build_optimizer
+from coin_ray.train.disseminate import DisseminateTraining, build_optimizer
 from coin_ray.train.loop import MetricsLog, build_scheduler
 
 STAGE = "disseminate"

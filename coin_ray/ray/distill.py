@@ -27,7 +27,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from coin_ray import storage
 from coin_ray.config import Config
-from coin_ray.models.ov_rcnn import save_detector
+from coin_ray.models.build import save_detector
 from coin_ray.ray.train import prepare, run_stage, run_training, worker_setup
 from coin_ray.run import RunDir
 from coin_ray.train.data import DetectionDataset, cloud_records

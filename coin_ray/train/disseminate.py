@@ -24,17 +24,11 @@ from torch import nn
 
 from coin_ray.config import Config, DisseminateConfig
 from coin_ray.losses import l_align
+from coin_ray.models.build import build_detector
 from coin_ray.models.ov_rcnn import OpenVocabularyRCNN
 from coin_ray.schema import Detections
 from coin_ray.train.data import DetectionDataset, load_batch, step_indices, to_device
 from coin_ray.train.loop import StepHook, build_scheduler, step_generator, unwrap
-
-
-def build_detector(cfg: Config, clip_path: str | None = None) -> OpenVocabularyRCNN:
-    """A fresh CLIP detector for ``cfg`` (seeded: every DDP rank builds the same weights)."""
-    torch.manual_seed(cfg.seed)
-    return OpenVocabularyRCNN.from_clip(clip_path or cfg.clip.model, cfg.data.categories, cfg.model,
-                                        cfg.data.style, cfg.clip.templates, seed=cfg.seed)
 
 
 def build_optimizer(model: OpenVocabularyRCNN, cfg: DisseminateConfig) -> torch.optim.Optimizer:
