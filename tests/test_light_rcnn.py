@@ -85,6 +85,19 @@ def test_a_saved_light_detector_loads_without_clip_and_detects_the_same(teacher,
         assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["scores"], b["scores"])
 
 
+def test_a_file_saved_with_the_old_class_slot_name_still_loads(teacher, tmp_path):
+    light = LightRCNN.from_teacher(teacher, MODEL, seed=3)
+    uri = str(tmp_path / "model.pt")
+    save_detector(light, uri)
+    blob = torch.load(uri, weights_only=False)
+    assert "class_embeddings.weight" in blob["state_dict"]
+    blob["state_dict"] = {k.replace("class_embeddings.", "prompt_learner."): v for k, v in blob["state_dict"].items()}
+    torch.save(blob, uri)
+    loaded = load_detector(uri)
+    assert torch.equal(loaded.class_embeddings.weight, light.class_embeddings.weight)
+    assert torch.equal(loaded.text_embeddings(), light.text_embeddings())
+
+
 def test_distillation_swaps_the_teacher_at_burn_up_then_tracks_the_student(teacher):
     torch.manual_seed(0)
     cfg = DistillConfig(steps=4, burn_up=0.5, min_score=0.0, min_clip_score=0.0, teacher_keep_rate=0.75,
