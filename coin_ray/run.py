@@ -42,6 +42,11 @@ STAGE_NAMES = ("collect", "disseminate", "clip_det", "distill", "evaluate", "exp
 MODEL_FILE = "model.pt"  # what each training stage writes in its folder
 
 
+def _artefact(*parts: str) -> property:
+    """A ``RunDir`` attribute giving the uri of ``<root>/<parts>``."""
+    return property(lambda run: run.path(*parts), doc=f"<run>/{'/'.join(parts)}")
+
+
 @dataclass(frozen=True)
 class RunDir:
     """Paths of one run; ``root`` is a local folder or an s3:// prefix."""
@@ -51,80 +56,34 @@ class RunDir:
     def path(self, *parts: str) -> str:
         return storage.join(self.root, *parts)
 
-    # -- the artefacts, stage by stage -------------------------------------------------
+    # -- the artefacts, stage by stage (each a uri under the root) ----------------------
 
-    @property
-    def config(self) -> str:
-        return self.path("config.yaml")
-
-    @property
-    def collect_dir(self) -> str:
-        return self.path("collect")
-
-    @property
-    def cloud_detections(self) -> str:
-        """Cloud detections of every collected image (DETECTION_SCHEMA)."""
-        return self.path("collect", "cloud.parquet")
-
-    @property
-    def clip_scores(self) -> str:
-        """CLIP's zero-shot scores of the cloud boxes (DETECTION_SCHEMA, source "clip")."""
-        return self.path("collect", "clip.parquet")
-
-    @property
-    def collect_summary(self) -> str:
-        return self.path("collect", "summary.json")
-
-    @property
-    def cloud_coco(self) -> str:
-        return self.path("collect", "cloud_coco.json")
+    config = _artefact("config.yaml")
+    collect_dir = _artefact("collect")
+    cloud_detections = _artefact("collect", "cloud.parquet")  # DETECTION_SCHEMA, source "cloud"
+    clip_scores = _artefact("collect", "clip.parquet")  # CLIP's zero-shot scores of the cloud boxes
+    collect_summary = _artefact("collect", "summary.json")
+    cloud_coco = _artefact("collect", "cloud_coco.json")
+    clip_detector = _artefact("disseminate", MODEL_FILE)  # the disseminated CLIP detector
+    clip_detections = _artefact("clip_det", "detections.parquet")  # source "clip_det", every image
+    target_detector = _artefact("distill", MODEL_FILE)  # the distilled target detector
+    tensorboard = _artefact("distill", "tb")
+    report_dir = _artefact("report")
+    table1 = _artefact("report", "table1.md")
+    export_dir = _artefact("export")
+    tune_dir = _artefact("tune")
 
     def model(self, stage: str) -> str:
         """The detector a training stage writes: ``disseminate`` or ``distill``."""
         return self.path(stage, MODEL_FILE)
 
-    @property
-    def clip_detector(self) -> str:
-        """The disseminated CLIP detector (stage 1's model.pt)."""
-        return self.model("disseminate")
-
-    @property
-    def clip_detections(self) -> str:
-        """The CLIP detector on every target image (DETECTION_SCHEMA, source "clip_det")."""
-        return self.path("clip_det", "detections.parquet")
-
-    @property
-    def target_detector(self) -> str:
-        """The distilled target detector (stage 3's model.pt)."""
-        return self.model("distill")
-
     def metrics(self, stage: str) -> str:
         """Per-step metrics of a training stage (JSON lines)."""
         return self.path(stage, "metrics.jsonl")
 
-    @property
-    def tensorboard(self) -> str:
-        return self.path("distill", "tb")
-
     def eval(self, method: str) -> str:
         """Detections of ``method`` on the labelled target split."""
         return self.path("eval", f"{method}.parquet")
-
-    @property
-    def report_dir(self) -> str:
-        return self.path("report")
-
-    @property
-    def table1(self) -> str:
-        return self.path("report", "table1.md")
-
-    @property
-    def export_dir(self) -> str:
-        return self.path("export")
-
-    @property
-    def tune_dir(self) -> str:
-        return self.path("tune")
 
     def relative(self, uri: str) -> str:
         """``uri`` (one of the paths above) relative to the root, for messages."""
