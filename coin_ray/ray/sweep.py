@@ -32,11 +32,11 @@ from ray.tune.search import BasicVariantGenerator
 from coin_ray import storage
 from coin_ray.config import Config, from_dict, to_dict
 from coin_ray.ray.train import STATE_FILE, Checkpoints, run_training
+from coin_ray.run import RunDir
 from coin_ray.search_space import Dimension, apply_params, is_finite_number, plain
 from coin_ray.sweep import SweepReport, Validation, collected_run, student_map50, sweep_name, validation, write_outputs
 from coin_ray.train.data import DetectionDataset, cloud_records
 from coin_ray.train.distill import DistillTraining, build_run_state
-from coin_ray.run import RunDir
 
 EVALS_PER_TRIAL = 4  # default number of reports (ASHA rungs are placed on them)
 
