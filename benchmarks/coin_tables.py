@@ -34,11 +34,15 @@ import torch  # noqa: E402
 
 from coin_ray import storage  # noqa: E402
 from coin_ray.config import Config, load_config, with_updates  # noqa: E402
-from coin_ray.data.datasets import LabelledSplit, load_coco  # noqa: E402
+from coin_ray.data.datasets import LabelledSplit, load_coco, target_uris, val_split  # noqa: E402
 from coin_ray.data.images import read_image_record  # noqa: E402
 from coin_ray.evaluate import EvalResult, evaluate, table1_markdown  # noqa: E402
 from coin_ray.models.ov_rcnn import OpenVocabularyRCNN  # noqa: E402
-from coin_ray.run import RunDir  # noqa: E402
+from coin_ray.demo import demo_world, with_demo_world  # noqa: E402
+from coin_ray.ray.pipeline import run_adaptation  # noqa: E402
+from coin_ray.ray.stages import evaluate_rows  # noqa: E402
+from coin_ray.run import RunDir, run_dir  # noqa: E402
+from coin_ray.train.distill import distill  # noqa: E402
 from coin_ray.schema import SOURCE_COIN, Detections, table_to_records  # noqa: E402
 from coin_ray.separate import SeparationStats, as_source, separate  # noqa: E402
 from coin_ray.train.data import image_tensor  # noqa: E402
@@ -67,10 +71,8 @@ def prepare_run(cfg: Config, from_run: str = "") -> tuple[Config, RunDir]:
 
     ``from_run``: an existing run directory whose stages 0-2 are done, only read.
     """
-    from coin_ray.ray.pipeline import run_adaptation, with_demo_world
-
     cfg = with_demo_world(cfg)
-    run = RunDir(from_run or storage.join(cfg.storage, cfg.resolved_run_id()))
+    run = RunDir(from_run) if from_run else run_dir(cfg)
     missing = [s for s in PREPARE if not run.is_done(s)]
     if missing and from_run:
         raise SystemExit(f"{from_run}: stages {missing} are not done")
@@ -79,16 +81,16 @@ def prepare_run(cfg: Config, from_run: str = "") -> tuple[Config, RunDir]:
     return cfg, run
 
 
-def records_at(run: RunDir, rel: str) -> list[Detections]:
-    return [r for r in table_to_records(storage.read_parquet(run.path(rel))) if r.ok]
+def records_at(uri: str) -> list[Detections]:
+    return [r for r in table_to_records(storage.read_parquet(uri)) if r.ok]
 
 
 def separation_summary(cfg: Config, run: RunDir, train_gt: LabelledSplit) -> dict:
     """Sets of CLIP det vs cloud det on the target train images, judged against ground truth."""
     d = cfg.train.distill
-    clip_det = {r.uri: r for r in records_at(run, "clip_det/detections.parquet")}
+    clip_det = {r.uri: r for r in records_at(run.clip_detections)}
     stats = SeparationStats()
-    cloud = {r.uri: r for r in records_at(run, "collect/cloud.parquet")}
+    cloud = {r.uri: r for r in records_at(run.cloud_detections)}
     for gt in train_gt.items:
         if gt.uri in cloud and gt.uri in clip_det:
             k = cfg.num_classes
@@ -116,16 +118,13 @@ def detect_split(model: OpenVocabularyRCNN, split: LabelledSplit, batch_size: in
 def run_variant(cfg: Config, run: RunDir, overrides: list[str], seed: int, split: LabelledSplit,
                 cache: str) -> EvalResult:
     """Distil one variant with one seed and evaluate it (cached by variant and seed)."""
-    from coin_ray.ray.pipeline import target_uris
-    from coin_ray.train.distill import distill
-
     key = "-".join(o.split(".")[-1].replace("=", "_") for o in overrides) or "full"
     uri = storage.join(cache, f"{key}-seed{seed}.json")
     if storage.exists(uri):
         return load_result(storage.read_text(uri))
     vcfg = with_updates(cfg, [*overrides, f"seed={seed}"])
     wanted = set(target_uris(cfg))
-    items = [r for r in records_at(run, "collect/cloud.parquet") if r.uri in wanted]
+    items = [r for r in records_at(run.cloud_detections) if r.uri in wanted]
     started = time.time()
 
     def progress(step: int, metrics: dict[str, float]) -> None:
@@ -133,7 +132,7 @@ def run_variant(cfg: Config, run: RunDir, overrides: list[str], seed: int, split
             print(f"[tables] {key} seed {seed}: step {step} loss {metrics['loss']:.3f} "
                   f"({time.time() - started:.0f} s)", flush=True)
 
-    state = distill(vcfg, run.path("disseminate", "model.pt"), items, on_step=progress)
+    state = distill(vcfg, run.clip_detector, items, on_step=progress)
     result = evaluate(split, detect_split(state.detector, split))
     storage.write_text(uri, json.dumps(result.to_json()))
     print(f"[tables] {key} seed {seed}: mAP50 {result.map50:.1f}", flush=True)
@@ -176,9 +175,6 @@ def main() -> None:
     overrides = [f"data.world={args.world}", f"storage={args.storage}", f"run_id=tables-{args.world}",
                  *([f"train.distill.steps={args.steps}"] if args.steps else []), *args.overrides]
     cfg, run = prepare_run(load_config(None, overrides), args.from_run)
-    from coin_ray.ray.pipeline import demo_world, val_split
-    from coin_ray.ray.stages import evaluate_rows
-
     split = val_split(cfg)
     world = demo_world(cfg)
     # Results are cached per world and per shared setting (steps, overrides), so a run with

@@ -32,6 +32,7 @@ from coin_ray.cloud.http_backend import HttpBackend
 from coin_ray.config import from_dict
 from coin_ray.data.images import decode_image
 from coin_ray.ray.collect import run_collection
+from coin_ray.run import RunDir
 from coin_ray.schema import SOURCE_CLOUD, Detections, records_to_table
 from coin_ray.serve import spawn_server
 
@@ -100,7 +101,7 @@ def main() -> None:
                                    "max_in_flight": args.in_flight, "num_actors": args.actors,
                                    "timeout_s": 10.0}})
         t_start = time.time()
-        summary = run_collection(cfg, uris, str(root / "collect"), with_clip=False)
+        summary = run_collection(cfg, uris, RunDir(str(root)), with_clip=False)
         after = stats(url)
     finally:
         proc.terminate()

@@ -16,8 +16,10 @@ import time
 import torch
 
 from coin_ray.config import FOGGY_SHAPES_CATEGORIES, from_dict
+from coin_ray.models.build import build_detector
 from coin_ray.models.clip_factory import write_clip
-from coin_ray.train.disseminate import build_detector, build_optimizer, build_scheduler, disseminate_step
+from coin_ray.train.disseminate import build_optimizer, disseminate_step
+from coin_ray.train.loop import build_scheduler
 
 
 def batch(n: int, k: int, generator: torch.Generator) -> tuple[list, list]:

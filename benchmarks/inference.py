@@ -35,7 +35,8 @@ from coin_ray import storage
 from coin_ray.cloud.http_backend import HttpBackend
 from coin_ray.data.images import load_image
 from coin_ray.export import export_detector, image_tensor, load_exported
-from coin_ray.models.ov_rcnn import OpenVocabularyRCNN, load_detector, save_detector
+from coin_ray.models.build import load_detector, save_detector
+from coin_ray.models.ov_rcnn import OpenVocabularyRCNN
 from coin_ray.serve import spawn_server
 from coin_ray.world.build import build_world
 

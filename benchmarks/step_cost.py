@@ -28,10 +28,11 @@ import time
 import torch
 
 from coin_ray.config import DistillConfig, from_dict
+from coin_ray.models.build import build_student
 from coin_ray.models.clip_factory import write_clip
 from coin_ray.models.ov_rcnn import OpenVocabularyRCNN
 from coin_ray.separate import SourceBoxes, as_source
-from coin_ray.train.distill import Batch, Phase, build_state, build_student, distill_step
+from coin_ray.train.distill import Batch, Phase, build_state, distill_step
 
 CATEGORIES = ["truck", "car", "rider", "person", "train", "motorcycle", "bicycle", "bus"]
 

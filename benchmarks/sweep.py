@@ -19,9 +19,13 @@ import time
 from pathlib import Path
 
 from coin_ray.config import DistillConfig, load_config, to_dict
-from coin_ray.ray.pipeline import init_ray, val_split
-from coin_ray.ray.sweep import SWEEP_INPUTS, collected_run, student_map50, sweep_distill
-from coin_ray.ray.tune import apply_params, load_space
+from coin_ray.data.datasets import target_uris, val_split
+from coin_ray.ray.pipeline import init_ray
+from coin_ray.ray.sweep import sweep_distill
+from coin_ray.search_space import apply_params, load_space
+from coin_ray.sweep import collected_run, student_map50
+from coin_ray.train.data import cloud_records
+from coin_ray.train.distill import distill
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_FIVE = ("gamma1", "gamma2", "lambda", "eta_half_life", "pi")
@@ -29,12 +33,8 @@ PAPER_FIVE = ("gamma1", "gamma2", "lambda", "eta_half_life", "pi")
 
 def final_map50(cfg, run, split) -> tuple[float, float]:
     """(val mAP50, seconds) of a full in-process distillation with ``cfg``."""
-    from coin_ray.ray.disseminate import cloud_records
-    from coin_ray.ray.pipeline import target_uris
-    from coin_ray.train.distill import distill
-
     start = time.monotonic()
-    state = distill(cfg, run.path(SWEEP_INPUTS["disseminate"]), cloud_records(run.root, target_uris(cfg)))
+    state = distill(cfg, run.clip_detector, cloud_records(run, target_uris(cfg)))
     return student_map50(state.detector, split), time.monotonic() - start
 
 

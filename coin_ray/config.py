@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 import yaml
 
+from coin_ray import storage
+
 FOGGY_SHAPES_CATEGORIES = ["truck", "car", "rider", "person", "train", "motorcycle", "bicycle", "bus"]
 DEFAULT_TEMPLATES = ["a photo of a {}.", "a photo of the {}.", "a blurry photo of a {}.",
                      "a photo of a small {}.", "a photo of a large {}."]
@@ -370,8 +372,6 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     """Load a YAML file (local or s3://; None = all defaults) and apply dotted overrides."""
     data: dict[str, Any] = {}
     if path:
-        from coin_ray import storage
-
         try:
             text = storage.read_text(path)
         except FileNotFoundError as err:

@@ -39,7 +39,8 @@ import torchvision  # noqa: F401  (registers roi_align / nms for torch.jit.load)
 from torch import nn
 
 from coin_ray import storage
-from coin_ray.models.ov_rcnn import OpenVocabularyRCNN, load_detector
+from coin_ray.models.build import load_detector
+from coin_ray.models.ov_rcnn import OpenVocabularyRCNN
 from coin_ray.models.roi_heads import postprocess_detections
 
 BOX_ATOL = 1e-2  # pixels

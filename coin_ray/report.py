@@ -24,8 +24,12 @@ import torch  # noqa: E402
 
 from coin_ray import storage  # noqa: E402
 from coin_ray.boxes import match_one_to_one  # noqa: E402
+from coin_ray.config import Config  # noqa: E402
+from coin_ray.data.datasets import LabelledSplit  # noqa: E402
+from coin_ray.data.images import load_image  # noqa: E402
 from coin_ray.evaluate import EvalResult, table1_json, table1_markdown  # noqa: E402
-from coin_ray.schema import Detections  # noqa: E402
+from coin_ray.run import RunDir  # noqa: E402
+from coin_ray.schema import Detections, table_to_records  # noqa: E402
 
 SET_COLOURS = {"consistent": "#2ca02c", "inconsistent": "#ff7f0e", "private": "#d62728", "coin": "#17becf"}
 
@@ -155,7 +159,8 @@ def read_metrics(uri: str) -> list[dict]:
     return [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
 
 
-def write_report(cfg, run, split, results: dict[str, EvalResult], grid_images: int = 4) -> str:
+def write_report(cfg: Config, run: RunDir, split: LabelledSplit, results: dict[str, EvalResult],
+                 grid_images: int = 4) -> str:
     """Everything under ``<run>/report``: tables, loss curves, AP bars, separation, detections.
 
     Args:
@@ -164,11 +169,8 @@ def write_report(cfg, run, split, results: dict[str, EvalResult], grid_images: i
     Returns:
         The Table 1 Markdown.
     """
-    from coin_ray.data.images import load_image
-    from coin_ray.schema import table_to_records
-
-    out = run.path("report")
-    curves = {stage: read_metrics(run.path(stage, "metrics.jsonl")) for stage in ("disseminate", "distill")}
+    out = run.report_dir
+    curves = {stage: read_metrics(run.metrics(stage)) for stage in ("disseminate", "distill")}
     md = write_tables(results, cfg.data.categories, out)
     plot_ap_bars(results, cfg.data.categories, storage.join(out, "ap_per_class.png"))
     if any(curves.values()):
@@ -176,10 +178,10 @@ def write_report(cfg, run, split, results: dict[str, EvalResult], grid_images: i
     if any(k.startswith("sep_") for row in curves["distill"] for k in row):
         plot_separation(curves["distill"], storage.join(out, "separation.png"))
     sources = {}
-    for name, rel in (("cloud", "collect/cloud.parquet"), ("clip_det", "clip_det/detections.parquet"),
-                      ("coin", "eval/coin.parquet")):
-        if storage.exists(run.path(rel)):
-            sources[name] = {r.uri: r for r in table_to_records(storage.read_parquet(run.path(rel)))}
+    for name, uri in (("cloud", run.cloud_detections), ("clip_det", run.clip_detections),
+                      ("coin", run.eval("coin"))):
+        if storage.exists(uri):
+            sources[name] = {r.uri: r for r in table_to_records(storage.read_parquet(uri))}
     if len(sources) == 3:
         uris = [g.uri for g in split.items if all(g.uri in s for s in sources.values())][:grid_images]
         detection_grid([load_image(u) for u in uris], [sources["cloud"][u] for u in uris],

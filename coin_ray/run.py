@@ -3,19 +3,24 @@
 The cloud answer cache lives beside the runs, at ``<storage>/cache`` (unless
 ``cloud.cache`` says otherwise), so no run ever pays twice for the same image.
 
-Layout under ``<storage>/<run_id>`` (local folder or s3:// prefix):
+Layout under ``<storage>/<run_id>`` (local folder or s3:// prefix); ``RunDir`` names every
+one of these, and no other module spells them:
 
     config.yaml                    the run's config (token env-var names only, never values)
     manifest.json                  {"stages": {stage: {"finished_at": ..., **info}}}
     collect/cloud.parquet          cloud detections (Detections, source="cloud")
     collect/clip.parquet           CLIP scores of the cloud boxes (source="clip")
     collect/summary.json           calls, cache hits, errors, cost
+    collect/cloud_coco*.json       the cloud labels as COCO (+ as COCO results)
     disseminate/model.pt           the CLIP detector (stage 1)
+    disseminate/metrics.jsonl      its per-step losses
     clip_det/detections.parquet    CLIP-detector detections (source="clip_det")
     distill/model.pt               the target detector (stage 3)
+    distill/metrics.jsonl, tb/     its per-step losses, as JSON lines and for TensorBoard
     eval/<method>.parquet          detections on the labelled target split
     report/                        metrics.json, table1.md, plots
     export/                        the deployable model
+    tune/                          sweeps of the distillation stage
 
 A stage counts as done only once its manifest entry is written, which happens after all
 its outputs are: a killed stage re-runs from its own checkpoints, never half-used.
@@ -24,12 +29,22 @@ its outputs are: a killed stage re-runs from its own checkpoints, never half-use
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 
 from coin_ray import storage
+from coin_ray.config import Config, with_updates
 
-STAGES = ("collect", "disseminate", "clip_det", "distill", "evaluate", "export")
+# The stages in run order; coin_ray.ray.pipeline.STAGES maps each to its function.
+STAGE_NAMES = ("collect", "disseminate", "clip_det", "distill", "evaluate", "export")
+
+MODEL_FILE = "model.pt"  # what each training stage writes in its folder
+
+
+def _artefact(*parts: str) -> property:
+    """A ``RunDir`` attribute giving the uri of ``<root>/<parts>``."""
+    return property(lambda run: run.path(*parts), doc=f"<run>/{'/'.join(parts)}")
 
 
 @dataclass(frozen=True)
@@ -40,6 +55,41 @@ class RunDir:
 
     def path(self, *parts: str) -> str:
         return storage.join(self.root, *parts)
+
+    # -- the artefacts, stage by stage (each a uri under the root) ----------------------
+
+    config = _artefact("config.yaml")
+    collect_dir = _artefact("collect")
+    cloud_detections = _artefact("collect", "cloud.parquet")  # DETECTION_SCHEMA, source "cloud"
+    clip_scores = _artefact("collect", "clip.parquet")  # CLIP's zero-shot scores of the cloud boxes
+    collect_summary = _artefact("collect", "summary.json")
+    cloud_coco = _artefact("collect", "cloud_coco.json")
+    clip_detector = _artefact("disseminate", MODEL_FILE)  # the disseminated CLIP detector
+    clip_detections = _artefact("clip_det", "detections.parquet")  # source "clip_det", every image
+    target_detector = _artefact("distill", MODEL_FILE)  # the distilled target detector
+    tensorboard = _artefact("distill", "tb")
+    report_dir = _artefact("report")
+    table1 = _artefact("report", "table1.md")
+    export_dir = _artefact("export")
+    tune_dir = _artefact("tune")
+
+    def model(self, stage: str) -> str:
+        """The detector a training stage writes: ``disseminate`` or ``distill``."""
+        return self.path(stage, MODEL_FILE)
+
+    def metrics(self, stage: str) -> str:
+        """Per-step metrics of a training stage (JSON lines)."""
+        return self.path(stage, "metrics.jsonl")
+
+    def eval(self, method: str) -> str:
+        """Detections of ``method`` on the labelled target split."""
+        return self.path("eval", f"{method}.parquet")
+
+    def relative(self, uri: str) -> str:
+        """``uri`` (one of the paths above) relative to the root, for messages."""
+        return uri[len(self.path()):].lstrip("/")
+
+    # -- the manifest --------------------------------------------------------------------
 
     @property
     def manifest_uri(self) -> str:
@@ -56,8 +106,8 @@ class RunDir:
 
     def mark_done(self, stage: str, **info: object) -> None:
         """Record ``stage`` as finished (call after every output of it is written)."""
-        if stage not in STAGES:
-            raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
+        if stage not in STAGE_NAMES:
+            raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(STAGE_NAMES)})")
         manifest = self.manifest()
         manifest["stages"][stage] = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **info}
         storage.write_text(self.manifest_uri, json.dumps(manifest, indent=2, default=str))
@@ -70,4 +120,25 @@ class RunDir:
 
     def first_unfinished(self) -> str | None:
         done = self.manifest()["stages"]
-        return next((s for s in STAGES if s not in done), None)
+        return next((s for s in STAGE_NAMES if s not in done), None)
+
+
+def run_dir(cfg: Config) -> RunDir:
+    """The run ``cfg`` describes: ``<storage>/<run_id>``."""
+    return RunDir(storage.join(cfg.storage, cfg.resolved_run_id()))
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """Local paths made absolute: Ray workers run in other working directories."""
+    fields = {"storage": cfg.storage, "data.target_images": cfg.data.target_images,
+              "data.val_annotations": cfg.data.val_annotations,
+              "data.world_cache": cfg.data.world_cache, "cloud.cache": cfg.cloud.cache}
+    if cfg.data.val_format == "coco":  # for VOC it names the split
+        fields["data.val_images"] = cfg.data.val_images
+    if cfg.clip.model and os.path.exists(cfg.clip.model):  # else a hub id or s3://
+        fields["clip.model"] = cfg.clip.model
+    if cfg.cloud.backend == "replay":
+        fields["cloud.url"] = cfg.cloud.url
+    updates = [f"{key}={os.path.abspath(os.path.expanduser(value))}" for key, value in fields.items()
+               if value and not storage.is_s3(value) and "://" not in value]
+    return with_updates(cfg, updates) if updates else cfg

@@ -36,8 +36,10 @@ from urllib.parse import parse_qs, urlparse
 from urllib.request import urlopen
 
 from coin_ray import storage
+from coin_ray.cloud.backends import build_backend
 from coin_ray.cloud.base import DetectorBackend
 from coin_ray.cloud.http_backend import answer_to_json
+from coin_ray.config import CloudConfig
 from coin_ray.data.images import ImageDecodeError, decode_image
 
 log = logging.getLogger("coin_ray.serve")
@@ -331,14 +333,12 @@ def checkpoint_model_name(path: str) -> str:
 
 def _backend_from_args(args: argparse.Namespace) -> DetectorBackend:
     if args.backend == "foggy-shapes":
+        # Imported on use: the stand-in needs torch + torchvision, which a plain server does not.
         from coin_ray.world.cloud_standin import StandInCloudDetector
 
         if not args.checkpoint:
             raise SystemExit("--backend foggy-shapes needs --checkpoint PATH")
         return StandInCloudDetector.load(str(storage.local_copy(args.checkpoint)))
-    from coin_ray.cloud.backends import build_backend
-    from coin_ray.config import CloudConfig
-
     cloud = CloudConfig(backend=args.backend, model=args.model, url=args.url,
                         threshold=args.threshold, token_env=args.token_env)
     categories = [c.strip() for c in args.categories.split(",") if c.strip()] or None

@@ -17,13 +17,13 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from coin_ray.config import ConfigError, load_config  # noqa: E402
-from coin_ray.run import STAGES  # noqa: E402
+from coin_ray.run import STAGE_NAMES  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (local or s3://); default: the Foggy-Shapes demo")
-    parser.add_argument("--stages", help=f"comma-separated stages to (re-)run, from: {', '.join(STAGES)}")
+    parser.add_argument("--stages", help=f"comma-separated stages to (re-)run, from: {', '.join(STAGE_NAMES)}")
     parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (only without RAY_ADDRESS)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.distill.gamma1=0.2")
     return parser.parse_args(argv)
@@ -34,9 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
-        unknown = [s for s in stages or [] if s not in STAGES]
+        unknown = [s for s in stages or [] if s not in STAGE_NAMES]
         if unknown:
-            raise ConfigError(f"--stages: unknown stage {unknown[0]!r} (allowed: {', '.join(STAGES)})")
+            raise ConfigError(f"--stages: unknown stage {unknown[0]!r} (allowed: {', '.join(STAGE_NAMES)})")
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

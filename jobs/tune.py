@@ -46,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    from coin_ray.ray.sweep import SweepInputsMissing, collected_run, sweep_distill
-    from coin_ray.ray.tune import SpaceError, load_space
+    from coin_ray.ray.sweep import sweep_distill
+    from coin_ray.search_space import SpaceError, load_space
+    from coin_ray.sweep import SweepInputsMissing, collected_run
 
     try:
         cfg = load_config(args.config, args.overrides)

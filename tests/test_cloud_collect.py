@@ -14,6 +14,7 @@ from coin_ray import storage
 from coin_ray.config import from_dict, to_dict
 from coin_ray.models.clip_factory import write_clip
 from coin_ray.ray.collect import CollectionStopped, run_collection
+from coin_ray.run import RunDir
 from coin_ray.schema import DETECTION_SCHEMA, SOURCE_CLIP, SOURCE_CLOUD, table_to_records
 
 TOKEN = "tok-collect-7c1e55aa90d3"
@@ -46,7 +47,7 @@ def test_shared_rate_limit_outputs_and_cache_rerun(local_ray_with_s3, served, tm
                           projection_dim=32, num_layers=1))
     cfg = make_cfg(tmp_path, server.url, str(tmp_path / "imgs"), clip, price_per_call=0.002)
     out = str(tmp_path / "collect")
-    summary = run_collection(cfg, uris, out)
+    summary = run_collection(cfg, uris, RunDir(str(tmp_path)))
     stats = server.stats(arrivals=True)
     assert max_in_one_second(stats["arrivals"]) <= 11
     assert summary["calls"] == stats["detect_requests"] == 30 and summary["errors"] == 0
@@ -78,8 +79,8 @@ def test_fault_mix_every_image_accounted_for(local_ray_with_s3, served, tmp_path
     uris = write_images(tmp_path / "imgs", 40)
     cfg = make_cfg(tmp_path, server.url, str(tmp_path / "imgs"), requests_per_second=40.0,
                    max_in_flight=8, num_actors=2, timeout_s=0.4, max_retries=2)
-    summary = run_collection(cfg, uris, str(tmp_path / "out"), with_clip=False)
-    cloud = table_to_records(storage.read_parquet(str(tmp_path / "out" / "cloud.parquet")))
+    summary = run_collection(cfg, uris, RunDir(str(tmp_path / "out")), with_clip=False)
+    cloud = table_to_records(storage.read_parquet(str(tmp_path / "out" / "collect" / "cloud.parquet")))
     assert sorted(r.uri for r in cloud) == uris
     assert all(r.error or len(r) > 0 for r in cloud)
     errors = [r for r in cloud if r.error]
@@ -101,7 +102,7 @@ def test_401_stops_fast_and_token_is_nowhere(local_ray_with_s3, served, tmp_path
     cfg = make_cfg(tmp_path, server.url, str(tmp_path / "imgs"), token_env="COIN_TEST_TOKEN",
                    requests_per_second=50.0, max_in_flight=8)
     with pytest.raises(CollectionStopped) as err:
-        run_collection(cfg, uris, str(tmp_path / "out"), with_clip=False)
+        run_collection(cfg, uris, RunDir(str(tmp_path / "out")), with_clip=False)
     assert "'http'" in str(err.value) and "COIN_TEST_TOKEN" in str(err.value)
     assert server.stats()["detect_requests"] <= 3
     time.sleep(1.0)  # let workers flush their logs
@@ -114,7 +115,7 @@ def test_401_stops_fast_and_token_is_nowhere(local_ray_with_s3, served, tmp_path
 
 @ray.remote(num_cpus=0)
 def _collect_job(cfg: dict, uris: list[str], out: str) -> dict:
-    return run_collection(from_dict(cfg), uris, out, with_clip=False)
+    return run_collection(from_dict(cfg), uris, RunDir(out), with_clip=False)
 
 
 @pytest.mark.timeout(240)
@@ -133,7 +134,7 @@ def test_resume_after_kill_pays_only_for_unanswered(local_ray_with_s3, served, t
         ray.get(job)
     first = server.stats()["detect_requests"]
     assert n // 2 <= first < n
-    summary = run_collection(cfg, uris, str(tmp_path / "out"), with_clip=False)
+    summary = run_collection(cfg, uris, RunDir(str(tmp_path / "out")), with_clip=False)
     total = server.stats()["detect_requests"]
     assert summary["images"] == n and summary["errors"] == 0
     assert total <= n + in_flight and summary["cache_hits"] >= n // 2 - in_flight
@@ -152,11 +153,11 @@ def test_everything_on_s3(local_ray_with_s3, served, s3_bucket, tmp_path):
     cfg = make_cfg(tmp_path, server.url, root, f"s3://{s3_bucket}/clip",
                    cache=f"s3://{s3_bucket}/cache", requests_per_second=50.0, num_actors=1)
     out = f"s3://{s3_bucket}/run/collect"
-    summary = run_collection(cfg, uris, out)
+    summary = run_collection(cfg, uris, RunDir(f"s3://{s3_bucket}/run"))
     assert summary["calls"] == 6 and summary["errors"] == 0
     cloud = table_to_records(storage.read_parquet(out + "/cloud.parquet"))
     clip_recs = table_to_records(storage.read_parquet(out + "/clip.parquet"))
     assert [r.uri for r in cloud] == uris and [r.image_id for r in cloud] == [Path(u).stem for u in local]
     assert all(len(c) == len(k) > 0 for c, k in zip(cloud, clip_recs))
     assert len(storage.list_files(f"s3://{s3_bucket}/cache", (".json",))) == 6
-    assert run_collection(cfg, uris, out, with_clip=False)["cache_hits"] == 6
+    assert run_collection(cfg, uris, RunDir(f"s3://{s3_bucket}/run"), with_clip=False)["cache_hits"] == 6

@@ -10,12 +10,12 @@ import torch
 from PIL import Image
 
 from coin_ray.config import from_dict
+from coin_ray.models.build import build_detector, load_detector, save_detector
 from coin_ray.models.clip_factory import write_clip
-from coin_ray.models.ov_rcnn import load_detector, save_detector
 from coin_ray.schema import Detections, class_only_probs
 from coin_ray.train.data import DetectionDataset, detection_target, step_indices
-from coin_ray.train.disseminate import (build_detector, build_optimizer, build_scheduler, disseminate,
-                                        restore_training_state, run_steps, training_state)
+from coin_ray.train.disseminate import build_optimizer, disseminate, restore_training_state, run_steps, training_state
+from coin_ray.train.loop import build_scheduler
 
 CATEGORIES = ["car", "traffic light", "person"]
 COLOURS = [(220, 30, 30), (30, 200, 30), (40, 40, 230)]

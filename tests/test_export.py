@@ -14,8 +14,9 @@ from coin_ray import storage
 from coin_ray.config import ModelConfig
 from coin_ray.export import (BOX_ATOL, ExportMismatch, check_equivalence, check_images, export_detector,
                              image_tensor, load_exported)
+from coin_ray.models.build import load_detector, save_detector
 from coin_ray.models.clip_factory import write_clip
-from coin_ray.models.ov_rcnn import OpenVocabularyRCNN, load_detector, save_detector
+from coin_ray.models.ov_rcnn import OpenVocabularyRCNN
 
 CATEGORIES = ["car", "person", "bus"]
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from coin_ray.config import DistillConfig, ModelConfig
+from coin_ray.models.build import load_detector, save_detector
 from coin_ray.models.clip_factory import write_clip
 from coin_ray.models.light_rcnn import LightRCNN
-from coin_ray.models.ov_rcnn import OpenVocabularyRCNN, load_detector, save_detector
+from coin_ray.models.ov_rcnn import OpenVocabularyRCNN
 from coin_ray.separate import SourceBoxes
 from coin_ray.train.distill import Batch, build_state, distill_step, load_state_dict, phase_at, state_dict
 
@@ -83,6 +84,19 @@ def test_a_saved_light_detector_loads_without_clip_and_detects_the_same(teacher,
     images = _images()
     for a, b in zip(light.detect(images), loaded.detect(images)):
         assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["scores"], b["scores"])
+
+
+def test_a_file_saved_with_the_old_class_slot_name_still_loads(teacher, tmp_path):
+    light = LightRCNN.from_teacher(teacher, MODEL, seed=3)
+    uri = str(tmp_path / "model.pt")
+    save_detector(light, uri)
+    blob = torch.load(uri, weights_only=False)
+    assert "class_embeddings.weight" in blob["state_dict"]
+    blob["state_dict"] = {k.replace("class_embeddings.", "prompt_learner."): v for k, v in blob["state_dict"].items()}
+    torch.save(blob, uri)
+    loaded = load_detector(uri)
+    assert torch.equal(loaded.class_embeddings.weight, light.class_embeddings.weight)
+    assert torch.equal(loaded.text_embeddings(), light.text_embeddings())
 
 
 def test_after_burn_up_the_clip_detector_stays_the_frozen_teacher(teacher):

@@ -12,8 +12,9 @@ from transformers import AutoTokenizer, CLIPModel
 
 from coin_ray.config import ModelConfig
 from coin_ray.losses import l_align
+from coin_ray.models.build import load_detector, save_detector
 from coin_ray.models.clip_factory import write_clip
-from coin_ray.models.ov_rcnn import OpenVocabularyRCNN, load_detector, save_detector
+from coin_ray.models.ov_rcnn import OpenVocabularyRCNN
 from coin_ray.models.prompt_learner import PromptLearner, encode_texts, prompt_texts
 from coin_ray.models.prototypes import Prototypes
 from coin_ray.models.roi_heads import RegionOutputs, RegionTargets, fastrcnn_soft_loss

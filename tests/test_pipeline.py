@@ -3,8 +3,8 @@
 import os
 
 from coin_ray.config import load_config
-from coin_ray.ray.pipeline import stages_to_run, with_absolute_paths
-from coin_ray.run import RunDir
+from coin_ray.ray.pipeline import STAGES, stages_to_run
+from coin_ray.run import STAGE_NAMES, RunDir, with_absolute_paths
 
 
 def test_local_paths_become_absolute_and_others_stay(tmp_path, monkeypatch):
@@ -31,3 +31,8 @@ def test_requested_stages_are_forced_and_the_rest_resume(tmp_path):
     assert stages_to_run(run, None) == ["clip_det", "distill", "evaluate", "export"]
     assert stages_to_run(run, ["distill", "disseminate"]) == ["disseminate", "distill"]
     assert not run.is_done("disseminate") and run.is_done("collect")
+
+
+def test_the_stage_table_runs_in_the_manifest_order():
+    assert tuple(STAGES) == STAGE_NAMES
+    assert all(fn.__name__ == f"stage_{name}" for name, fn in STAGES.items())

@@ -15,14 +15,13 @@ from PIL import Image
 
 from coin_ray import storage
 from coin_ray.config import from_dict
+from coin_ray.models.build import build_detector, load_detector, save_detector
 from coin_ray.models.clip_factory import write_clip
 from coin_ray.models.light_rcnn import LightRCNN
-from coin_ray.models.ov_rcnn import load_detector, save_detector
 from coin_ray.ray.distill import distill_worker, run_distill
-from coin_ray.ray.separate import run_separation
+from coin_ray.run import RunDir
 from coin_ray.schema import Detections, records_to_table
 from coin_ray.train.data import image_tensor
-from coin_ray.train.disseminate import build_detector
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +88,7 @@ def test_two_gloo_workers_agree_on_gradients_checkpoint_get_killed_and_resume(lo
     run_dir = tmp_path / "run"
     cfg = make_run(run_dir, clip_dir, steps=4, target_backbone=target_backbone)
     loop = functools.partial(distill_worker, after_step=functools.partial(check_then_fail_once, 3, str(tmp_path)))
-    model_uri = run_distill(cfg, str(run_dir), loop=loop)
+    model_uri = run_distill(cfg, RunDir(str(run_dir)), loop=loop)
 
     rows = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
     # Checkpoint at step 2, killed after step 3, resumed at step 3 (not 1, not 4).
@@ -116,34 +115,3 @@ def test_two_gloo_workers_agree_on_gradients_checkpoint_get_killed_and_resume(lo
                                        seed=cfg.seed)
         assert type(model) is LightRCNN
     assert not torch.equal(model.roi_heads.box_predictor.weight, fresh.roi_heads.box_predictor.weight)
-
-
-@pytest.mark.timeout(240)
-def test_separation_on_ray_data_stores_every_set(local_ray, tmp_path):
-    k = len(CATEGORIES)
-    box = np.array([[0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60]], np.float32)
-
-    def rec(image, boxes, labels, source, error=""):
-        if error:
-            return Detections.empty(image, f"/x/{image}.png", 0, 0, source, k, error=error)
-        return Detections.from_class_only(image, f"/x/{image}.png", 64, 64, boxes, np.array(labels),
-                                          np.full(len(labels), 0.9, np.float32), k, source)
-
-    cloud = [rec("a", box, [0, 1, 2], "cloud"), rec("b", box[:1], [1], "cloud"), rec("c", box, [], "cloud", "down")]
-    clip_det = [rec("a", box[:2] + 1, [0, 2], "clip_det"), rec("b", box[2:], [1], "clip_det"),
-                rec("c", box, [0, 0, 0], "clip_det")]
-    storage.write_parquet(records_to_table(cloud), str(tmp_path / "collect" / "cloud.parquet"))
-    storage.write_parquet(records_to_table(clip_det), str(tmp_path / "clip_det" / "detections.parquet"))
-    cfg = from_dict({"data": {"categories": CATEGORIES}, "ray": {"cpus_per_worker": 1.0}})
-    out = run_separation(cfg, str(tmp_path), num_actors=1)
-
-    rows = storage.read_parquet(out).to_pylist()
-    got = sorted((r["image_id"], r["set"], r["source"], r["cloud_label"], r["clip_label"]) for r in rows)
-    assert got == [("a", "consistent", "both", 0, 0), ("a", "inconsistent", "both", 1, 2),
-                   ("a", "private", "cloud", 2, -1), ("b", "private", "clip_det", -1, 1),
-                   ("b", "private", "cloud", 1, -1)]
-    consistent = next(r for r in rows if r["set"] == "consistent")
-    assert consistent["box"] == [0, 0, 10, 10]  # before burn-up: the cloud box
-    assert len(consistent["cloud_probs"]) == len(consistent["clip_probs"]) == k + 1
-    summary = json.loads((tmp_path / "separate" / "summary.json").read_text())
-    assert summary == {"images": 2, "counts": {"consistent": 1, "inconsistent": 1, "private": 3}}

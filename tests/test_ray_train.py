@@ -13,13 +13,13 @@ import torch
 from coin_ray import storage
 from coin_ray.config import from_dict, with_updates
 from coin_ray.data.images import load_image
+from coin_ray.models.build import build_detector, load_detector, save_detector
 from coin_ray.models.clip_factory import write_clip
-from coin_ray.models.ov_rcnn import load_detector, save_detector
 from coin_ray.ray.detect import run_detection
 from coin_ray.ray.disseminate import disseminate_worker, run_disseminate
+from coin_ray.run import RunDir
 from coin_ray.schema import records_to_table, table_to_records
 from coin_ray.train.data import image_tensor
-from coin_ray.train.disseminate import build_detector
 from test_disseminate import CATEGORIES, make_world
 
 pytestmark = pytest.mark.slow
@@ -67,7 +67,7 @@ def test_two_gloo_workers_checkpoint_get_killed_and_resume(local_ray, clip_dir, 
     write_cloud_records(run_dir, tmp_path)
     cfg = run_config(clip_dir, run_dir, steps=4)
     loop = functools.partial(disseminate_worker, after_step=functools.partial(fail_once_after, 3, str(tmp_path)))
-    model_uri = run_disseminate(cfg, str(run_dir), loop=loop)
+    model_uri = run_disseminate(cfg, RunDir(str(run_dir)), loop=loop)
 
     # Checkpoint at step 2, killed after step 3, resumed at step 3 (not 1, not 4).
     assert steps_done(tmp_path) == [1, 2, 3, 3, 4]
@@ -84,8 +84,8 @@ def test_a_resubmitted_run_resumes_from_its_last_checkpoint(local_ray, clip_dir,
     # One worker process: Ray's local mode (num_workers=0) keeps no run state to resume from.
     cfg = with_updates(run_config(clip_dir, run_dir, steps=2), ["ray.num_workers=1"])
     loop = functools.partial(disseminate_worker, after_step=functools.partial(fail_once_after, -1, str(tmp_path)))
-    run_disseminate(cfg, str(run_dir), loop=loop)
-    run_disseminate(with_updates(cfg, ["train.disseminate.steps=3"]), str(run_dir), loop=loop)
+    run_disseminate(cfg, RunDir(str(run_dir)), loop=loop)
+    run_disseminate(with_updates(cfg, ["train.disseminate.steps=3"]), RunDir(str(run_dir)), loop=loop)
     assert steps_done(tmp_path) == [1, 2, 3]
 
 

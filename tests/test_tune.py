@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from coin_ray.config import Config, load_config, to_yaml
-from coin_ray.ray import tune as sweep
+from coin_ray import search_space as sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_FIVE = {"gamma1", "gamma2", "lambda", "eta_half_life", "pi"}
@@ -37,7 +37,9 @@ def test_shipped_spaces_cover_the_paper_five_and_hold_its_defaults(name):
 def test_space_becomes_ray_tune_samplers():
     from ray.tune.search.sample import Categorical, Float
 
-    domains = sweep.param_space(sweep.parse_space(
+    from coin_ray.ray import sweep as ray_sweep
+
+    domains = ray_sweep.param_space(sweep.parse_space(
         {"gamma1": {"loguniform": [0.01, 1.0]}, "eta_half_life": {"choice": [0.01, 0.1]}, "steps": 5}))
     assert isinstance(domains["gamma1"], Float) and isinstance(domains["eta_half_life"], Categorical)
     assert domains["steps"] == 5
@@ -85,7 +87,9 @@ def test_params_map_lambda_to_its_field_and_the_config_reloads(tmp_path):
     ({"CPU": 32.0, "GPU": 2.0}, 4.0, 1.0, 2), ({"CPU": 32.0, "GPU": 4.0}, 4.0, 0.5, 8),
 ])
 def test_max_concurrent_from_cluster_resources(resources, cpus, gpus, expected):
-    assert sweep.max_concurrent(resources, cpus, gpus) == expected
+    from coin_ray.ray import sweep as ray_sweep
+
+    assert ray_sweep.max_concurrent(resources, cpus, gpus) == expected
 
 
 def test_tables_sort_by_metric_with_nan_last():
@@ -127,18 +131,20 @@ def _cpus_come_back(ray, total: float, deadline_s: float = 20.0) -> bool:
 
 @pytest.mark.timeout(600)
 def test_runner_asha_resources_and_resume_after_errors(local_ray, tmp_path):
+    from coin_ray.ray import sweep as ray_sweep
+
     marker = tmp_path / "fail"
     marker.touch()
-    opts = sweep.SweepOptions(name="unit", storage=str(tmp_path / "sweeps"), metric="score",
+    opts = ray_sweep.SweepOptions(name="unit", storage=str(tmp_path / "sweeps"), metric="score",
                               max_steps=4, num_samples=4, grace_steps=1, seed=3, max_failures=0,
                               points_to_evaluate=[{"gamma1": 0.1}])
-    space = sweep.param_space(sweep.parse_space({"gamma1": {"loguniform": [0.001, 10.0]}}))
-    first = sweep.run_tuner(_quadratic_trainable(marker), space, opts)
+    space = ray_sweep.param_space(sweep.parse_space({"gamma1": {"loguniform": [0.001, 10.0]}}))
+    first = ray_sweep.run_tuner(_quadratic_trainable(marker), space, opts)
     assert first.num_errors == 4
     marker.unlink()
-    grid = sweep.run_tuner(_quadratic_trainable(marker), space, opts)  # same name: restores
+    grid = ray_sweep.run_tuner(_quadratic_trainable(marker), space, opts)  # same name: restores
     assert grid.num_errors == 0 and len(grid) == 4
-    rows = sweep.result_rows(grid, "score", ["gamma1"])
+    rows = ray_sweep.result_rows(grid, "score", ["gamma1"])
     assert all(not math.isnan(r["score"]) for r in rows)
     assert rows[0]["gamma1"] == pytest.approx(0.1) and rows[0]["step"] == 4
     assert any(r["step"] < 4 for r in rows), "ASHA stopped no trial early"
@@ -176,7 +182,7 @@ def collected(local_ray, tmp_path_factory):
 
 
 def test_a_sweep_refuses_an_uncollected_run(tmp_path):
-    from coin_ray.ray.sweep import SweepInputsMissing, require_collected
+    from coin_ray.sweep import SweepInputsMissing, require_collected
     from coin_ray.run import RunDir
 
     run = RunDir(str(tmp_path / "run"))
@@ -193,9 +199,9 @@ def test_a_sweep_refuses_an_uncollected_run(tmp_path):
 
 
 def test_proxy_validation_holds_out_cloud_detections(collected):
-    from coin_ray.models.ov_rcnn import load_detector
-    from coin_ray.ray.sweep import collected_run, proxy_validation, student_map50
-    from coin_ray.ray.pipeline import target_uris
+    from coin_ray.models.build import load_detector
+    from coin_ray.data.datasets import target_uris
+    from coin_ray.sweep import collected_run, proxy_validation, student_map50
 
     root, overrides, _ = collected
     cfg, run = collected_run(load_config(None, overrides))
@@ -205,7 +211,7 @@ def test_proxy_validation_holds_out_cloud_detections(collected):
     assert val.metric == "proxy_map50" and "PROXY" in val.title
     assert held and set(held).isdisjoint(val.train_uris) and sorted(held + val.train_uris) == sorted(train)
     assert all(len(gt.boxes) == len(gt.labels) for gt in val.split.items)
-    teacher = load_detector(run.path("disseminate", "model.pt"))
+    teacher = load_detector(run.clip_detector)
     assert 0.0 <= student_map50(teacher, val.split) <= 100.0
 
 
@@ -238,7 +244,7 @@ def _kill_after_first_checkpoint(cmd: list[str], sweeps: Path, timeout: float) -
 def test_interrupted_sweep_resumes_without_calling_the_cloud(collected, local_ray):
     from ray import tune
 
-    from coin_ray.ray.pipeline import with_demo_world
+    from coin_ray.demo import with_demo_world
     from coin_ray.ray.sweep import sweep_distill
 
     root, overrides, server = collected

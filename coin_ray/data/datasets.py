@@ -16,6 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from coin_ray import storage
+from coin_ray.config import Config
 from coin_ray.data.images import image_id_from_uri, read_image_record
 from coin_ray.schema import ImageRecord
 
@@ -174,3 +175,17 @@ def load_labelled(fmt: str, annotations_uri: str, images_uri: str, categories: l
     if fmt == "voc":
         return load_voc(annotations_uri, categories, split=images_uri or None)
     raise ValueError(f"data.val_format: {fmt!r} is not supported (allowed: coco, voc)")
+
+
+def target_uris(cfg: Config) -> list[str]:
+    """The unlabeled target images (capped by ``data.max_images``), sorted."""
+    uris = list_image_folder(cfg.data.target_images)
+    return uris[: cfg.data.max_images] if cfg.data.max_images else uris
+
+
+def val_split(cfg: Config) -> LabelledSplit | None:
+    """The labelled target split used for the metric, or None when the user has none."""
+    if not cfg.data.val_annotations:
+        return None
+    return load_labelled(cfg.data.val_format, cfg.data.val_annotations, cfg.data.val_images,
+                         cfg.data.categories)

@@ -1,8 +1,10 @@
 """LightRCNN: the fast target detector (``model.target_backbone: mobilenet_v3 | resnet18``).
 
-The same detector design as ``OpenVocabularyRCNN`` (RPN, RoIAlign, a region head whose last
-layer ``box_head.proj`` maps into CLIP's joint space, a cosine classifier over K+1 class
-embeddings), on a light convolutional trunk instead of CLIP's ViT:
+A ``RegionDetector`` (models/rcnn.py), sibling of ``OpenVocabularyRCNN``: the same design
+(RPN, RoIAlign, a region head whose last layer ``box_head.proj`` maps into CLIP's joint
+space, a cosine classifier over K+1 class embeddings), on a light convolutional trunk
+instead of CLIP's ViT, and with plain learnable class embeddings where the CLIP detector
+has its prompt learner:
 
     trunk             torchvision MobileNetV3-Small blocks 0-3 (stride 8, 24 channels) or
                       ResNet-18 stem + layer1 + layer2 (stride 8, 128 channels); on a CPU
@@ -35,11 +37,13 @@ from torchvision.models import mobilenet_v3_small, resnet18
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from coin_ray.config import ModelConfig
-from coin_ray.models.ov_rcnn import OpenVocabularyRCNN, build_rpn
 from coin_ray.models.prototypes import Prototypes
+from coin_ray.models.rcnn import RegionDetector, build_rpn
 from coin_ray.models.roi_heads import ClipRoIHeads
 
-ARCHITECTURE = "light"
+ARCHITECTURE = "light"  # meta["architecture"] of a saved LightRCNN (models/build.py)
+# Where the class embeddings were saved before the slot had its own name (still loadable).
+LEGACY_CLASS_SLOT = "prompt_learner"
 TRUNK_STRIDE = 8
 ROI_SIZE = 7
 HEAD_WIDTH = 256
@@ -121,11 +125,13 @@ class ClassEmbeddings(nn.Module):
         return F.normalize(self.weight, dim=-1)
 
 
-class LightRCNN(OpenVocabularyRCNN):
+class LightRCNN(RegionDetector):
     """The CLIP detector's design on a MobileNetV3 or ResNet-18 trunk; build with ``from_teacher``."""
 
+    CLASS_SLOT = "class_embeddings"
+
     @classmethod
-    def from_teacher(cls, teacher: OpenVocabularyRCNN, model_cfg: ModelConfig | None = None, *,
+    def from_teacher(cls, teacher: RegionDetector, model_cfg: ModelConfig | None = None, *,
                      seed: int = 0) -> "LightRCNN":
         """A fresh LightRCNN for the teacher's categories, in the teacher's joint space.
 
@@ -141,7 +147,7 @@ class LightRCNN(OpenVocabularyRCNN):
                 "model_cfg": dataclasses.asdict(model_cfg)}
         model = cls.from_meta(meta, model_cfg, seed=seed)
         with torch.no_grad():
-            model.prompt_learner.weight.copy_(text)
+            model.class_embeddings.weight.copy_(text)
             model.prototypes.vectors.copy_(teacher.prototypes.vectors.float().cpu())
             model.roi_heads.logit_scale.copy_(teacher.roi_heads.logit_scale.detach().cpu())
         return model
@@ -157,7 +163,7 @@ class LightRCNN(OpenVocabularyRCNN):
         transform = GeneralizedRCNNTransform(model_cfg.min_size, model_cfg.max_size, list(PIXEL_MEAN),
                                              list(PIXEL_STD), size_divisible=TRUNK_STRIDE)
         return cls(transform=transform, trunk=trunk, rpn=build_rpn(trunk.out_channels, model_cfg.min_size, ANCHOR_RATIOS),
-                   roi_heads=roi_heads, prompt_learner=ClassEmbeddings(torch.zeros(num_rows, joint)),
+                   roi_heads=roi_heads, classes=ClassEmbeddings(torch.zeros(num_rows, joint)),
                    prototypes=Prototypes(torch.zeros(num_rows, joint)), model_cfg=model_cfg, meta=dict(meta))
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:
@@ -170,7 +176,8 @@ class LightRCNN(OpenVocabularyRCNN):
         return [{"params": trunk, "lr": lr, "name": "backbone"},
                 {"params": [p for p in self.parameters() if id(p) not in ids], "lr": lr, "name": "heads"}]
 
-
-def is_light(meta: dict[str, Any]) -> bool:
-    """Whether a model.pt's meta describes a LightRCNN."""
-    return meta.get("architecture") == ARCHITECTURE
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # Files saved before the slot was renamed hold "prompt_learner.weight".
+        for key in [k for k in state_dict if k.startswith(prefix + LEGACY_CLASS_SLOT + ".")]:
+            state_dict[prefix + self.CLASS_SLOT + key[len(prefix + LEGACY_CLASS_SLOT):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torchvision.ops import box_iou
 
-from coin_ray.models.ov_rcnn import OpenVocabularyRCNN
+from coin_ray.models.rcnn import RegionDetector
 from coin_ray.models.roi_heads import BG_IOU_THRESHOLD, RegionOutputs, RegionTargets, assign_targets
 from coin_ray.separate import Separation
 
@@ -86,7 +86,7 @@ def _set_boxes(sep: Separation, device: torch.device) -> dict[str, torch.Tensor]
 class DistillStudent(nn.Module):
     """Wraps the student detector; ``forward`` is the distillation pass (``detector`` holds it)."""
 
-    def __init__(self, detector: OpenVocabularyRCNN, private_objectness: bool = True) -> None:
+    def __init__(self, detector: RegionDetector, private_objectness: bool = True) -> None:
         super().__init__()
         self.detector = detector
         self.private_objectness = private_objectness

@@ -1,6 +1,6 @@
 """Stage 0 on Ray Data: every target image to the cloud detector once, every box to CLIP.
 
-    summary = run_collection(cfg, image_uris, "runs/<run_id>/collect")
+    summary = run_collection(cfg, image_uris, RunDir("runs/<run_id>"))
 
 Plan: from_items(uris) -> actor pool of ``_CloudCaller`` (threads per actor overlap the
 API's latency; every request passes the cluster-wide limiter; answers are cached before
@@ -27,6 +27,7 @@ import ray
 from coin_ray import storage
 from coin_ray.cloud.backends import NEEDS_TOKEN, build_backend, model_id
 from coin_ray.cloud.cache import AnswerCache
+from coin_ray.cloud.clip_score import ClipBoxScorer
 from coin_ray.cloud.client import CloudClient, RetryPolicy
 from coin_ray.cloud.errors import Secret, read_token
 from coin_ray.cloud.export_coco import export_coco
@@ -35,6 +36,7 @@ from coin_ray.cloud.mapping import CategoryMap
 from coin_ray.config import Config, from_dict, to_dict
 from coin_ray.data.images import decode_image, image_id_from_uri
 from coin_ray.ray.limiter import ClusterLimiter
+from coin_ray.run import RunDir
 from coin_ray.schema import Detections, records_to_table
 
 log = logging.getLogger(__name__)
@@ -87,8 +89,6 @@ class _ClipScorer:
     """Actor: CLIP zero-shot probabilities for every cloud box of a batch."""
 
     def __init__(self, cfg: dict) -> None:
-        from coin_ray.cloud.clip_score import ClipBoxScorer
-
         cfg_ = from_dict(cfg)
         self.scorer = ClipBoxScorer(cfg_.clip.model, cfg_.data.categories,
                                     templates=cfg_.clip.templates, style=cfg_.data.style,
@@ -161,13 +161,13 @@ def _drain(ds: "ray.data.Dataset", total: int) -> tuple[list[Detections], list[D
     return cloud, clip, tally
 
 
-def run_collection(cfg: Config, image_uris: list[str], out_dir: str, *,
+def run_collection(cfg: Config, image_uris: list[str], run: RunDir, *,
                    with_clip: bool = True) -> dict[str, Any]:
     """Collect cloud detections (and CLIP scores of their boxes) for ``image_uris``.
 
-    Writes ``out_dir``/cloud.parquet and clip.parquet (DETECTION_SCHEMA, sorted by uri; boxes
-    xyxy pixels; cloud probs class-only K+1, clip probs K+1 with background 0),
-    summary.json and cloud_coco.json (+ _results.json). Needs a running Ray (``ray.init``); the limiter actor is killed at the end.
+    Writes ``run.cloud_detections`` and ``run.clip_scores`` (DETECTION_SCHEMA, sorted by uri;
+    boxes xyxy pixels; cloud probs class-only K+1, clip probs K+1 with background 0),
+    ``run.collect_summary`` and ``run.cloud_coco`` (+ _results.json). Needs a running Ray (``ray.init``); the limiter actor is killed at the end.
 
     Raises:
         CollectionStopped: the backend refused the credentials.
@@ -194,17 +194,17 @@ def run_collection(cfg: Config, image_uris: list[str], out_dir: str, *,
     seconds = time.monotonic() - start
     cloud.sort(key=lambda r: r.uri)
     clip.sort(key=lambda r: r.uri)
-    storage.write_parquet(records_to_table(cloud), storage.join(out_dir, "cloud.parquet"))
+    storage.write_parquet(records_to_table(cloud), run.cloud_detections)
     if with_clip:
-        storage.write_parquet(records_to_table(clip), storage.join(out_dir, "clip.parquet"))
+        storage.write_parquet(records_to_table(clip), run.clip_scores)
     # Label-only users want the labels without training: COCO JSON next to the Parquet.
-    export_coco(cloud, cfg.data.categories, storage.join(out_dir, "cloud_coco.json"),
+    export_coco(cloud, cfg.data.categories, run.cloud_coco,
                 root=cfg.data.target_images)
     summary = {**tally.as_dict(c.price_per_call), "backend": c.backend, "model": c.model or c.url,
                "seconds": round(seconds, 3), "calls_per_s": round(tally.calls / max(seconds, 1e-9), 3),
                "limiter_grants": limiter_stats["granted"]}
     _warn_if_nothing(summary)
-    storage.write_text(storage.join(out_dir, "summary.json"), json.dumps(summary, indent=2))
+    storage.write_text(run.collect_summary, json.dumps(summary, indent=2))
     log.info("collection: %s", json.dumps(summary))
     return summary
 

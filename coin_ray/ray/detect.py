@@ -2,7 +2,7 @@
 
     run_detection(cfg, "<run>/disseminate/model.pt", uris, "<run>/clip_det/detections.parquet")
 
-Each actor rebuilds the detector from ``model.pt`` (coin_ray.models.ov_rcnn.load_detector),
+Each actor rebuilds the detector from ``model.pt`` (coin_ray.models.build.load_detector),
 reads its batch of images by uri (local or s3://), detects, and returns Detections rows in
 DETECTION_SCHEMA (boxes xyxy in original-image pixels, probs (N,K+1)). An image that cannot
 be read becomes an error record, never a failed batch. The driver writes one Parquet file.
@@ -18,7 +18,7 @@ import torch
 from coin_ray import storage
 from coin_ray.config import Config
 from coin_ray.data.images import image_id_from_uri, read_image_record
-from coin_ray.models.ov_rcnn import load_detector
+from coin_ray.models.build import load_detector
 from coin_ray.schema import SOURCE_CLIP_DET, Detections, records_to_table, table_to_records
 from coin_ray.train.data import image_tensor
 

@@ -1,7 +1,7 @@
 """One function per pipeline stage: ``stage_<name>(cfg, run) -> info for the manifest``.
 
 Each reads its inputs from the run directory (local or s3://) and writes its outputs there;
-``coin_ray.ray.pipeline`` decides which stages run and records them in the manifest.
+``coin_ray.ray.pipeline.STAGES`` lists them in order and records them in the manifest.
 """
 
 from __future__ import annotations
@@ -10,60 +10,61 @@ from typing import Any
 
 from coin_ray import storage
 from coin_ray.config import Config
+from coin_ray.data.datasets import target_uris, val_split
 from coin_ray.data.images import load_image
+from coin_ray.demo import demo_cloud
 from coin_ray.evaluate import EvalResult, evaluate
+from coin_ray.export import export_detector
+from coin_ray.ray.collect import run_collection
+from coin_ray.ray.detect import run_detection
+from coin_ray.ray.disseminate import run_disseminate
+from coin_ray.ray.distill import run_distill
+from coin_ray.report import write_report
 from coin_ray.run import RunDir
 from coin_ray.schema import Detections, table_to_records
 
-# Table 1 rows: method name -> where its detections on the val split come from.
-TABLE1_ROWS = {"Cloud det": "collect/cloud.parquet", "CLIP": "collect/clip.parquet",
-               "CLIP det": "clip_det/detections.parquet", "COIN": "eval/coin.parquet"}
+
+def table1_rows(run: RunDir) -> dict[str, str]:
+    """Table 1 rows: method name -> the uri of its detections on the val split."""
+    return {"Cloud det": run.cloud_detections, "CLIP": run.clip_scores,
+            "CLIP det": run.clip_detections, "COIN": run.eval("coin")}
 
 
-def stage_collect(cfg: Config, run: RunDir) -> dict[str, Any]:
-    """Cloud detections and CLIP scores for the target train images and the val split."""
-    from coin_ray.ray.collect import run_collection
-    from coin_ray.ray.pipeline import demo_cloud, target_uris, val_split
-
+def detection_uris(cfg: Config) -> list[str]:
+    """The target training images and, when there is one, the labelled split's images."""
     uris = target_uris(cfg)
     split = val_split(cfg)
     if split is not None:
         uris = sorted(set(uris) | set(split.uris()))
+    return uris
+
+
+def stage_collect(cfg: Config, run: RunDir) -> dict[str, Any]:
+    """Cloud detections and CLIP scores for the target train images and the val split."""
+    uris = detection_uris(cfg)
     with demo_cloud(cfg) as live_cfg:
-        summary = run_collection(live_cfg, uris, run.path("collect"))
+        summary = run_collection(live_cfg, uris, run)
     return {"images": len(uris), "calls": summary.get("calls"), "errors": summary.get("errors")}
 
 
 def stage_disseminate(cfg: Config, run: RunDir) -> dict[str, Any]:
     """Pre-train the CLIP detector on the cloud detections (Ray Train)."""
-    from coin_ray.ray.disseminate import run_disseminate
-
-    return {"model": run_disseminate(cfg, run.root)}
+    return {"model": run_disseminate(cfg, run)}
 
 
 def stage_clip_det(cfg: Config, run: RunDir) -> dict[str, Any]:
     """Run the pre-trained CLIP detector on every target image and the val split."""
-    from coin_ray.ray.detect import run_detection
-    from coin_ray.ray.pipeline import target_uris, val_split
-
-    uris = target_uris(cfg)
-    split = val_split(cfg)
-    if split is not None:
-        uris = sorted(set(uris) | set(split.uris()))
-    out = run.path("clip_det", "detections.parquet")
-    run_detection(cfg, run.path("disseminate", "model.pt"), uris, out, source="clip_det")
+    uris = detection_uris(cfg)
+    run_detection(cfg, run.clip_detector, uris, run.clip_detections, source="clip_det")
     return {"images": len(uris)}
 
 
 def stage_distill(cfg: Config, run: RunDir) -> dict[str, Any]:
     """Distil the target detector with the COIN losses and the CKG (Ray Train)."""
-    from coin_ray.ray.distill import run_distill
-
-    return {"model": run_distill(cfg, run.root)}
+    return {"model": run_distill(cfg, run)}
 
 
-def _records(run: RunDir, rel: str) -> list[Detections] | None:
-    uri = run.path(rel)
+def _records(uri: str) -> list[Detections] | None:
     if not storage.exists(uri):
         return None
     return [r for r in table_to_records(storage.read_parquet(uri)) if r.ok]
@@ -71,12 +72,10 @@ def _records(run: RunDir, rel: str) -> list[Detections] | None:
 
 def evaluate_rows(cfg: Config, run: RunDir) -> dict[str, EvalResult]:
     """Table 1 rows for every method whose val detections exist."""
-    from coin_ray.ray.pipeline import val_split
-
     split = val_split(cfg)
     results = {}
-    for method, rel in TABLE1_ROWS.items():
-        records = _records(run, rel)
+    for method, uri in table1_rows(run).items():
+        records = _records(uri)
         if records is not None:
             results[method] = evaluate(split, records)
     return results
@@ -84,16 +83,11 @@ def evaluate_rows(cfg: Config, run: RunDir) -> dict[str, EvalResult]:
 
 def stage_evaluate(cfg: Config, run: RunDir) -> dict[str, Any]:
     """Detect with the target detector on the val split, then Table 1 and the report."""
-    from coin_ray.ray.detect import run_detection
-    from coin_ray.ray.pipeline import val_split
-    from coin_ray.report import write_report
-
     split = val_split(cfg)
     if split is None:
         print("[coin-ray] no labelled target split (data.val_annotations): skipping Table 1")
         return {"skipped": "no labelled split"}
-    run_detection(cfg, run.path("distill", "model.pt"), split.uris(), run.path("eval", "coin.parquet"),
-                  source="coin")
+    run_detection(cfg, run.target_detector, split.uris(), run.eval("coin"), source="coin")
     results = evaluate_rows(cfg, run)
     write_report(cfg, run, split, results)
     return {"map50": {m: round(r.map50, 2) for m, r in results.items()}}
@@ -101,14 +95,10 @@ def stage_evaluate(cfg: Config, run: RunDir) -> dict[str, Any]:
 
 def stage_export(cfg: Config, run: RunDir) -> dict[str, Any]:
     """Export the target detector for deployment (TorchScript) and check it against eager."""
-    from coin_ray.export import export_detector
-
-    return export_detector(run.path("distill", "model.pt"), run.path("export"), example_uri=_first_image(cfg))
+    return export_detector(run.target_detector, run.export_dir, example_uri=_first_image(cfg))
 
 
 def _first_image(cfg: Config) -> str:
-    from coin_ray.ray.pipeline import target_uris
-
     for uri in target_uris(cfg):
         try:
             load_image(uri)

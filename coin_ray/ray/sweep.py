@@ -1,133 +1,80 @@
-"""Sweeping the distillation stage of a collected run (issue 7), on ``coin_ray.ray.tune``.
+"""Sweeping the distillation stage of a collected run on Ray Tune (issue 7): the trials only.
 
     report = sweep_distill(cfg, load_space("tune_spaces/demo.yaml"), num_samples=8)
 
-A sweep reads what earlier stages stored: the cloud detections (``collect/cloud.parquet``)
-and the disseminated CLIP detector (``disseminate/model.pt``, the distillation's teacher).
-It never calls the cloud detector and refuses to start when the stages before distillation
-have not finished. Each trial is a function trainable running the distillation loop
-in-process (``Tuner(TorchTrainer)`` does not work in Ray 2.60; the models are small), with
-the trial's CPUs / GPUs reserved by ``tune.with_resources``.
-
-Trials are scored on the labelled target split (``val_map50``) when the config has one;
-without labels, on a clearly named proxy (``proxy_map50``): agreement of the student with
-the cloud detector's boxes on training images held out of every trial.
-
-The sweep ends by writing, in its experiment folder: ``best.yaml`` (the input config with
-the best trial's values, for ``jobs/adapt.py --config``), ``results.csv`` and
-``results.md`` (one row per trial, best first: trials that ran to the end, by the metric,
-then the ones ASHA stopped).
+The inputs, the metric and the outputs are ``coin_ray.sweep``'s; the search space is
+``coin_ray.search_space``'s. Here: each trial is a function trainable running
+``DistillTraining`` in-process in the shell of ``coin_ray.ray.train.run_training``, with
+Tune's checkpoints (``Tuner(TorchTrainer)`` does not work in Ray 2.60; the models are
+small), its CPUs / GPUs reserved by ``tune.with_resources``; and the Tuner: ASHA on an
+explicit ``step`` (ASHA's rung state is not kept across ``Tuner.restore``, the step is),
+resources, resume. A sweep's experiment folder is ``<storage>/<name>``; running the same
+sweep again restores it and runs only what is unfinished or errored.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import dataclasses
+import io
 import math
+import os
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
+import ray
+import torch
 from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import BasicVariantGenerator
 
 from coin_ray import storage
-from coin_ray.config import Config, from_dict, to_dict, to_yaml
-from coin_ray.data.datasets import LabelledSplit
-from coin_ray.ray.tune import (Dimension, SweepOptions, apply_params, param_space, result_rows,
-                               rows_to_csv, rows_to_markdown, run_tuner)
+from coin_ray.config import Config, from_dict, to_dict
+from coin_ray.ray.train import STATE_FILE, Checkpoints, run_training
 from coin_ray.run import RunDir
+from coin_ray.search_space import Dimension, apply_params, is_finite_number, plain
+from coin_ray.sweep import SweepReport, Validation, collected_run, student_map50, sweep_name, validation, write_outputs
+from coin_ray.train.data import DetectionDataset, cloud_records
+from coin_ray.train.distill import DistillTraining, build_run_state
 
-SWEEP_INPUTS = {"collect": "collect/cloud.parquet", "disseminate": "disseminate/model.pt",
-                "clip_det": "clip_det/detections.parquet"}
-PROXY_FRACTION = 0.2  # share of the training images held out as the proxy's "validation"
 EVALS_PER_TRIAL = 4  # default number of reports (ASHA rungs are placed on them)
-SORT_NOTE = ("\n\nBest first: trials that ran every step, by the metric; then those ASHA stopped "
-             "early (behind others at a rung), by step reached.")
-class SweepInputsMissing(RuntimeError):
-    """The run has not been collected / disseminated yet; a sweep never collects."""
+
+# Each kind a space file may name (coin_ray.search_space.SAMPLERS), as ray.tune's sampler.
+SAMPLERS = {"uniform": tune.uniform, "loguniform": tune.loguniform, "choice": tune.choice}
 
 
-def require_collected(run: RunDir) -> None:
-    """Raise SweepInputsMissing unless the stages before distillation finished in ``run``."""
-    missing = [rel for stage, rel in SWEEP_INPUTS.items()
-               if not (run.is_done(stage) and storage.exists(run.path(rel)))]
-    if missing:
-        raise SweepInputsMissing(
-            f"{run.root}: a sweep reuses a collected run and never calls the cloud detector, "
-            f"but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing. Run "
-            f"`python jobs/adapt.py --config <the same config>` first (it stops being needed "
-            f"once stages collect, disseminate and clip_det are done).")
+def domain(dim: Dimension) -> Any:
+    """The ray.tune sampler of one dimension (or the plain value when fixed)."""
+    if dim.kind == "fixed":
+        return dim.values[0]
+    if dim.kind == "choice":
+        return SAMPLERS["choice"](list(dim.values))
+    return SAMPLERS[dim.kind](*dim.values)
 
 
-@dataclass
-class Validation:
-    """What trials are scored on: a labelled split, or held-out cloud detections (proxy)."""
-
-    metric: str  # "val_map50" or "proxy_map50"
-    split: LabelledSplit
-    train_uris: list[str]
-    title: str  # one line saying what the metric is, for the tables
+def param_space(space: dict[str, Dimension]) -> dict[str, Any]:
+    """The Tuner's ``param_space``: YAML key -> ray.tune sampler (or fixed value)."""
+    return {key: domain(dim) for key, dim in space.items()}
 
 
-def _held_out(uri: str, fraction: float) -> bool:
-    """Deterministic per image (not per run): the same images are held out in every trial."""
-    return int(hashlib.sha1(uri.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+def _load_tune_checkpoint(map_location: str | torch.device) -> dict | None:
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        with open(os.path.join(folder, STATE_FILE), "rb") as f:
+            return torch.load(io.BytesIO(f.read()), map_location=map_location, weights_only=False)
 
 
-def proxy_validation(cfg: Config, run: RunDir, train_uris: list[str],
-                     fraction: float = PROXY_FRACTION) -> Validation:
-    """Hold out a fraction of the training images; their cloud boxes (score >=
-    ``train.disseminate.min_cloud_score``) become the proxy's ground truth."""
-    from coin_ray.data.datasets import GroundTruth
-    from coin_ray.ray.disseminate import cloud_records
-
-    held = [u for u in train_uris if _held_out(u, fraction)] or train_uris[-1:]
-    keep = [u for u in train_uris if u not in set(held)]
-    min_score = cfg.train.disseminate.min_cloud_score
-    items = []
-    for rec in cloud_records(run.root, held):
-        ok = rec.scores >= min_score
-        items.append(GroundTruth(rec.image_id, rec.uri, rec.width, rec.height, rec.boxes[ok],
-                                 rec.labels[ok], np.zeros(int(ok.sum()), dtype=bool)))
-    title = (f"metric: proxy_map50 = mAP50 of the student against the cloud detector's boxes "
-             f"(score >= {min_score}) on {len(items)} held-out training images. PROXY: it measures "
-             f"agreement with the cloud, not accuracy; no labelled target split was given.")
-    return Validation("proxy_map50", LabelledSplit(list(cfg.data.categories), items), keep, title)
+def _save_tune_checkpoint(state: dict, metrics: dict[str, Any]) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        torch.save(state, os.path.join(folder, STATE_FILE))
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
-def validation(cfg: Config, run: RunDir, proxy: bool = False) -> Validation:
-    """The labelled target split when the config has one (and ``proxy`` is False), else the proxy."""
-    from coin_ray.ray.pipeline import target_uris, val_split
-
-    train_uris = target_uris(cfg)
-    split = None if proxy else val_split(cfg)
-    if split is None:
-        return proxy_validation(cfg, run, train_uris)
-    title = f"metric: val_map50 = mAP50 (%) of the student on the labelled target split ({len(split.items)} images)"
-    return Validation("val_map50", split, train_uris, title)
-
-
-def student_map50(detector: Any, split: LabelledSplit, batch_size: int = 4) -> float:
-    """mAP50 (%) of ``detector`` (an OpenVocabularyRCNN) on ``split`` (pycocotools)."""
-    import torch
-
-    from coin_ray.data.images import load_image
-    from coin_ray.evaluate import evaluate
-    from coin_ray.schema import Detections
-    from coin_ray.train.data import image_tensor
-
-    records = []
-    for i in range(0, len(split.items), batch_size):
-        items = split.items[i:i + batch_size]
-        with torch.no_grad():
-            found = detector.detect([image_tensor(load_image(gt.uri)) for gt in items])
-        for gt, det in zip(items, found):
-            d = {k: v.cpu().numpy() for k, v in det.items()}
-            records.append(Detections(gt.image_id, gt.uri, gt.width, gt.height, d["boxes"], d["labels"],
-                                      d["scores"], d["probs"], "coin"))
-    value = evaluate(split, records).map50
-    return 0.0 if math.isnan(value) else value
+# A trial's checkpoints: Tune's, in the same one-file format as Ray Train's.
+TUNE_CHECKPOINTS = Checkpoints(_load_tune_checkpoint, _save_tune_checkpoint)
 
 
 def distill_trial(params: dict[str, Any], *, base: dict[str, Any], run_root: str, val: Validation,
@@ -137,73 +84,19 @@ def distill_trial(params: dict[str, Any], *, base: dict[str, Any], run_root: str
     Reports {"step", val.metric, "loss"} with a checkpoint of the whole distillation state,
     so a restored sweep resumes a trial where its last report left it.
     """
-    import tempfile
-
-    import torch
-
-    from coin_ray.ray.disseminate import cloud_records
-    from coin_ray.train.data import DetectionDataset
-    from coin_ray.train.distill import build_run_state, load_state_dict, run_steps, state_dict
-
     torch.set_num_threads(max(1, threads))
     cfg = apply_params(from_dict(base), params)
     d = cfg.train.distill
-    state = build_run_state(cfg, storage.join(run_root, SWEEP_INPUTS["disseminate"]))
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            load_state_dict(state, torch.load(f"{folder}/state.pt", weights_only=False))
-    dataset = DetectionDataset(cloud_records(run_root, val.train_uris), cfg.num_classes)
+    run = RunDir(run_root)
+    state = build_run_state(cfg, run.clip_detector)
+    training = DistillTraining(state, DetectionDataset(cloud_records(run, val.train_uris), cfg.num_classes),
+                               d, cfg.seed)
 
-    def on_step(step: int, metrics: dict[str, float]) -> None:
-        if step % eval_every and step != d.steps:
-            return
-        value = student_map50(state.detector, val.split)
-        with tempfile.TemporaryDirectory() as folder:
-            torch.save(state_dict(state), f"{folder}/state.pt")
-            tune.report({"step": step, val.metric: value, "loss": metrics["loss"]},
-                        checkpoint=tune.Checkpoint.from_directory(folder))
+    def report(step: int, metrics: dict[str, float]) -> dict[str, Any]:
+        return {"step": step, val.metric: student_map50(state.detector, val.split), "loss": metrics["loss"]}
 
-    run_steps(state, dataset, d, seed=cfg.seed, on_step=on_step)
-
-
-@dataclass
-class SweepReport:
-    """What a finished sweep produced; ``path`` is its experiment folder (local or s3://)."""
-
-    path: str
-    metric: str
-    best_params: dict[str, Any]
-    best_value: float
-    best_config: str  # uri of best.yaml
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    seconds: float = 0.0
-
-
-def collected_run(cfg: Config) -> tuple[Config, RunDir]:
-    """The config with its data paths resolved and its run directory (as ``jobs/adapt.py``
-    computes them), after checking the run is collected: raises SweepInputsMissing otherwise.
-    Never builds the Foggy-Shapes world (an unbuilt world has no collection) and needs no Ray."""
-    from coin_ray.world.build import MANIFEST, world_root
-
-    if not cfg.data.target_images:
-        root = world_root(cfg.data.world, cfg.seed, cfg.data.world_cache or None)
-        if not (root / MANIFEST).exists():
-            raise SweepInputsMissing(f"the Foggy-Shapes {cfg.data.world} world is not built at {root}, "
-                                     "so nothing was collected: run `python jobs/adapt.py` first")
-    from coin_ray.ray.pipeline import with_demo_world
-
-    cfg = with_demo_world(cfg)
-    run = RunDir(storage.join(cfg.storage, cfg.resolved_run_id()))
-    require_collected(run)
-    return cfg, run
-
-
-def sweep_name(space: dict[str, Dimension], **settings: Any) -> str:
-    """A stable name from the space and the settings: re-running the same sweep resumes it."""
-    key = json.dumps({"space": {k: [d.kind, list(d.values)] for k, d in sorted(space.items())},
-                      **settings}, sort_keys=True, default=str)
-    return "sweep-" + hashlib.sha1(key.encode()).hexdigest()[:10]
+    run_training(training, steps=d.steps, checkpoint_every=eval_every, report=report,
+                 checkpoints=TUNE_CHECKPOINTS)
 
 
 def sweep_distill(cfg: Config, space: dict[str, Dimension], *, num_samples: int = 8,
@@ -214,7 +107,7 @@ def sweep_distill(cfg: Config, space: dict[str, Dimension], *, num_samples: int 
     """Sweep ``train.distill`` over ``space`` on the run ``cfg`` collected; Ray must be initialised.
 
     Args:
-        storage_uri: folder or s3:// prefix for sweeps (default ``<run>/tune``).
+        storage_uri: folder or s3:// prefix for sweeps (default ``run.tune_dir``).
         name: experiment name (default ``sweep_name``: stable, so a re-run resumes).
         eval_every: steps between reports (default steps / EVALS_PER_TRIAL).
         proxy: score on held-out cloud detections even when a labelled split exists.
@@ -232,7 +125,7 @@ def sweep_distill(cfg: Config, space: dict[str, Dimension], *, num_samples: int 
     base_point = {k: to_dict(d)[k] for k in swept}
     name = name or sweep_name(space, num_samples=num_samples, metric=val.metric, every=every,
                               distill=to_dict(d), seed=resolved.seed)
-    opts = SweepOptions(name=name, storage=storage_uri or run.path("tune"), metric=val.metric,
+    opts = SweepOptions(name=name, storage=storage_uri or run.tune_dir, metric=val.metric,
                         max_steps=d.steps, num_samples=num_samples, grace_steps=every,
                         cpus_per_trial=cpus_per_trial, gpus_per_trial=gpus_per_trial,
                         max_concurrent_trials=max_concurrent_trials, seed=resolved.seed,
@@ -244,19 +137,100 @@ def sweep_distill(cfg: Config, space: dict[str, Dimension], *, num_samples: int 
     if not rows or math.isnan(rows[0][val.metric]):
         raise RuntimeError(f"sweep {name}: no trial reported {val.metric} (see the errors in {opts.storage})")
     best = {k: rows[0][k] for k in swept}
-    return _write_outputs(cfg, opts, val, rows, best, time.monotonic() - start)
+    return write_outputs(cfg, storage.join(opts.storage, opts.name), opts.name, val, rows, best,
+                         time.monotonic() - start)
 
 
-def _write_outputs(cfg: Config, opts: SweepOptions, val: Validation, rows: list[dict[str, Any]],
-                   best: dict[str, Any], seconds: float) -> SweepReport:
-    """best.yaml (the caller's config + the best values), results.csv, results.md."""
-    path = storage.join(opts.storage, opts.name)
-    best_uri = storage.join(path, "best.yaml")
-    header = (f"# Best of sweep {opts.name} by {val.metric} = {rows[0][val.metric]:.4g}"
-              f"{' (PROXY)' if val.metric.startswith('proxy') else ''}.\n"
-              f"# Re-run distillation with it: python jobs/adapt.py --config best.yaml "
-              f"--stages distill,evaluate,export\n")
-    storage.write_text(best_uri, header + to_yaml(apply_params(cfg, best)))
-    storage.write_text(storage.join(path, "results.csv"), rows_to_csv(rows))
-    storage.write_text(storage.join(path, "results.md"), rows_to_markdown(rows, val.title + SORT_NOTE))
-    return SweepReport(path, val.metric, best, rows[0][val.metric], best_uri, rows, seconds)
+@dataclass
+class SweepOptions:
+    """How a sweep runs; ``storage`` is a local folder or s3:// prefix holding sweeps."""
+
+    name: str
+    storage: str
+    metric: str  # the reported key ASHA ranks on, e.g. "val_map50" or "proxy_map50"
+    max_steps: int  # training steps of a full trial (ASHA's max_t, in the ``step`` unit)
+    num_samples: int = 8
+    grace_steps: int = 0  # ASHA grace period; 0 = a quarter of max_steps
+    reduction_factor: int = 2
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent_trials: int = 0  # 0 = as many as the cluster's CPUs / GPUs hold
+    seed: int = 0  # seeds the random search
+    max_failures: int = 1  # retries of a failing trial (from its last checkpoint)
+    points_to_evaluate: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+def max_concurrent(resources: dict[str, float], cpus_per_trial: float, gpus_per_trial: float) -> int:
+    """How many trials fit at once in ``resources`` (``ray.cluster_resources()``), at least 1."""
+    fits = [math.inf]
+    if cpus_per_trial > 0:
+        fits.append(resources.get("CPU", 0.0) // cpus_per_trial)
+    if gpus_per_trial > 0:
+        fits.append(resources.get("GPU", 0.0) // gpus_per_trial)
+    n = min(fits)
+    return 1 if math.isinf(n) else max(1, int(n))
+
+
+def _storage(uri: str) -> tuple[Any, str]:
+    """(pyarrow filesystem or None, path) for Tune's ``storage_path``: s3:// goes through
+    ``coin_ray.storage`` so AWS_ENDPOINT_URL is honoured."""
+    if storage.is_s3(uri):
+        return storage.resolve(uri)
+    return None, storage.resolve(uri)[1]
+
+
+def _scheduler(opts: SweepOptions) -> Any:
+    grace = opts.grace_steps or max(1, opts.max_steps // 4)
+    return ASHAScheduler(time_attr="step", max_t=max(opts.max_steps, 1), grace_period=min(grace, opts.max_steps or 1),
+                         reduction_factor=opts.reduction_factor)
+
+
+def run_tuner(trainable: Any, space: dict[str, Any], opts: SweepOptions) -> Any:
+    """Fit (or resume) a sweep of ``trainable`` over ``space``; returns the ResultGrid.
+
+    The experiment lives at ``<opts.storage>/<opts.name>``: when Tune's state is already
+    there (an interrupted or errored sweep) it is restored with ``resume_errored=True`` and
+    only unfinished trials run. Trials report ``step`` and ``opts.metric``.
+    """
+    fs, root = _storage(opts.storage)
+    wrapped = tune.with_resources(trainable, {"CPU": opts.cpus_per_trial, "GPU": opts.gpus_per_trial})
+    path = storage.join(root, opts.name) if fs is None else f"{root}/{opts.name}"
+    if tune.Tuner.can_restore(path, storage_filesystem=fs):
+        tuner = tune.Tuner.restore(path, trainable=wrapped, resume_errored=True, storage_filesystem=fs)
+        return tuner.fit()
+    concurrent = opts.max_concurrent_trials or max_concurrent(
+        ray.cluster_resources(), opts.cpus_per_trial, opts.gpus_per_trial)
+    # The random search's own cap: Tune ignores TuneConfig.max_concurrent_trials when given
+    # a BasicVariantGenerator instance (which we need for the seed and the base point).
+    search = BasicVariantGenerator(points_to_evaluate=opts.points_to_evaluate or None,
+                                   max_concurrent=concurrent, random_state=opts.seed)
+    tune_config = tune.TuneConfig(metric=opts.metric, mode="max", scheduler=_scheduler(opts),
+                                  search_alg=search, num_samples=opts.num_samples)
+    run_config = tune.RunConfig(name=opts.name, storage_path=root, storage_filesystem=fs,
+                                failure_config=tune.FailureConfig(max_failures=opts.max_failures), verbose=0)
+    return tune.Tuner(wrapped, param_space=space, tune_config=tune_config, run_config=run_config).fit()
+
+
+def result_rows(grid: Any, metric: str, keys: list[str]) -> list[dict[str, Any]]:
+    """One row per trial: trial id, its ``keys`` params, last ``step``, last and best value
+    of ``metric`` (NaN when it never reported), error text.
+
+    Sorted best first: by the step reached, then by the last reported value. A trial ASHA
+    stopped early was behind others at a rung, and its value at an earlier step is not
+    comparable with a finished trial's, so finished trials rank first. NaN last.
+    """
+    rows = []
+    for result in grid:
+        history = result.metrics_dataframe
+        values = history[metric].dropna() if history is not None and metric in history else []
+        last = result.metrics or {}
+        rows.append({
+            "trial_id": last.get("trial_id") or result.path.rstrip("/").rsplit("/", 1)[-1],
+            **{k: plain(result.config.get(k)) for k in keys},
+            "step": int(last["step"]) if is_finite_number(last.get("step")) else 0,
+            metric: float(values.iloc[-1]) if len(values) else math.nan,
+            f"best_{metric}": float(values.max()) if len(values) else math.nan,
+            "error": str(result.error).splitlines()[0] if result.error else "",
+        })
+    return sorted(rows, key=lambda r: (math.isnan(r[metric]), -r["step"],
+                                       0.0 if math.isnan(r[metric]) else -r[metric]))

@@ -1,19 +1,20 @@
-"""The Ray Train runner both training stages use: fit, checkpoint, resume.
+"""The Ray Train shell both training stages (and each sweep trial) run in: fit, checkpoint, resume.
 
 Driver side:
-    model_uri = run_stage("disseminate", loop, cfg, run_dir)   # a whole training stage
-    result = fit(loop, {"cfg": ..., ...}, cfg, name="disseminate", storage_path=run_dir)
+    model_uri = run_stage("disseminate", loop, cfg, run)       # a whole training stage
+    result = fit(loop, {"cfg": ..., ...}, cfg, name="disseminate", storage_path=run.root)
 
 ``name`` must be stable (the stage name): fitting again with the same (storage_path, name)
 resumes from the newest checkpoint, after a worker failure (FailureConfig) and after a
 re-submission alike. storage_path may be local or s3:// (the endpoint in AWS_ENDPOINT_URL
 is honoured through coin_ray.storage's filesystem).
 
-Worker side (inside ``loop(config)``):
-    rank, world_size, device = worker_context()
-    model = prepare(model)                    # DDP when world_size > 1
-    state = load_checkpoint()                 # dict or None
-    save_checkpoint(state_dict, metrics)      # every rank calls it; rank 0 writes
+Worker side (inside ``loop(config)``), for any ``coin_ray.train.loop.Training``:
+    worker = worker_setup(config)             # cfg, run, uris, rank, world size, device
+    training = ...(wrap=prepare)              # DDP when world_size > 1
+    run_training(training, steps=..., checkpoint_every=..., log_every=..., logs=...)
+      = load_checkpoint() -> training.load_state_dict(...) -> training.run_steps(on_step),
+        on_step logging, then save_checkpoint(training.state_dict(), metrics) on schedule
 
 A checkpoint is one ``state.pt`` holding whatever dict the stage passes (model with its
 prototypes, optimizer(s), scheduler, step, extra state such as an EMA teacher or the CKG).
@@ -24,7 +25,8 @@ from __future__ import annotations
 import io
 import os
 import tempfile
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import ray.train
 import torch
@@ -32,7 +34,10 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from coin_ray import storage
-from coin_ray.config import Config, to_dict
+from coin_ray.config import Config, from_dict, to_dict
+from coin_ray.data.datasets import target_uris
+from coin_ray.run import RunDir
+from coin_ray.train.loop import StepLog, Training
 
 STATE_FILE = "state.pt"
 CHECKPOINTS_KEPT = 2
@@ -69,13 +74,13 @@ def fit(loop: Callable[[dict], None], loop_config: dict, cfg: Config, *, name: s
     return trainer.fit()
 
 
-def run_stage(stage: str, loop: Callable[[dict], None], cfg: Config, run_dir: str,
+def run_stage(stage: str, loop: Callable[[dict], None], cfg: Config, run: RunDir,
               uris: list[str] | None = None) -> str:
-    """Run training stage ``stage`` under Ray Train; returns the uri of ``<run_dir>/<stage>/model.pt``.
+    """Run training stage ``stage`` under Ray Train; returns the uri of ``run.model(stage)``.
 
-    Every worker runs ``loop({"cfg": cfg as a dict, "run_dir": run_dir, "uris": uris})``;
-    the loop writes ``model.pt`` from rank 0. Checkpoints go under ``<run_dir>/<stage>``,
-    so running the stage again on the same run_dir resumes it.
+    Every worker runs ``loop({"cfg": cfg as a dict, "run_dir": run.root, "uris": uris})``;
+    the loop writes ``run.model(stage)`` from rank 0. Checkpoints go under
+    ``<run>/<stage>``, so running the stage again on the same run resumes it.
 
     Args:
         uris: target training images to use; by default the images under
@@ -83,13 +88,30 @@ def run_stage(stage: str, loop: Callable[[dict], None], cfg: Config, run_dir: st
             out), or every collected record when no folder is configured.
     """
     if uris is None and cfg.data.target_images:
-        # Imported on use: only the driver lists images; every worker imports this module.
-        from coin_ray.ray.pipeline import target_uris
-
         uris = target_uris(cfg)
-    fit(loop, {"cfg": to_dict(cfg), "run_dir": run_dir, "uris": uris}, cfg, name=stage,
-        storage_path=run_dir)
-    return storage.join(run_dir, stage, "model.pt")
+    fit(loop, {"cfg": to_dict(cfg), "run_dir": run.root, "uris": uris}, cfg, name=stage,
+        storage_path=run.root)
+    return run.model(stage)
+
+
+@dataclass(frozen=True)
+class Worker:
+    """What one training worker knows: the run's config, the run, its images, its place."""
+
+    cfg: Config
+    run: RunDir
+    uris: list[str] | None  # None: every collected image
+    rank: int
+    world_size: int
+    device: torch.device
+
+
+def worker_setup(config: dict) -> Worker:
+    """The worker's view of ``run_stage``'s loop config; pins torch's threads to its CPUs."""
+    cfg = from_dict(config["cfg"])
+    rank, world_size, device = worker_context()
+    torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+    return Worker(cfg, RunDir(config["run_dir"]), config.get("uris"), rank, world_size, device)
 
 
 def worker_context() -> tuple[int, int, torch.device]:
@@ -127,3 +149,52 @@ def load_checkpoint(map_location: str | torch.device = "cpu") -> dict | None:
     with checkpoint.as_directory() as folder:
         with open(os.path.join(folder, STATE_FILE), "rb") as f:
             return torch.load(io.BytesIO(f.read()), map_location=map_location, weights_only=False)
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """Where a training's checkpoints come from (``load(map_location)``) and go
+    (``save(state, metrics)``, which also reports the metrics)."""
+
+    load: Callable[[str | torch.device], dict | None]
+    save: Callable[[dict, dict[str, Any]], None]
+
+
+RAY_TRAIN_CHECKPOINTS = Checkpoints(load_checkpoint, save_checkpoint)
+
+
+def step_metrics(step: int, metrics: dict[str, float]) -> dict[str, Any]:
+    """What a checkpoint reports by default: the step and the step's metrics."""
+    return {"step": step, **metrics}
+
+
+def run_training(training: Training, *, steps: int, checkpoint_every: int, log_every: int = 1,
+                 logs: Callable[[int], Sequence[StepLog]] = lambda start: (),
+                 report: Callable[[int, dict[str, float]], dict[str, Any]] = step_metrics,
+                 after_step: Callable[[int], None] | None = None,
+                 checkpoints: Checkpoints = RAY_TRAIN_CHECKPOINTS,
+                 map_location: str | torch.device = "cpu") -> None:
+    """Resume ``training`` from its newest checkpoint and run it to ``steps``.
+
+    After each step: metrics go to ``logs(resume step)`` every ``log_every`` steps; every
+    ``checkpoint_every`` steps the state is checkpointed with ``report(step, metrics)``;
+    then ``after_step(step)`` (tests use it to kill a worker). The last step always logs
+    and checkpoints.
+    """
+    blob = checkpoints.load(map_location)
+    if blob is not None:
+        training.load_state_dict(blob)
+    sinks = logs(training.step)
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        if step % log_every == 0 or step == steps:
+            for log in sinks:
+                log.add(step, metrics)
+                log.flush()
+        if step % checkpoint_every == 0 or step == steps:
+            reported = report(step, metrics)
+            checkpoints.save(training.state_dict(), reported)
+        if after_step is not None:
+            after_step(step)
+
+    training.run_steps(on_step)

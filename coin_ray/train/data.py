@@ -17,8 +17,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from coin_ray import storage
 from coin_ray.data.images import load_image
-from coin_ray.schema import Detections
+from coin_ray.run import RunDir
+from coin_ray.schema import DETECTION_SCHEMA, Detections, table_to_records
 
 
 def detection_target(record: Detections, num_classes: int, min_score: float = 0.0) -> dict[str, torch.Tensor]:
@@ -106,3 +108,10 @@ def to_device(images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]
     """Move a collated batch to ``device``."""
     return ([img.to(device) for img in images],
             [{k: v.to(device) for k, v in t.items()} for t in targets])
+
+
+def cloud_records(run: RunDir, uris: list[str] | None = None) -> list[Detections]:
+    """The run's collected cloud detections (error records dropped), restricted to ``uris`` if given."""
+    records = table_to_records(storage.read_parquet(run.cloud_detections, DETECTION_SCHEMA))
+    wanted = set(uris) if uris is not None else None
+    return [r for r in records if r.ok and (wanted is None or r.uri in wanted)]

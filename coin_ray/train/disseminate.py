@@ -10,12 +10,13 @@ One step:
     then the prototype EMA:  e_p[i] <- eta e_p[i] + (1 - eta) mean(f of foreground regions of i)
 
 ``disseminate`` runs the loop in-process; coin_ray.ray.disseminate runs the same
-``run_steps`` in Ray Train workers (DDP), with checkpoints and resume.
+``run_steps`` in Ray Train workers (DDP), with checkpoints and resume, through
+``DisseminateTraining`` (a ``coin_ray.train.loop.Training``).
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -23,44 +24,16 @@ from torch import nn
 
 from coin_ray.config import Config, DisseminateConfig
 from coin_ray.losses import l_align
+from coin_ray.models.build import build_detector
 from coin_ray.models.ov_rcnn import OpenVocabularyRCNN
 from coin_ray.schema import Detections
 from coin_ray.train.data import DetectionDataset, load_batch, step_indices, to_device
-
-WARMUP_FRACTION = 0.05  # linear warm-up over the first 5% of steps
-FINAL_LR_FRACTION = 0.1  # cosine decay ends at 10% of the base rate
-
-StepHook = Callable[[int, dict[str, float]], None]
-
-
-def unwrap(model: nn.Module) -> OpenVocabularyRCNN:
-    """The detector inside a DDP wrapper (or the detector itself)."""
-    return getattr(model, "module", model)
-
-
-def build_detector(cfg: Config, clip_path: str | None = None) -> OpenVocabularyRCNN:
-    """A fresh CLIP detector for ``cfg`` (seeded: every DDP rank builds the same weights)."""
-    torch.manual_seed(cfg.seed)
-    return OpenVocabularyRCNN.from_clip(clip_path or cfg.clip.model, cfg.data.categories, cfg.model,
-                                        cfg.data.style, cfg.clip.templates, seed=cfg.seed)
+from coin_ray.train.loop import StepHook, build_scheduler, step_generator, unwrap
 
 
 def build_optimizer(model: OpenVocabularyRCNN, cfg: DisseminateConfig) -> torch.optim.Optimizer:
     """AdamW over ``model.param_groups`` (backbone at lr * backbone_lr_mult)."""
     return torch.optim.AdamW(model.param_groups(cfg.lr), weight_decay=cfg.weight_decay)
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up then cosine decay to FINAL_LR_FRACTION of each group's rate."""
-    warmup = max(1, int(WARMUP_FRACTION * total_steps))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def disseminate_step(model: nn.Module, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]],
@@ -89,16 +62,6 @@ def disseminate_step(model: nn.Module, images: list[torch.Tensor], targets: list
     metrics.update(loss_align=float(align.detach()), loss=float(total.detach()),
                    lr=float(optimizer.param_groups[-1]["lr"]))
     return metrics
-
-
-def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
-    """The RoI sampler's generator for one (rank, step), so a resumed run samples the same.
-
-    torchvision's RPN sampler draws from the global generator, so it is reseeded too.
-    """
-    step_seed = (seed * 7919 + rank) * 1_000_003 + step
-    torch.manual_seed(step_seed)
-    return torch.Generator().manual_seed(step_seed)
 
 
 def run_steps(model: nn.Module, dataset: DetectionDataset, optimizer: torch.optim.Optimizer,
@@ -151,3 +114,40 @@ def restore_training_state(state: dict, model: nn.Module, optimizer: torch.optim
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return int(state["step"])
+
+
+@dataclass
+class DisseminateTraining:
+    """Stage 1 as a ``coin_ray.train.loop.Training``: ``step`` is the last step done.
+
+    ``wrap`` places the detector for the steps (DDP under Ray Train); it is applied when
+    the steps start, after any checkpoint was loaded into the bare detector.
+    """
+
+    detector: OpenVocabularyRCNN
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    dataset: DetectionDataset
+    cfg: DisseminateConfig
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    wrap: Callable[[nn.Module], nn.Module] = lambda m: m
+    step: int = 0
+
+    def run_steps(self, on_step: StepHook | None = None) -> None:
+        def hook(step: int, metrics: dict[str, float]) -> None:
+            self.step = step
+            if on_step is not None:
+                on_step(step, metrics)
+
+        run_steps(self.wrap(self.detector), self.dataset, self.optimizer, self.scheduler, self.cfg,
+                  seed=self.seed, start_step=self.step, rank=self.rank, world_size=self.world_size,
+                  device=self.device, on_step=hook)
+
+    def state_dict(self) -> dict:
+        return training_state(self.detector, self.optimizer, self.scheduler, self.step)
+
+    def load_state_dict(self, blob: dict) -> None:
+        self.step = restore_training_state(blob, self.detector, self.optimizer, self.scheduler)

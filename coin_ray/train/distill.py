@@ -39,18 +39,19 @@ from torch import nn
 
 from coin_ray.config import Config, DistillConfig
 from coin_ray.losses import l_align, l_ckg, l_con, l_inc, l_pri
+from coin_ray.models.build import build_student, load_detector
 from coin_ray.models.ckg import CKG, FUSIONS, mlp_gradients
-from coin_ray.models.light_rcnn import LightRCNN
-from coin_ray.models.ov_rcnn import OpenVocabularyRCNN, load_detector
+from coin_ray.models.ov_rcnn import OpenVocabularyRCNN
+from coin_ray.models.rcnn import RegionDetector
 from coin_ray.models.roi_heads import MAX_LOGIT_SCALE
 from coin_ray.models.student import DistillStudent, StudentPass
 from coin_ray.models.teacher import ema_update, make_teacher
 from coin_ray.schema import Detections
 from coin_ray.separate import PairedSet, PrivateSet, Separation, SeparationStats, SourceBoxes, as_source, separate
 from coin_ray.train.augment import student_views
-from coin_ray.train.schedule import Phase, build_distill_scheduler, phase_at
 from coin_ray.train.data import DetectionDataset, image_tensor, step_indices
-from coin_ray.train.disseminate import StepHook, build_detector, step_generator
+from coin_ray.train.loop import StepHook, step_generator
+from coin_ray.train.schedule import Phase, build_distill_scheduler, phase_at
 
 
 @dataclass
@@ -68,7 +69,7 @@ class DistillState:
     """Everything a distillation run keeps between steps (and in its checkpoint)."""
 
     student: nn.Module  # DistillStudent, possibly wrapped in DDP
-    teacher: OpenVocabularyRCNN
+    teacher: OpenVocabularyRCNN  # the CLIP detector (an EMA of a CLIP-ViT student after burn-up)
     ckg: CKG
     optimizer: torch.optim.Optimizer
     ckg_optimizer: torch.optim.Optimizer
@@ -79,12 +80,12 @@ class DistillState:
     teacher_cache: dict[str, SourceBoxes] = field(default_factory=dict)  # before burn-up only
 
     @property
-    def detector(self) -> OpenVocabularyRCNN:
+    def detector(self) -> RegionDetector:
         """The student detector itself (under DDP wrapper or not)."""
         return getattr(self.student, "module", self.student).detector
 
 
-def build_state(teacher: OpenVocabularyRCNN, student: OpenVocabularyRCNN, cfg: DistillConfig,
+def build_state(teacher: OpenVocabularyRCNN, student: RegionDetector, cfg: DistillConfig,
                 seed: int = 0, wrap: Callable[[nn.Module], nn.Module] = lambda m: m) -> DistillState:
     """Frozen teacher, student (``wrap`` e.g. DDP), CKG from the teacher's prototypes, optimizers.
 
@@ -184,7 +185,7 @@ def distill_step(state: DistillState, batch: Batch, phase: Phase, cfg: DistillCo
             "after_burn_up": float(phase.after_burn_up), "lr": float(state.optimizer.param_groups[-1]["lr"])}
 
 
-def student_losses(detector: OpenVocabularyRCNN, out: StudentPass, *, inc_fused: torch.Tensor,
+def student_losses(detector: RegionDetector, out: StudentPass, *, inc_fused: torch.Tensor,
                    private: PrivateSet, phase: Phase, cfg: DistillConfig) -> dict[str, torch.Tensor]:
     """The weighted terms of L_con + gamma1 L_inc + gamma2 L_pri + lambda L_align.
 
@@ -315,23 +316,43 @@ def run_steps(state: DistillState, dataset: DetectionDataset, cfg: DistillConfig
             on_step(step, metrics)
 
 
+@dataclass
+class DistillTraining:
+    """Stage 3 as a ``coin_ray.train.loop.Training`` over a ``DistillState``."""
+
+    state: DistillState
+    dataset: DetectionDataset
+    cfg: DistillConfig
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    def run_steps(self, on_step: StepHook | None = None) -> None:
+        run_steps(self.state, self.dataset, self.cfg, seed=self.seed, rank=self.rank,
+                  world_size=self.world_size, device=self.device, on_step=on_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return state_dict(self.state)
+
+    def load_state_dict(self, blob: dict[str, Any]) -> None:
+        load_state_dict(self.state, blob)
+
+
 def build_run_state(cfg: Config, teacher_uri: str, wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
                     device: torch.device = torch.device("cpu")) -> DistillState:
     """The state for a run: the disseminated CLIP detector as teacher, a fresh student.
 
-    The student (``build_student``) is seeded by ``cfg.seed``, so every DDP rank builds the
+    The student (``coin_ray.models.build.build_student``) is seeded by ``cfg.seed``, so every DDP rank builds the
     same weights, and placed by ``wrap``.
     """
     teacher = load_detector(teacher_uri, map_location=device)
     return build_state(teacher, build_student(cfg, teacher).to(device), cfg.train.distill, seed=cfg.seed,
                        wrap=wrap)
-
-
-def build_student(cfg: Config, teacher: OpenVocabularyRCNN) -> OpenVocabularyRCNN:
-    """A fresh target detector of ``cfg.model.target_backbone``, seeded by ``cfg.seed``."""
-    if cfg.model.target_backbone != "clip":
-        return LightRCNN.from_teacher(teacher, cfg.model, seed=cfg.seed)
-    return build_detector(cfg, clip_path=teacher.meta["clip_path"])
 
 
 def distill(cfg: Config, teacher_uri: str, train_items: list[Detections], *,

@@ -1,0 +1,85 @@
+"""The built-in Foggy-Shapes demo, as seen by a run: the only door from the product to
+``coin_ray.world`` (besides ``coin_ray.serve``'s stand-in backend).
+
+With an empty ``data.target_images`` a run uses the Foggy-Shapes world, built (or reused
+from its cache) here, and its stand-in cloud detector is served over HTTP on 127.0.0.1 for
+the collection stage, exactly as a user's self-hosted detector would be.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Iterator
+
+from coin_ray.config import Config, with_updates
+from coin_ray.serve import Knobs, checkpoint_model_name, start_server
+from coin_ray.world.build import MANIFEST, World, build_world, world_root
+from coin_ray.world.cloud_standin import StandInCloudDetector
+
+log = logging.getLogger("coin_ray.pipeline")
+
+# The demo's stand-in cloud: realistic latency and a rate limit the client must respect.
+DEMO_CLOUD_LATENCY_S = 0.05
+DEMO_CLOUD_RPS = 25.0
+
+
+def with_demo_world(cfg: Config) -> Config:
+    """Fill the data and CLIP paths from the Foggy-Shapes world when no target images are given.
+
+    Builds the world on first use (cached under ``data.world_cache``).
+    """
+    if cfg.data.target_images:
+        return cfg
+    world = build_world(cfg.data.world, cfg.data.world_cache or None, seed=cfg.seed)
+    overrides = [f"data.target_images={world.target_train_images}",
+                 f"data.val_images={world.target_val_images}",
+                 f"data.val_annotations={world.target_val_json}",
+                 "data.val_format=coco", f"data.style={world.style}"]
+    if not cfg.clip.model:
+        overrides.append(f"clip.model={world.clip_dir}")
+    cfg = with_updates(cfg, overrides)
+    return cfg
+
+
+def demo_world(cfg: Config) -> World | None:
+    """The Foggy-Shapes world ``cfg`` runs on (after ``with_demo_world``), or None."""
+    root = str(world_root(cfg.data.world, cfg.seed, cfg.data.world_cache or None))
+    if not str(cfg.data.target_images).startswith(root):
+        return None
+    return build_world(cfg.data.world, cfg.data.world_cache or None, seed=cfg.seed)
+
+
+def unbuilt_demo_world(cfg: Config) -> str | None:
+    """Where the demo world ``cfg`` would use lies, when it is not built yet; else None.
+
+    None as well when ``cfg`` names its own target images. Never builds anything.
+    """
+    if cfg.data.target_images:
+        return None
+    root = world_root(cfg.data.world, cfg.seed, cfg.data.world_cache or None)
+    return None if (root / MANIFEST).exists() else str(root)
+
+
+@contextmanager
+def demo_cloud(cfg: Config) -> Iterator[Config]:
+    """Serve the Foggy-Shapes stand-in cloud detector on 127.0.0.1 while collecting.
+
+    Only when the run uses the built-in world with the ``http`` backend and no URL;
+    otherwise ``cfg`` passes through unchanged.
+    """
+    world = demo_world(cfg)
+    if cfg.cloud.backend != "http" or cfg.cloud.url or world is None:
+        yield cfg
+        return
+    # The model name keys the answer cache: name the weights, so a rebuilt stand-in is asked anew.
+    server = start_server(StandInCloudDetector.load(world.cloud_detector),
+                          Knobs(latency_s=DEMO_CLOUD_LATENCY_S, rps_limit=DEMO_CLOUD_RPS),
+                          model_name=checkpoint_model_name(str(world.cloud_detector)))
+    log.info("serving the Foggy-Shapes stand-in cloud detector at %s", server.url)
+    try:
+        yield with_updates(cfg, [f"cloud.url={server.url}"])
+    finally:
+        stats = server.stats()
+        log.info("stand-in cloud served %s requests", stats.get("requests", stats))
+        server.stop()
