@@ -15,6 +15,7 @@ from coin_ray.config import from_dict, to_dict
 from coin_ray.models.clip_factory import write_clip
 from coin_ray.ray.collect import CollectionStopped, run_collection
 from coin_ray.schema import DETECTION_SCHEMA, SOURCE_CLIP, SOURCE_CLOUD, table_to_records
+from coin_ray.serve import Knobs, start_server
 
 TOKEN = "tok-collect-7c1e55aa90d3"
 
@@ -103,7 +104,7 @@ def test_401_stops_fast_and_token_is_nowhere(local_ray_with_s3, served, tmp_path
     with pytest.raises(CollectionStopped) as err:
         run_collection(cfg, uris, str(tmp_path / "out"), with_clip=False)
     assert "'http'" in str(err.value) and "COIN_TEST_TOKEN" in str(err.value)
-    assert server.stats()["detect_requests"] <= 3
+    assert server.stats()["detect_requests"] == 1  # the probe; every other caller is refused
     time.sleep(1.0)  # let workers flush their logs
     out, errout = capfd.readouterr()
     logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
@@ -160,3 +161,29 @@ def test_everything_on_s3(local_ray_with_s3, served, s3_bucket, tmp_path):
     assert all(len(c) == len(k) > 0 for c, k in zip(cloud, clip_recs))
     assert len(storage.list_files(f"s3://{s3_bucket}/cache", (".json",))) == 6
     assert run_collection(cfg, uris, out, with_clip=False)["cache_hits"] == 6
+
+
+@pytest.mark.timeout(240)
+def test_budget_stops_cleanly_and_a_raised_budget_finishes(local_ray_with_s3, tmp_path, monkeypatch):
+    from cloud_world import ColourBoxes
+
+    server = start_server(ColourBoxes(), Knobs(token=TOKEN), protocol="dds")
+    monkeypatch.setenv("COIN_DDS_TOKEN", TOKEN)
+    uris = write_images(tmp_path / "imgs", 12)
+    out = str(tmp_path / "out")
+
+    def cfg(max_calls: int):
+        return make_cfg(tmp_path, server.url, str(tmp_path / "imgs"), backend="dds",
+                        token_env="COIN_DDS_TOKEN", max_calls=max_calls, price_per_call=0.5)
+    try:
+        first = run_collection(cfg(5), uris, out, with_clip=False)
+        made = sum(server.server.tasks.creations.values())
+        again = run_collection(cfg(12), uris, out, with_clip=False)
+        per_image = sorted(server.server.tasks.creations.values())
+    finally:
+        server.stop()
+    assert made == first["calls"] == 5 and first["not_asked_budget"] == 7
+    assert first["budget"]["calls_total"] == 5 and first["budget"]["spend_total"] == 2.5
+    assert first["budget"]["exhausted"] and first["images"] == 12
+    assert again["calls"] == 7 and again["cache_hits"] == 5 and again["errors"] == 0
+    assert per_image == [1] * 12 and again["budget"]["calls_total"] == 12
