@@ -73,7 +73,7 @@ def creations(server) -> dict:
 
 
 def test_poll_deadline_shorter_than_task_creates_once_and_answers_later(dds_server, tmp_path):
-    server = dds_server(task_s=1.0)
+    server = dds_server(task_s=2.0)  # 1 to 3 s: far longer than a 0.1 s poll deadline
     items = images(4)
     first = ask_all(dds_client(server.url, tmp_path, poll_deadline_s=0.1, retries=1), items)
     assert all(o.answer is None and o.reason == "poll deadline" for o in first)
@@ -81,7 +81,7 @@ def test_poll_deadline_shorter_than_task_creates_once_and_answers_later(dds_serv
     assert sorted(creations(server).values()) == [1, 1, 1, 1]
     # Within one ask, polling again (not creating again) outlasts a slow task.
     slow = images(2, seed=50)
-    within = ask_all(dds_client(server.url, tmp_path, poll_deadline_s=0.3, retries=8), slow)
+    within = ask_all(dds_client(server.url, tmp_path, poll_deadline_s=0.3, retries=20), slow)
     assert all(o.answer is not None and o.calls == 1 for o in within)
     resumed = ask_all(dds_client(server.url, tmp_path, poll_deadline_s=5.0), items)
     assert all(o.answer is not None and o.calls == 0 for o in resumed)
@@ -123,7 +123,7 @@ KILLED_CHILD = textwrap.dedent("""
 
 
 def test_kill_with_tasks_in_flight_then_resume_creates_nothing_again(dds_server, tmp_path):
-    server = dds_server(task_s=3.0)
+    server = dds_server(task_s=5.0)  # none can finish (>= 2.5 s) before all 8 are created
     paths = write_images(tmp_path / "imgs", 8)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, server.url, str(tmp_path / "cache"),
@@ -205,7 +205,7 @@ def test_refused_token_costs_exactly_one_request_among_many_callers(dds_server, 
 
 
 def test_task_the_service_lost_is_created_again_with_a_new_key(dds_server, tmp_path):
-    server = dds_server(task_s=1.0)
+    server = dds_server(task_s=2.0)
     (data, image), = images(1)
     first = dds_client(server.url, tmp_path, poll_deadline_s=0.1, retries=0).ask(data, image)
     assert first.reason == "poll deadline" and list(tmp_path.rglob("*.pending"))
