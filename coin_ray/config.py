@@ -71,6 +71,10 @@ class CloudConfig:
     poll_deadline_s: float = _range(0.0, None, lo_open=True, default=120.0)
     num_actors: int = _range(1, None, default=2)
     price_per_call: float = _range(0.0, None, default=0.0)
+    max_retry_after_s: float = _range(0.0, None, default=120.0)  # cap on a server's Retry-After
+    retry_failed: bool = False  # ask again about images whose task failed or that were refused
+    max_calls: int = _range(0, None, default=0)  # paid calls over all runs into one output; 0 = no cap
+    max_spend: float = _range(0.0, None, default=0.0)  # money, needs price_per_call; 0 = no cap
     cache: str = ""  # "" = <storage>/cache
 
 
@@ -335,6 +339,8 @@ def _validate(cfg: Config) -> None:
         if name not in cfg.data.categories:
             raise ConfigError(f"cloud: {name!r} is not a category "
                               f"(allowed: {', '.join(cfg.data.categories)})")
+    if cfg.cloud.max_spend > 0 and cfg.cloud.price_per_call <= 0:
+        raise ConfigError("cloud.max_spend: needs cloud.price_per_call (the price of one call)")
     if cfg.model.min_size > cfg.model.max_size:
         raise ConfigError("model.min_size: must not exceed model.max_size")
 

@@ -11,6 +11,7 @@ one of these, and no other module spells them:
     collect/cloud.parquet          cloud detections (Detections, source="cloud")
     collect/clip.parquet           CLIP scores of the cloud boxes (source="clip")
     collect/summary.json           calls, cache hits, errors, cost
+    collect/spend.json             paid calls and spend so far (the budget's ledger)
     collect/cloud_coco*.json       the cloud labels as COCO (+ as COCO results)
     disseminate/model.pt           the CLIP detector (stage 1)
     disseminate/metrics.jsonl      its per-step losses
@@ -63,6 +64,7 @@ class RunDir:
     cloud_detections = _artefact("collect", "cloud.parquet")  # DETECTION_SCHEMA, source "cloud"
     clip_scores = _artefact("collect", "clip.parquet")  # CLIP's zero-shot scores of the cloud boxes
     collect_summary = _artefact("collect", "summary.json")
+    collect_spend = _artefact("collect", "spend.json")  # the budget's ledger, across re-runs
     cloud_coco = _artefact("collect", "cloud_coco.json")
     clip_detector = _artefact("disseminate", MODEL_FILE)  # the disseminated CLIP detector
     clip_detections = _artefact("clip_det", "detections.parquet")  # source "clip_det", every image

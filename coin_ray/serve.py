@@ -5,11 +5,15 @@
         --latency-ms 250 --rps 50
 
 Users host their own "cloud" with it; tests and benchmarks use its knobs: added latency, a
-requests-per-second limit answered with 429 + Retry-After, and injected faults (500s,
-429s, hangs past the client's timeout, malformed 200 bodies). Every request is counted;
-``GET /stats`` returns the counts (``?arrivals=1`` adds the arrival time of every detect
-request, for checking rate limits from the outside). The protocol itself is documented in
-``coin_ray.cloud.http_backend``.
+requests-per-second limit answered with 429 + Retry-After (seconds, or an HTTP date for a
+chosen fraction), and injected faults (500s, 429s, hangs past the client's timeout,
+malformed 200 bodies). Every request is counted; ``GET /stats`` returns the counts
+(``?arrivals=1`` adds the arrival time of every detect request, for checking rate limits
+from the outside). The protocol itself is documented in ``coin_ray.cloud.http_backend``.
+
+``--protocol dds`` serves the same backend through DeepDataSpace's V2 task + poll shapes
+instead (``coin_ray.cloud.dds_serve``), with tasks that take ``--task-ms`` and fail with
+``--fail-task``; ``/stats`` then also counts task creations per image.
 """
 
 from __future__ import annotations
@@ -30,12 +34,14 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 from urllib.request import urlopen
 
 from coin_ray import storage
+from coin_ray.cloud import dds_serve
 from coin_ray.cloud.backends import build_backend
 from coin_ray.cloud.base import DetectorBackend
 from coin_ray.cloud.http_backend import answer_to_json
@@ -61,7 +67,10 @@ class Knobs:
     fail_malformed: float = 0.0
     hang_s: float = 60.0  # how long a hang lasts before the connection is dropped
     retry_after_s: float = 0.1  # Retry-After sent with injected 429s
-    token: str = ""  # when set, detect requests need "Authorization: Bearer <token>"
+    retry_after_date: float = 0.0  # fraction of 429s whose Retry-After is an HTTP date
+    token: str = ""  # when set, detect requests need "Authorization: Bearer <token>" (dds: "Token")
+    task_s: float = 0.0  # dds protocol: mean time a task takes (times U(0.5, 1.5))
+    fail_task: float = 0.0  # dds protocol: fraction of tasks that end "failed"
     seed: int = 0
 
 
@@ -93,11 +102,13 @@ class DetectorServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], backend: DetectorBackend, knobs: Knobs,
-                 model_name: str = "") -> None:
+                 model_name: str = "", protocol: str = "http") -> None:
         super().__init__(address, _Handler)
         self.backend = backend
         self.knobs = knobs
+        self.protocol = protocol
         self.counters = _Counters()
+        self.tasks = dds_serve.TaskBook(knobs.seed)
         self.rng = random.Random(knobs.seed)
         # Clients key their answer caches on this name: make it name the weights.
         self.model_name = model_name or str(getattr(backend, "model_name", "") or backend.name)
@@ -125,6 +136,21 @@ class DetectorServer(ThreadingHTTPServer):
                 return name
             u -= p
         return ""
+
+    def retry_after(self, seconds: float) -> str:
+        """A Retry-After value: decimal seconds, or (for a seeded fraction) an HTTP date."""
+        with self.counters.lock:
+            as_date = self.rng.random() < self.knobs.retry_after_date
+        if not as_date:
+            return f"{max(seconds, 0.001):.3f}"
+        # Dates have whole seconds: round up so the client never comes back early.
+        return formatdate(float(int(time.time() + seconds) + 1), usegmt=True)
+
+    def stats(self, with_arrivals: bool) -> dict[str, Any]:
+        out = self.counters.snapshot(with_arrivals)
+        if self.protocol == "dds":
+            out["tasks"] = self.tasks.stats()
+        return out
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -161,13 +187,18 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlparse(self.path)
         if url.path == "/stats":
             arrivals = parse_qs(url.query).get("arrivals", ["0"])[0] == "1"
-            self._json(200, self.server.counters.snapshot(arrivals))
+            self._json(200, self.server.stats(arrivals))
+        elif url.path.startswith("/v2/task_status/") and self.server.protocol == "dds":
+            dds_serve.handle_status(self, url.path.rsplit("/", 1)[-1])
         elif url.path == "/v1/health":
             self._json(200, {"backend": self.server.backend.name, "model": self.server.model_name})
         else:
             self._json(404, {"error": f"no such path {url.path}"})
 
     def do_POST(self) -> None:  # noqa: N802 (stdlib name)
+        if self.server.protocol == "dds":
+            dds_serve.handle_create(self)
+            return
         is_detect = urlparse(self.path).path == "/v1/detect"
         self._count(detect=is_detect)
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -179,9 +210,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         wait = self.server.admit()
         if wait is not None:
-            self._json(429, {"error": "rate limit"}, {"Retry-After": f"{max(wait, 0.001):.3f}"})
+            self._json(429, {"error": "rate limit"}, {"Retry-After": self.server.retry_after(wait)})
             return
-        if self._inject_fault():
+        if self._inject_fault(self.server.draw_fault()):
             return
         time.sleep(self.server.knobs.latency_s)
         self._detect(body)
@@ -193,8 +224,7 @@ class _Handler(BaseHTTPRequestHandler):
         given = self.headers.get("Authorization", "")
         return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
 
-    def _inject_fault(self) -> bool:
-        fault = self.server.draw_fault()
+    def _inject_fault(self, fault: str) -> bool:
         if not fault:
             return False
         with self.server.counters.lock:
@@ -203,7 +233,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(500, {"error": "injected fault"})
         elif fault == "429":
             self._json(429, {"error": "injected 429"},
-                       {"Retry-After": f"{self.server.knobs.retry_after_s:.3f}"})
+                       {"Retry-After": self.server.retry_after(self.server.knobs.retry_after_s)})
         elif fault == "hang":
             time.sleep(self.server.knobs.hang_s)
             self.close_connection = True
@@ -239,7 +269,7 @@ class RunningServer:
     url: str
 
     def stats(self, arrivals: bool = False) -> dict[str, Any]:
-        return self.server.counters.snapshot(arrivals)
+        return self.server.stats(arrivals)
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -248,13 +278,14 @@ class RunningServer:
 
 
 def start_server(backend: DetectorBackend, knobs: Knobs | None = None, host: str = "127.0.0.1",
-                 port: int = 0, model_name: str = "") -> RunningServer:
+                 port: int = 0, model_name: str = "", protocol: str = "http") -> RunningServer:
     """Serve ``backend`` from a daemon thread; port 0 picks a free port. Returns its URL.
 
     ``model_name`` is what ``GET /v1/health`` reports and clients key caches on (default:
     the backend's ``model_name`` or ``name``); name the weights, e.g. a checkpoint hash.
+    ``protocol``: "http" (the project's) or "dds" (V2 task + poll, ``cloud.dds_serve``).
     """
-    server = DetectorServer((host, port), backend, knobs or Knobs(), model_name)
+    server = DetectorServer((host, port), backend, knobs or Knobs(), model_name, protocol)
     thread = threading.Thread(target=server.serve_forever, name="coin-ray-serve", daemon=True)
     thread.start()
     actual_host, actual_port = server.server_address[:2]
@@ -322,6 +353,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fail-hang", type=float, default=0.0)
     p.add_argument("--fail-malformed", type=float, default=0.0)
     p.add_argument("--hang-s", type=float, default=60.0)
+    p.add_argument("--retry-after-s", type=float, default=0.1, help="Retry-After of injected 429s")
+    p.add_argument("--retry-after-date", type=float, default=0.0,
+                   help="fraction of 429s whose Retry-After is an HTTP date")
+    p.add_argument("--protocol", choices=["http", "dds"], default="http",
+                   help="http: the project's protocol; dds: DDS V2 task + poll")
+    p.add_argument("--task-ms", type=float, default=0.0, help="dds: mean task time")
+    p.add_argument("--fail-task", type=float, default=0.0, help="dds: fraction of failed tasks")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -353,9 +391,11 @@ def main(argv: list[str] | None = None) -> None:
     knobs = Knobs(latency_s=args.latency_ms / 1000.0, rps_limit=args.rps, fail_500=args.fail_500,
                   fail_429=args.fail_429, fail_hang=args.fail_hang,
                   fail_malformed=args.fail_malformed, hang_s=args.hang_s, token=token,
-                  seed=args.seed)
+                  retry_after_s=args.retry_after_s, retry_after_date=args.retry_after_date,
+                  task_s=args.task_ms / 1000.0, fail_task=args.fail_task, seed=args.seed)
     model_name = args.model_name or (checkpoint_model_name(args.checkpoint) if args.checkpoint else "")
-    server = DetectorServer((args.host, args.port), _backend_from_args(args), knobs, model_name)
+    server = DetectorServer((args.host, args.port), _backend_from_args(args), knobs, model_name,
+                            args.protocol)
     log.info("serving backend %s on http://%s:%d", server.backend.name, *server.server_address[:2])
     try:
         server.serve_forever()

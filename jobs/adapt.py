@@ -25,6 +25,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML config (local or s3://); default: the Foggy-Shapes demo")
     parser.add_argument("--stages", help=f"comma-separated stages to (re-)run, from: {', '.join(STAGE_NAMES)}")
     parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (only without RAY_ADDRESS)")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="ask the cloud again about images whose task failed or that it refused "
+                             "(same as cloud.retry_failed=true)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.distill.gamma1=0.2")
     return parser.parse_args(argv)
 
@@ -32,7 +35,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        overrides = args.overrides + (["cloud.retry_failed=true"] if args.retry_failed else [])
+        cfg = load_config(args.config, overrides)
         stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
         unknown = [s for s in stages or [] if s not in STAGE_NAMES]
         if unknown:

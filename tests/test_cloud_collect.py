@@ -16,6 +16,7 @@ from coin_ray.models.clip_factory import write_clip
 from coin_ray.ray.collect import CollectionStopped, run_collection
 from coin_ray.run import RunDir
 from coin_ray.schema import DETECTION_SCHEMA, SOURCE_CLIP, SOURCE_CLOUD, table_to_records
+from coin_ray.serve import Knobs, start_server
 
 TOKEN = "tok-collect-7c1e55aa90d3"
 
@@ -104,7 +105,7 @@ def test_401_stops_fast_and_token_is_nowhere(local_ray_with_s3, served, tmp_path
     with pytest.raises(CollectionStopped) as err:
         run_collection(cfg, uris, RunDir(str(tmp_path / "out")), with_clip=False)
     assert "'http'" in str(err.value) and "COIN_TEST_TOKEN" in str(err.value)
-    assert server.stats()["detect_requests"] <= 3
+    assert server.stats()["detect_requests"] == 1  # the probe; every other caller is refused
     time.sleep(1.0)  # let workers flush their logs
     out, errout = capfd.readouterr()
     logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
@@ -161,3 +162,69 @@ def test_everything_on_s3(local_ray_with_s3, served, s3_bucket, tmp_path):
     assert all(len(c) == len(k) > 0 for c, k in zip(cloud, clip_recs))
     assert len(storage.list_files(f"s3://{s3_bucket}/cache", (".json",))) == 6
     assert run_collection(cfg, uris, RunDir(f"s3://{s3_bucket}/run"), with_clip=False)["cache_hits"] == 6
+
+
+@pytest.mark.timeout(240)
+def test_budget_stops_cleanly_and_a_raised_budget_finishes(local_ray_with_s3, tmp_path, monkeypatch):
+    from cloud_world import ColourBoxes
+
+    server = start_server(ColourBoxes(), Knobs(token=TOKEN), protocol="dds")
+    monkeypatch.setenv("COIN_DDS_TOKEN", TOKEN)
+    uris = write_images(tmp_path / "imgs", 12)
+    out = RunDir(str(tmp_path / "out"))
+
+    def cfg(max_calls: int):
+        return make_cfg(tmp_path, server.url, str(tmp_path / "imgs"), backend="dds",
+                        token_env="COIN_DDS_TOKEN", max_calls=max_calls, price_per_call=0.5)
+    try:
+        first = run_collection(cfg(5), uris, out, with_clip=False)
+        made = sum(server.server.tasks.creations.values())
+        again = run_collection(cfg(12), uris, out, with_clip=False)
+        per_image = sorted(server.server.tasks.creations.values())
+    finally:
+        server.stop()
+    assert made == first["calls"] == 5 and first["not_asked_budget"] == 7
+    assert first["budget"]["calls_total"] == 5 and first["budget"]["spend_total"] == 2.5
+    assert first["budget"]["exhausted"] and first["images"] == 12
+    assert again["calls"] == 7 and again["cache_hits"] == 5 and again["errors"] == 0
+    assert per_image == [1] * 12 and again["budget"]["calls_total"] == 12
+
+
+@pytest.mark.timeout(480)
+def test_dds_chaos_kill_and_resume_pays_each_task_once(local_ray_with_s3, tmp_path, monkeypatch):
+    from cloud_world import ColourBoxes
+
+    knobs = Knobs(token=TOKEN, fail_500=0.05, fail_429=0.05, retry_after_s=0.2, retry_after_date=0.5,
+                  fail_hang=0.03, hang_s=1.5, fail_malformed=0.03, fail_task=0.1, task_s=0.8, seed=5)
+    server = start_server(ColourBoxes(), knobs, protocol="dds")
+    monkeypatch.setenv("COIN_DDS_TOKEN", TOKEN)
+    n = 30
+    uris = write_images(tmp_path / "imgs", n)
+    cfg = make_cfg(tmp_path, server.url, str(tmp_path / "imgs"), backend="dds",
+                   token_env="COIN_DDS_TOKEN", timeout_s=0.6, poll_deadline_s=0.5, max_retries=3,
+                   max_retry_after_s=3.0)
+    out = str(tmp_path / "out")  # the run folder
+    try:
+        job = _collect_job.options(runtime_env={"env_vars": {"COIN_DDS_TOKEN": TOKEN}}).remote(
+            to_dict(cfg), uris, out)
+        deadline = time.monotonic() + 120
+        while (server.stats()["tasks"]["images_created"] < n // 2 and time.monotonic() < deadline
+               and not ray.wait([job], timeout=0)[0]):
+            time.sleep(0.05)
+        assert server.stats()["tasks"]["images_created"] < n  # killed with work left
+        ray.cancel(job, force=True)
+        with pytest.raises((ray.exceptions.TaskCancelledError, ray.exceptions.WorkerCrashedError)):
+            ray.get(job)
+        for _ in range(3):  # resume until no task is left pending
+            summary = run_collection(cfg, uris, RunDir(out), with_clip=False)
+            if "poll deadline" not in summary["errors_by_reason"]:
+                break
+        tasks = server.stats()["tasks"]
+    finally:
+        server.stop()
+    cloud = table_to_records(storage.read_parquet(RunDir(out).cloud_detections))
+    assert sorted(r.uri for r in cloud) == uris and summary["images"] == n
+    assert all(r.error or len(r) > 0 for r in cloud)
+    assert tasks["duplicate_creations"] == 0 and tasks["images_created"] == n
+    failed = {k for k in summary["errors_by_reason"]} - {"dds task failed", "failed before"}
+    assert not failed and summary["errors"] == tasks["tasks_failed"]

@@ -222,3 +222,16 @@ def test_dds_without_token_fails_before_any_call(monkeypatch):
     monkeypatch.setenv("COIN_DDS_TOKEN", TOKEN)
     backend = build_backend(CloudConfig(backend="dds", token_env="COIN_DDS_TOKEN"), CATEGORIES)
     assert TOKEN not in repr(vars(backend))
+
+
+def test_dds_exif_rotated_jpeg_boxes_land_on_the_right_pixels(fake_dds):
+    from test_cloud_images import blocks, exif_jpeg
+
+    from coin_ray.data.images import decode_image
+
+    server = fake_dds()  # decodes uploads without EXIF: it answers in the uploaded frame
+    data = exif_jpeg(blocks(), orientation=6)
+    image = decode_image(data)  # the frame the pipeline (and its labels) use
+    answer = DdsBackend(token=Secret(TOKEN), poll_interval_s=0.01).detect(data, image, ["car", "bus"])
+    assert server.sizes == [(60, 90)]
+    np.testing.assert_allclose(answer.boxes, [[10, 5, 40, 25], [60, 35, 85, 55]], atol=1)

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from coin_ray.cloud.base import DetectorBackend
+from coin_ray.cloud.client import CloudClient, RetryPolicy
 from coin_ray.cloud.errors import CloudError, Secret, read_token
 from coin_ray.config import CloudConfig
+
+if TYPE_CHECKING:
+    from coin_ray.cloud.budget import Budget
+    from coin_ray.cloud.cache import AnswerCache
+    from coin_ray.cloud.ratelimit import Limiter
 
 # Backends that cannot work without a token; the others use one only when given.
 NEEDS_TOKEN = {"dds"}
@@ -83,3 +89,14 @@ def model_id(cloud: CloudConfig, backend: DetectorBackend) -> str:
         except CloudError:  # a server without /v1/health (or down): its URL must do
             return cloud.url
     return str(getattr(backend, "model_name", "") or cloud.url)
+
+
+def client_for(cloud: CloudConfig, backend: DetectorBackend, prompts: list[str], *,
+               cache: "AnswerCache | None", limiter: "Limiter", budget: "Budget | None" = None,
+               seed: int = 0) -> CloudClient:
+    """The ``CloudClient`` the ``cloud`` section describes (retries, Retry-After cap, failures)."""
+    policy = RetryPolicy(max_retries=cloud.max_retries, max_wait_s=cloud.max_retry_after_s)
+    return CloudClient(backend, prompts=prompts, model=model_id(cloud, backend),
+                       threshold=cloud.threshold, cache=cache, limiter=limiter, policy=policy,
+                       token_env=cloud.token_env, seed=seed, budget=budget,
+                       retry_failed=cloud.retry_failed)

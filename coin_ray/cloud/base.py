@@ -34,8 +34,41 @@ class DetectorBackend(Protocol):
         """Detect ``prompts`` in one image.
 
         Args:
-            image_bytes: the original encoded file (what a remote API is sent).
-            image: the same image decoded, (H, W, 3) uint8 RGB.
+            image_bytes: the original encoded file (``imageio.upload_bytes`` turns it into
+                what a remote API is sent: the file, or a re-encoding of ``image``).
+            image: the same image decoded, (H, W, 3) uint8 RGB, EXIF orientation applied:
+                the frame every returned box is in.
             prompts: text prompts (one or more per category).
         """
         ...
+
+
+class TaskBackend(DetectorBackend, Protocol):
+    """A backend whose service answers through a task: create it (the paid call), then poll.
+
+    The client keeps the task's handle in the cache while it runs, so a timeout, a retry or
+    a killed run polls the same task instead of paying for a new one.
+    """
+
+    def create_task(self, image_bytes: bytes, image: np.ndarray, prompts: list[str],
+                    idempotency_key: str) -> dict:
+        """Create the task; returns a JSON-serialisable handle (task id, box scale, ...).
+
+        ``idempotency_key`` is the same for every retry of one creation, so a service that
+        honours it never runs (or bills) a retried creation twice.
+        """
+        ...
+
+    def poll_task(self, handle: dict, image: np.ndarray) -> CloudAnswer:
+        """Poll until done (under the backend's deadline); boxes in pixels of ``image``.
+
+        Raises:
+            TransientError: not finished within the deadline, or a flaky status call.
+            TaskFailed: the service says the task failed. TaskGone: it no longer knows it.
+        """
+        ...
+
+
+def is_task_backend(backend: DetectorBackend) -> bool:
+    return callable(getattr(backend, "create_task", None)) and callable(
+        getattr(backend, "poll_task", None))

@@ -6,6 +6,15 @@ JSON files ``<root>/<backend>/<key[:2]>/<key>.json`` in a local folder or under 
 written atomically (``coin_ray.storage``) before the answer is used, so a killed run
 keeps everything it was answered. Entries hold boxes, phrases and scores only: never a
 token or a header.
+
+Beside an answer, a question may have a state file (JSON, same folder):
+    <key>.pending   a created task not answered yet: {"handle": {...}, "generation": g}
+                    (written before polling, so a timeout, a retry or a resumed run polls it)
+    <key>.failed    the service refused the image or its task failed: {"reason", "error",
+                    "generation"}; a re-run skips it unless asked to retry failures
+``generation`` counts tasks created for the question after the service lost or failed one;
+it is part of the Idempotency-Key, so a retried creation reuses its key and a deliberate
+new one does not.
 """
 
 from __future__ import annotations
@@ -25,6 +34,14 @@ def cache_key(image_bytes: bytes, backend: str, model: str, prompts: list[str],
     question = {"image_sha256": hashlib.sha256(image_bytes).hexdigest(), "backend": backend,
                 "model": model, "prompts": list(prompts), "threshold": round(float(threshold), 6)}
     return hashlib.sha256(json.dumps(question, sort_keys=True).encode()).hexdigest()
+
+
+def idempotency_key(key: str, generation: int = 0) -> str:
+    """32 hex characters, the same for every creation attempt of one question and generation.
+
+    ``key`` (``cache_key``) covers the image digest, backend, model, prompts and threshold.
+    """
+    return hashlib.sha256(f"{key}:{generation}".encode()).hexdigest()[:32]
 
 
 class AnswerCache:
@@ -52,3 +69,18 @@ class AnswerCache:
     def put(self, key: str, answer: CloudAnswer, model: str = "") -> None:
         body = answer_to_json(answer, self.categories, model)
         storage.write_bytes(self.path(key), json.dumps(body).encode())
+
+    def state(self, key: str, kind: str) -> dict | None:
+        """The ``kind`` ("pending" or "failed") state of ``key``, or None (absent, unreadable)."""
+        try:
+            got = json.loads(storage.read_bytes(self.path(key)[:-len(".json")] + "." + kind))
+        except (FileNotFoundError, ValueError, TransientError):
+            return None
+        return got if isinstance(got, dict) else None
+
+    def put_state(self, key: str, kind: str, state: dict) -> None:
+        storage.write_bytes(self.path(key)[:-len(".json")] + "." + kind, json.dumps(state).encode())
+
+    def drop_state(self, key: str, kind: str) -> None:
+        """Remove the ``kind`` state of ``key`` (nothing happens when there is none)."""
+        storage.delete(self.path(key)[:-len(".json")] + "." + kind)

@@ -1,15 +1,18 @@
 """The ``dds`` backend: Grounding DINO 1.5/1.6 and DINO-X through DeepDataSpace's V2 REST API.
 
     1. POST <endpoint>/v2/task/grounding_dino/detection (or /v2/task/dinox/detection)
-       headers Token: <token>, Idempotency-Key: <uuid4 hex>
+       headers Token: <token>, Idempotency-Key: <the same for every retry of one creation>
        {"model", "image": "data:<mime>;base64,...", "prompt": {"type": "text", "text": "car.bus"},
         "targets": ["bbox"], "bbox_threshold", "iou_threshold"} -> {"code": 0, "data": {"task_uuid"}}
     2. GET <endpoint>/v2/task_status/<uuid> until data.status is "success" or "failed",
-       under an overall deadline (the service may never finish a task).
+       under an overall deadline (the service may never finish a task); 404 = task gone.
     result {"objects": [{"bbox": [x1, y1, x2, y2], "category": "car", "score": 0.6}]}
 
-Images with a side above 1536 px are shrunk before upload and boxes scaled back to the
-original pixels. ``DDS_CLOUDAPI_ENDPOINT`` overrides the endpoint (as the vendor SDK does).
+Creating is the paid call; ``create_task`` and ``poll_task`` are separate so the client can
+keep a created task's id and poll it again after a timeout or a kill (``TaskBackend``).
+Images are sent in the pipeline's frame (``imageio.upload_bytes``); those with a side above
+1536 px are shrunk first and boxes scaled back. ``DDS_CLOUDAPI_ENDPOINT`` overrides the
+endpoint (as the vendor SDK does).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from coin_ray.cloud.base import CloudAnswer
-from coin_ray.cloud.errors import PermanentError, Secret, TransientError
+from coin_ray.cloud.errors import PermanentError, Secret, TaskFailed, TaskGone, TransientError
 from coin_ray.cloud.imageio import upload_bytes
 from coin_ray.cloud.rest import request_json
 
@@ -48,11 +51,14 @@ class DdsBackend:
         self.poll_deadline_s = poll_deadline_s
         self.poll_interval_s = poll_interval_s
 
-    def _headers(self) -> dict[str, str]:
-        return {"Token": self.token.reveal(), "Idempotency-Key": uuid.uuid4().hex}
-
     def detect(self, image_bytes: bytes, image: np.ndarray, prompts: list[str]) -> CloudAnswer:
-        """Create a task, poll it, and return boxes in pixels of the original image (xyxy)."""
+        """Create a task and poll it; boxes in pixels of ``image`` (xyxy)."""
+        handle = self.create_task(image_bytes, image, prompts, uuid.uuid4().hex)
+        return self.poll_task(handle, image)
+
+    def create_task(self, image_bytes: bytes, image: np.ndarray, prompts: list[str],
+                    idempotency_key: str) -> dict:
+        """POST the task (the paid call); returns {"task_uuid", "scale"}."""
         data, mime, scale = upload_bytes(image_bytes, image, MAX_SIDE)
         kind = "dinox" if self.model_name.lower().startswith("dino-x") else "grounding_dino"
         body = {"model": self.model_name,
@@ -60,13 +66,17 @@ class DdsBackend:
                 "prompt": {"type": "text", "text": ".".join(p.replace(".", " ") for p in prompts)},
                 "targets": ["bbox"], "bbox_threshold": self.threshold,
                 "iou_threshold": self.iou_threshold}
+        headers = {"Token": self.token.reveal(), "Idempotency-Key": idempotency_key}
         reply = request_json("POST", f"{self.endpoint}/v2/task/{kind}/detection", body,
-                             self._headers(), self.timeout_s, self.token)
+                             headers, self.timeout_s, self.token)
         task = _data(reply)
         if not isinstance(task.get("task_uuid"), str):
             raise TransientError("malformed body", "no task_uuid in the task reply")
-        result = self._poll(task["task_uuid"])
-        return _objects_to_answer(result, scale)
+        return {"task_uuid": task["task_uuid"], "scale": scale}
+
+    def poll_task(self, handle: dict, image: np.ndarray) -> CloudAnswer:
+        """Poll until success or failure within ``poll_deadline_s``; boxes scaled to ``image``."""
+        return _objects_to_answer(self._poll(handle["task_uuid"]), float(handle["scale"]))
 
     def _poll(self, task_uuid: str) -> dict[str, Any]:
         deadline = time.monotonic() + self.poll_deadline_s
@@ -79,9 +89,13 @@ class DdsBackend:
                 if status.get("status") == "success":
                     return status.get("result") or {}
                 if status.get("status") == "failed":
-                    raise PermanentError("dds task failed", str(status.get("error", ""))[:200])
+                    raise TaskFailed("dds task failed", str(status.get("error", ""))[:200])
             except TransientError:
                 pass  # a flaky status call is retried until the deadline, the task lives on
+            except PermanentError as err:
+                if err.reason == "http 404":
+                    raise TaskGone("dds task gone", f"task {task_uuid} is unknown") from None
+                raise
             if time.monotonic() + interval > deadline:
                 raise TransientError("poll deadline",
                                      f"task not finished within {self.poll_deadline_s:g} s")

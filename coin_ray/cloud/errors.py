@@ -4,6 +4,8 @@ Backends raise exactly one of these; the retry loop decides what to do from the 
     TransientError  429, 5xx, timeouts, malformed bodies, "try again" codes -> retry with backoff
     PermanentError  the request itself is wrong (HTTP 400, image too large) -> error record now
     AuthError       401/403 -> stop the whole run, naming the backend and the token's env var
+    TaskFailed      (a PermanentError) a task-based service says the task failed
+    TaskGone        a task-based service no longer knows the task -> create it again
 """
 
 from __future__ import annotations
@@ -33,6 +35,14 @@ class PermanentError(CloudError):
 
 class AuthError(CloudError):
     """The credentials were refused; the run must stop."""
+
+
+class TaskFailed(PermanentError):
+    """The service ran the task and it failed: remembered, not paid for again on a re-run."""
+
+
+class TaskGone(CloudError):
+    """The service no longer knows the task (expired or never kept): it must be created again."""
 
 
 class Secret:

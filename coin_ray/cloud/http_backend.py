@@ -5,7 +5,7 @@ Protocol (version 1; served by ``python -m coin_ray.serve``)
     POST <url>/v1/detect
         Content-Type: application/json
         Authorization: Bearer <token>          only when the client has a token
-        {"image": "<base64 of the original encoded image file>",
+        {"image": "<base64 of the image file, or of a PNG of its decoded pixels>",
          "prompts": ["car", "bus", ...],        text prompts, one or more per category
          "threshold": 0.25}                     minimum score the server should return
     200 {"boxes":  [[x1, y1, x2, y2], ...],     absolute pixels of the image sent
@@ -32,6 +32,7 @@ import numpy as np
 
 from coin_ray.cloud.base import CloudAnswer
 from coin_ray.cloud.errors import Secret, TransientError
+from coin_ray.cloud.imageio import upload_bytes
 from coin_ray.cloud.rest import request_json
 
 
@@ -104,9 +105,14 @@ class HttpBackend:
         return str(reply.get("model", "")) if isinstance(reply, dict) else ""
 
     def detect(self, image_bytes: bytes, image: np.ndarray, prompts: list[str]) -> CloudAnswer:
-        """POST the original bytes; boxes come back in pixels of that image (xyxy)."""
+        """POST the image in the pipeline's frame; boxes come back in pixels of ``image`` (xyxy).
+
+        The file itself is sent when a plain decoder sees ``image`` in it; a rotated, CMYK,
+        palette or 16-bit file is sent as a PNG of ``image`` (``imageio.upload_bytes``).
+        """
         headers = {"Authorization": f"Bearer {self.token.reveal()}"} if self.token else {}
-        body = {"image": base64.b64encode(image_bytes).decode("ascii"),
+        data, _, _ = upload_bytes(image_bytes, image)
+        body = {"image": base64.b64encode(data).decode("ascii"),
                 "prompts": list(prompts), "threshold": self.threshold}
         reply = request_json("POST", f"{self.url}/v1/detect", body, headers, self.timeout_s,
                              self.token)

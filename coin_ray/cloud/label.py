@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coin_ray import storage
-from coin_ray.cloud.client import CloudClient
+from coin_ray.cloud.client import BUDGET, SKIPPED, CloudClient
 from coin_ray.cloud.mapping import CategoryMap, answer_to_detections
 from coin_ray.data.images import ImageDecodeError, decode_image
 from coin_ray.schema import SOURCE_CLOUD, Detections
@@ -60,6 +60,8 @@ class RunTally:
     calls: int = 0
     cache_hits: int = 0
     boxes: int = 0
+    skipped_failed: int = 0  # failed in an earlier run: not asked again (no retry_failed)
+    not_asked_budget: int = 0  # the spend cap was reached before they were asked
     errors_by_reason: Counter = field(default_factory=Counter)
     dropped_labels: Counter = field(default_factory=Counter)
 
@@ -72,6 +74,8 @@ class RunTally:
         if record.error:
             self.errors += 1
             self.errors_by_reason[reason or "unknown"] += 1
+            self.skipped_failed += int(reason == SKIPPED)
+            self.not_asked_budget += int(reason == BUDGET)
         self.dropped_labels.update(dropped)
 
     def as_dict(self, price_per_call: float = 0.0) -> dict[str, Any]:
@@ -79,6 +83,7 @@ class RunTally:
             "images": self.images, "answered": self.images - self.errors, "errors": self.errors,
             "errors_by_reason": dict(self.errors_by_reason), "calls": self.calls,
             "cache_hits": self.cache_hits, "boxes": self.boxes,
+            "skipped_failed": self.skipped_failed, "not_asked_budget": self.not_asked_budget,
             "dropped_labels": dict(self.dropped_labels),
             "dropped_total": sum(self.dropped_labels.values())}
         if price_per_call > 0:

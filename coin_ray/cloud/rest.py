@@ -10,19 +10,35 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 from coin_ray.cloud.errors import AuthError, PermanentError, Secret, TransientError
 
 
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (decimal seconds accepted); None if absent or a date."""
-    try:
-        return max(0.0, float(value)) if value else None
-    except ValueError:
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header, in either form RFC 9110 allows.
+
+    ``"120"`` (delay-seconds; decimals accepted) or an HTTP-date such as
+    ``"Wed, 21 Oct 2026 07:28:00 GMT"`` (seconds from ``now``, epoch seconds, default the
+    clock). Never negative; None when absent or unreadable.
+    """
+    if not value or not value.strip():
         return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value.strip())
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # RFC 9110 dates are GMT; a zone-less one is read the same way
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 def _scrub(text: str, token: Secret | None) -> str:

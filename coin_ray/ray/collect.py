@@ -25,10 +25,10 @@ import numpy as np
 import ray
 
 from coin_ray import storage
-from coin_ray.cloud.backends import NEEDS_TOKEN, build_backend, model_id
+from coin_ray.cloud.backends import NEEDS_TOKEN, build_backend, client_for
+from coin_ray.cloud.budget import SpendLedger, budget_line, budget_summary, call_cap
 from coin_ray.cloud.cache import AnswerCache
 from coin_ray.cloud.clip_score import ClipBoxScorer
-from coin_ray.cloud.client import CloudClient, RetryPolicy
 from coin_ray.cloud.errors import Secret, read_token
 from coin_ray.cloud.export_coco import export_coco
 from coin_ray.cloud.label import RunTally, label_image
@@ -59,17 +59,14 @@ class _CloudCaller:
     """Actor: asks the backend about a batch of images, ``threads`` at a time."""
 
     def __init__(self, cfg: dict, token: Secret, limiter: ClusterLimiter, cache_root: str,
-                 threads: int, keep_bytes: bool) -> None:
+                 threads: int, keep_bytes: bool, budget: "_ClusterBudget | None" = None) -> None:
         cfg_ = from_dict(cfg)
         c = cfg_.cloud
         self.cmap = _category_map(cfg_)
         backend = build_backend(c, cfg_.data.categories, token, cfg_.data.target_images)
         cache = AnswerCache(cache_root, backend.name, cfg_.data.categories)
-        self.client = CloudClient(backend, prompts=self.cmap.prompt_list(),
-                                  model=model_id(c, backend),
-                                  threshold=c.threshold, cache=cache, limiter=limiter,
-                                  policy=RetryPolicy(max_retries=c.max_retries),
-                                  token_env=c.token_env, seed=cfg_.seed)
+        self.client = client_for(c, backend, self.cmap.prompt_list(), cache=cache,
+                                 limiter=limiter, budget=budget, seed=cfg_.seed)
         self.pool = ThreadPoolExecutor(max_workers=threads)
         self.keep_bytes = keep_bytes  # only CLIP needs the images again
 
@@ -83,6 +80,16 @@ class _CloudCaller:
         if self.keep_bytes:
             out["image_bytes"] = [d.image_bytes for d in done]
         return out
+
+
+class _ClusterBudget:
+    """Every caller's handle to one ``SpendLedger`` actor (the spend cap is cluster-wide)."""
+
+    def __init__(self, actor: "ray.actor.ActorHandle") -> None:
+        self.actor = actor
+
+    def charge(self) -> bool:
+        return ray.get(self.actor.charge.remote())
 
 
 class _ClipScorer:
@@ -119,12 +126,13 @@ class _Progress:
         self.last = now
         rate = tally.images / max(now - self.start, 1e-9)
         print(f"[collect] {tally.images}/{self.total} images  {rate:.1f} img/s  "
-              f"calls {tally.calls}  cache hits {tally.cache_hits}  errors {tally.errors}",
-              file=sys.stderr, flush=True)
+              f"calls {tally.calls}  cache hits {tally.cache_hits}  errors {tally.errors}  "
+              f"skipped (failed before) {tally.skipped_failed}  "
+              f"not asked (budget) {tally.not_asked_budget}", file=sys.stderr, flush=True)
 
 
 def _plan(cfg: Config, image_uris: list[str], limiter: ClusterLimiter, token: Secret,
-          with_clip: bool) -> "ray.data.Dataset":
+          with_clip: bool, budget: _ClusterBudget | None = None) -> "ray.data.Dataset":
     c = cfg.cloud
     root = cfg.data.target_images
     items = [{"uri": u, "image_id": image_id_from_uri(u, root)} for u in image_uris]
@@ -134,7 +142,7 @@ def _plan(cfg: Config, image_uris: list[str], limiter: ClusterLimiter, token: Se
         _CloudCaller, batch_size=threads, num_cpus=CLOUD_CPUS,
         fn_constructor_kwargs={"cfg": to_dict(cfg), "token": token, "limiter": limiter,
                                "cache_root": cache_root, "threads": BATCHES_PER_ACTOR * threads,
-                               "keep_bytes": with_clip},
+                               "keep_bytes": with_clip, "budget": budget},
         compute=ray.data.ActorPoolStrategy(size=c.num_actors,
                                            max_concurrent_calls_per_actor=BATCHES_PER_ACTOR,
                                            enable_true_multi_threading=True))
@@ -179,11 +187,16 @@ def run_collection(cfg: Config, image_uris: list[str], run: RunDir, *,
     token = read_token(c.token_env, c.backend, c.backend in NEEDS_TOKEN)
     limiter = ClusterLimiter.create(cfg.resolved_run_id(), c.requests_per_second,
                                     c.max_in_flight, lease_s=4 * c.timeout_s + c.poll_deadline_s)
+    cap = call_cap(c.max_calls, c.max_spend, c.price_per_call)
+    ledger = (ray.remote(num_cpus=0)(SpendLedger).remote(run.collect_spend, cap)
+              if cap else None)
     start = time.monotonic()
     try:
-        cloud, clip, tally = _drain(_plan(cfg, image_uris, limiter, token, with_clip),
-                                    len(image_uris))
+        plan = _plan(cfg, image_uris, limiter, token, with_clip,
+                     _ClusterBudget(ledger) if ledger else None)
+        cloud, clip, tally = _drain(plan, len(image_uris))
         limiter_stats = limiter.stats()
+        spent = ray.get(ledger.totals.remote()) if ledger else None
     except Exception as err:
         stopped = _stop_reason(limiter)
         if stopped:
@@ -191,6 +204,8 @@ def run_collection(cfg: Config, image_uris: list[str], run: RunDir, *,
         raise err
     finally:
         limiter.kill()
+        if ledger:
+            ray.kill(ledger)
     seconds = time.monotonic() - start
     cloud.sort(key=lambda r: r.uri)
     clip.sort(key=lambda r: r.uri)
@@ -203,6 +218,9 @@ def run_collection(cfg: Config, image_uris: list[str], run: RunDir, *,
     summary = {**tally.as_dict(c.price_per_call), "backend": c.backend, "model": c.model or c.url,
                "seconds": round(seconds, 3), "calls_per_s": round(tally.calls / max(seconds, 1e-9), 3),
                "limiter_grants": limiter_stats["granted"]}
+    if spent:
+        summary["budget"] = budget_summary(spent, c.price_per_call, c.max_spend)
+        print(budget_line(summary["budget"], tally.not_asked_budget), file=sys.stderr, flush=True)
     _warn_if_nothing(summary)
     storage.write_text(run.collect_summary, json.dumps(summary, indent=2))
     log.info("collection: %s", json.dumps(summary))
