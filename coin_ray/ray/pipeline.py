@@ -18,7 +18,6 @@ collection stage, exactly as a user's self-hosted detector would be.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,6 +28,8 @@ import ray
 from coin_ray import storage
 from coin_ray.config import Config, to_yaml, with_updates
 from coin_ray.data.datasets import LabelledSplit, list_image_folder, load_labelled
+from coin_ray.location import describe, resolve_config
+from coin_ray.ray.cluster import check_storage
 from coin_ray.run import STAGES, RunDir
 
 log = logging.getLogger("coin_ray.pipeline")
@@ -47,38 +48,17 @@ class AdaptationResult:
 
 
 def init_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster named by RAY_ADDRESS, or start a fresh local Ray instance.
+    """Join the cluster named by RAY_ADDRESS (failing fast when it is dead), or start a
+    local Ray instance; see ``coin_ray.ray.cluster.join``."""
+    from coin_ray.ray.cluster import join
 
-    ``ray job submit`` sets RAY_ADDRESS, so jobs join their cluster; set it yourself
-    (``RAY_ADDRESS=auto``) to join a cluster started with ``ray start``. Without it a new
-    local instance is started (``num_cpus`` of them, or all): a bare ``ray.init()`` would
-    try the last cluster recorded on this machine and wait forever when that one died.
-    Ray refuses ``num_cpus`` when joining, so it is ignored under RAY_ADDRESS.
-    """
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        if num_cpus:
-            log.warning("--num-cpus is ignored when connecting to an existing cluster (RAY_ADDRESS)")
-        ray.init()
-    else:
-        ray.init(address="local", num_cpus=num_cpus or None)
+    join(num_cpus)
 
 
 def with_absolute_paths(cfg: Config) -> Config:
-    """Local paths made absolute: Ray workers run in other working directories."""
-    fields = {"storage": cfg.storage, "data.target_images": cfg.data.target_images,
-              "data.val_annotations": cfg.data.val_annotations,
-              "data.world_cache": cfg.data.world_cache, "cloud.cache": cfg.cloud.cache}
-    if cfg.data.val_format == "coco":  # for VOC it names the split
-        fields["data.val_images"] = cfg.data.val_images
-    if cfg.clip.model and os.path.exists(cfg.clip.model):  # else a hub id or s3://
-        fields["clip.model"] = cfg.clip.model
-    if cfg.cloud.backend == "replay":
-        fields["cloud.url"] = cfg.cloud.url
-    updates = [f"{key}={os.path.abspath(os.path.expanduser(value))}" for key, value in fields.items()
-               if value and not storage.is_s3(value) and "://" not in value]
-    return with_updates(cfg, updates) if updates else cfg
+    """Local paths made absolute once, on the driver (``coin_ray.location.resolve_config``):
+    Ray workers and Tune trials run in other working directories."""
+    return resolve_config(cfg)
 
 
 def with_demo_world(cfg: Config) -> Config:
@@ -166,8 +146,10 @@ def run_adaptation(cfg: Config, stages: list[str] | None = None, num_cpus: int |
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = with_demo_world(with_absolute_paths(cfg))
     run = RunDir(storage.join(cfg.storage, cfg.resolved_run_id()))
-    storage.write_text(run.path("config.yaml"), to_yaml(cfg))
+    print(describe(cfg, run.root), flush=True)
     init_ray(num_cpus or cfg.ray.num_cpus or None)
+    check_storage(cfg.storage)
+    storage.write_text(run.path("config.yaml"), to_yaml(cfg))
     result = AdaptationResult(run.root)
     from coin_ray.ray import stages as stage_fns
 
@@ -183,4 +165,5 @@ def run_adaptation(cfg: Config, stages: list[str] | None = None, num_cpus: int |
         result.table_markdown = storage.read_text(table)
         print("\n" + result.table_markdown)
         print(f"report: {run.path('report')}")
+    print(describe(cfg, run.root), flush=True)
     return result

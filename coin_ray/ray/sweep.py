@@ -184,8 +184,10 @@ def collected_run(cfg: Config) -> tuple[Config, RunDir]:
     """The config with its data paths resolved and its run directory (as ``jobs/adapt.py``
     computes them), after checking the run is collected: raises SweepInputsMissing otherwise.
     Never builds the Foggy-Shapes world (an unbuilt world has no collection) and needs no Ray."""
+    from coin_ray.location import resolve_config
     from coin_ray.world.build import MANIFEST, world_root
 
+    cfg = resolve_config(cfg)  # absolute, as jobs/adapt.py resolved it: trials run in folders of their own
     if not cfg.data.target_images:
         root = world_root(cfg.data.world, cfg.seed, cfg.data.world_cache or None)
         if not (root / MANIFEST).exists():
