@@ -23,8 +23,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
-import ray
-
 from coin_ray import storage
 from coin_ray.config import Config, to_yaml, with_updates
 from coin_ray.data.datasets import LabelledSplit, list_image_folder, load_labelled
