@@ -18,6 +18,7 @@ import sys
 import traceback
 from typing import Callable, Iterator, TextIO
 
+from coin_ray import errors
 from coin_ray.errors import EXIT_BAD_INPUT, EXIT_CREDENTIAL, EXIT_FAILED, EXIT_OK, UserError, one_line
 
 # Exceptions of modules that may not be imported (Ray-side ones are imported lazily):
@@ -50,10 +51,12 @@ def diagnostics_on_stdout() -> Iterator[TextIO]:
     saved = os.dup(2)
     os.dup2(1, 2)
     verdict = os.fdopen(os.dup(saved), "w")
+    errors.verdict_stream = verdict
     try:
         with contextlib.redirect_stderr(sys.stdout):
             yield verdict
     finally:
+        errors.verdict_stream = None
         sys.stdout.flush()
         os.dup2(saved, 2)
         os.close(saved)

@@ -14,6 +14,8 @@ ordinary exception.
 
 from __future__ import annotations
 
+from typing import TextIO
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -34,6 +36,11 @@ class CredentialError(UserError):
 
 class Unreachable(UserError):
     """Nothing answers at an address the user gave (a cloud URL, a Ray cluster)."""
+
+
+# Where a last-resort verdict goes (a watchdog ending the process): ``coin_ray.cli`` points
+# it at the real stderr while the command's own stderr is sent to stdout.
+verdict_stream: TextIO | None = None
 
 
 def one_line(text: str) -> str:

@@ -17,6 +17,7 @@ import time
 
 import ray
 
+from coin_ray import errors
 from coin_ray.errors import EXIT_BAD_INPUT, Unreachable, one_line
 from coin_ray.location import refuse_unshared
 from coin_ray.preflight import probe_ray_address
@@ -59,7 +60,7 @@ def _watchdog(address: str, timeout_s: float) -> threading.Timer:
         _thread.interrupt_main()
         time.sleep(5.0)
         print(f"error: the Ray cluster at RAY_ADDRESS={address} did not answer within {timeout_s:.0f} s",
-              file=sys.__stderr__, flush=True)
+              file=errors.verdict_stream or sys.__stderr__, flush=True)
         os._exit(EXIT_BAD_INPUT)
 
     timer = threading.Timer(timeout_s, give_up)
