@@ -236,7 +236,9 @@ class Config:
         return "run-" + hashlib.sha1(key.encode()).hexdigest()[:10]
 
 
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Conventional variable names only: a pasted token (hex, mixed case) must not pass for one.
+_ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+_LOOKS_LIKE_TOKEN = re.compile(r"^[0-9A-F]{16,}$")  # an upper-cased hex key is still a key
 
 
 def _yaml_key(f: dataclasses.Field) -> str:
@@ -328,9 +330,10 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
 
 
 def _validate(cfg: Config) -> None:
-    if cfg.cloud.token_env and not _ENV_NAME.match(cfg.cloud.token_env):
+    name = cfg.cloud.token_env
+    if name and (not _ENV_NAME.match(name) or _LOOKS_LIKE_TOKEN.match(name)):
         raise ConfigError("cloud.token_env: must be the NAME of an environment variable "
-                          "(letters, digits, _), never the token itself")
+                          "(upper-case letters, digits, _), never the token itself")
     if not cfg.data.categories:
         raise ConfigError("data.categories: at least one category is needed")
     if len(set(cfg.data.categories)) != len(cfg.data.categories):

@@ -39,6 +39,7 @@ import torchvision  # noqa: F401  (registers roi_align / nms for torch.jit.load)
 from torch import nn
 
 from coin_ray import storage
+from coin_ray.data.images import load_image
 from coin_ray.models.build import load_detector
 from coin_ray.models.ov_rcnn import OpenVocabularyRCNN
 from coin_ray.models.roi_heads import postprocess_detections
@@ -231,7 +232,6 @@ def export_detector(model_uri: str, out_uri: str, *, example_uri: str | None = N
     Returns what ``export.json`` holds (also the manifest entry of the export stage).
     Raises ExportMismatch when the exported model disagrees with the eager one.
     """
-    from coin_ray.data.images import load_image
 
     model = load_detector(model_uri).eval()
     example = image_tensor(load_image(example_uri)) if example_uri else torch.full((3, 120, 160), 0.5)

@@ -11,12 +11,9 @@ buffer or an optimizer; the training step calls the updates explicitly.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:
-    from coin_ray.models.roi_heads import RegionOutputs, RegionTargets
+from coin_ray.models.roi_heads import RegionOutputs, RegionTargets, fastrcnn_soft_loss
 
 
 def l_align(text_embeddings: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
@@ -83,9 +80,6 @@ def l_con(outputs: RegionOutputs, targets: RegionTargets, rpn_losses: dict[str, 
     Returns:
         A scalar; its RoI part is 0 (still attached) when R == 0.
     """
-    # Imported here: the detector's modules import this file (L_align), not the reverse.
-    from coin_ray.models.roi_heads import fastrcnn_soft_loss
-
     roi = fastrcnn_soft_loss(outputs, targets, background_weight)
     return sum(rpn_losses.values(), roi["loss_classifier"] + roi["loss_box_reg"])
 

@@ -128,19 +128,3 @@ class RunDir:
 def run_dir(cfg: Config) -> RunDir:
     """The run ``cfg`` describes: ``<storage>/<run_id>``."""
     return RunDir(storage.join(cfg.storage, cfg.resolved_run_id()))
-
-
-def with_absolute_paths(cfg: Config) -> Config:
-    """Local paths made absolute: Ray workers run in other working directories."""
-    fields = {"storage": cfg.storage, "data.target_images": cfg.data.target_images,
-              "data.val_annotations": cfg.data.val_annotations,
-              "data.world_cache": cfg.data.world_cache, "cloud.cache": cfg.cloud.cache}
-    if cfg.data.val_format == "coco":  # for VOC it names the split
-        fields["data.val_images"] = cfg.data.val_images
-    if cfg.clip.model and os.path.exists(cfg.clip.model):  # else a hub id or s3://
-        fields["clip.model"] = cfg.clip.model
-    if cfg.cloud.backend == "replay":
-        fields["cloud.url"] = cfg.cloud.url
-    updates = [f"{key}={os.path.abspath(os.path.expanduser(value))}" for key, value in fields.items()
-               if value and not storage.is_s3(value) and "://" not in value]
-    return with_updates(cfg, updates) if updates else cfg

@@ -32,6 +32,7 @@ from coin_ray.data.datasets import GroundTruth, LabelledSplit, target_uris, val_
 from coin_ray.data.images import load_image
 from coin_ray.demo import unbuilt_demo_world, with_demo_world
 from coin_ray.evaluate import evaluate
+from coin_ray.location import resolve_config
 from coin_ray.models.rcnn import RegionDetector
 from coin_ray.run import RunDir, run_dir
 from coin_ray.schema import Detections
@@ -69,6 +70,7 @@ def collected_run(cfg: Config) -> tuple[Config, RunDir]:
     """The config with its data paths resolved and its run directory (as ``jobs/adapt.py``
     computes them), after checking the run is collected: raises SweepInputsMissing otherwise.
     Never builds the Foggy-Shapes world (an unbuilt world has no collection) and needs no Ray."""
+    cfg = resolve_config(cfg)  # absolute, as jobs/adapt.py resolved it: trials run in folders of their own
     unbuilt = unbuilt_demo_world(cfg)
     if unbuilt is not None:
         raise SweepInputsMissing(f"the Foggy-Shapes {cfg.data.world} world is not built at {unbuilt}, "

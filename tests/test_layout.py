@@ -28,18 +28,6 @@ def test_core_never_imports_ray():
 PACKAGE = "coin_ray"
 # The demo world is reached only through these doors (and from inside itself).
 WORLD_IMPORTERS = {"coin_ray.demo", "coin_ray.serve"}
-# Function-level imports of coin_ray modules in files this layout test does not own (their
-# owners move them to the top or give each a reason); they may only go away.
-LAZY_ELSEWHERE = {
-    ("coin_ray.cloud.backends", "coin_ray.cloud.http_backend"),
-    ("coin_ray.cloud.backends", "coin_ray.cloud.dds"),
-    ("coin_ray.cloud.backends", "coin_ray.cloud.rekognition"),
-    ("coin_ray.cloud.backends", "coin_ray.cloud.hf"),
-    ("coin_ray.cloud.backends", "coin_ray.cloud.replay"),
-    ("coin_ray.export", "coin_ray.data.images"),
-    ("coin_ray.losses", "coin_ray.models.roi_heads"),
-    ("coin_ray.world.clip_standin", "coin_ray.config"),
-}
 MAX_LAZY = 5
 
 
@@ -100,11 +88,8 @@ def test_the_import_graph_has_no_cycles():
 
 
 def test_function_level_imports_are_few_and_each_has_its_reason():
-    lazy = [(importer, imported, line) for importer, imported, inside, line in _imports() if inside]
-    elsewhere = {(i, m) for i, m, _ in lazy if (i, m) in LAZY_ELSEWHERE}
-    ours = [(i, m, line) for i, m, line in lazy if (i, m) not in LAZY_ELSEWHERE]
+    ours = [(importer, imported, line) for importer, imported, inside, line in _imports() if inside]
     assert len(ours) <= MAX_LAZY, f"function-level coin_ray imports: {ours}"
-    assert elsewhere <= LAZY_ELSEWHERE
     modules = _modules()
     for importer, imported, line in ours:
         lines = modules[importer].read_text().splitlines()

@@ -4,7 +4,8 @@ import os
 
 from coin_ray.config import load_config
 from coin_ray.ray.pipeline import STAGES, stages_to_run
-from coin_ray.run import STAGE_NAMES, RunDir, with_absolute_paths
+from coin_ray.location import resolve_config as with_absolute_paths
+from coin_ray.run import STAGE_NAMES, RunDir
 
 
 def test_local_paths_become_absolute_and_others_stay(tmp_path, monkeypatch):

@@ -6,7 +6,10 @@ from typing import TYPE_CHECKING, Callable
 
 from coin_ray.cloud.base import DetectorBackend
 from coin_ray.cloud.client import CloudClient, RetryPolicy
+from coin_ray.cloud.dds import DdsBackend
 from coin_ray.cloud.errors import CloudError, Secret, read_token
+from coin_ray.cloud.http_backend import HttpBackend
+from coin_ray.cloud.replay import ReplayBackend
 from coin_ray.config import CloudConfig
 
 if TYPE_CHECKING:
@@ -19,27 +22,25 @@ NEEDS_TOKEN = {"dds"}
 
 
 def _http(c: CloudConfig, categories: list[str] | None, token: Secret, root: str) -> DetectorBackend:
-    from coin_ray.cloud.http_backend import HttpBackend
-
     return HttpBackend(c.url, threshold=c.threshold, timeout_s=c.timeout_s, token=token,
                        categories=categories)
 
 
 def _dds(c: CloudConfig, categories: list[str] | None, token: Secret, root: str) -> DetectorBackend:
-    from coin_ray.cloud.dds import DdsBackend
-
     return DdsBackend(token=token, model=c.model, endpoint=c.url, threshold=c.threshold,
                       timeout_s=c.timeout_s, poll_deadline_s=c.poll_deadline_s)
 
 
 def _rekognition(c: CloudConfig, categories: list[str] | None, token: Secret,
                  root: str) -> DetectorBackend:
+    # boto3 is imported only by runs that call AWS.
     from coin_ray.cloud.rekognition import RekognitionBackend
 
     return RekognitionBackend(threshold=c.threshold)
 
 
 def _hf(c: CloudConfig, categories: list[str] | None, token: Secret, root: str) -> DetectorBackend:
+    # transformers' detectors load only for runs that host one.
     from coin_ray.cloud.hf import HfBackend
 
     return HfBackend(c.model, threshold=c.threshold)
@@ -47,8 +48,6 @@ def _hf(c: CloudConfig, categories: list[str] | None, token: Secret, root: str) 
 
 def _replay(c: CloudConfig, categories: list[str] | None, token: Secret,
             root: str) -> DetectorBackend:
-    from coin_ray.cloud.replay import ReplayBackend
-
     # cloud.model names the COCO annotations JSON when cloud.url is a COCO results list.
     return ReplayBackend(c.url, categories=categories, images_root=root, annotations=c.model)
 
@@ -79,8 +78,6 @@ def model_id(cloud: CloudConfig, backend: DetectorBackend) -> str:
     For ``http`` that is the model the server reports, not its URL: the same detector served
     on another port (a restarted demo server) must hit the same cache entries.
     """
-    from coin_ray.cloud.http_backend import HttpBackend
-
     if cloud.model:
         return cloud.model
     if isinstance(backend, HttpBackend):

@@ -35,6 +35,7 @@ from coin_ray.cloud.label import RunTally, label_image
 from coin_ray.cloud.mapping import CategoryMap
 from coin_ray.config import Config, from_dict, to_dict
 from coin_ray.data.images import decode_image, image_id_from_uri
+from coin_ray.preflight import stop_if_unreachable
 from coin_ray.ray.limiter import ClusterLimiter
 from coin_ray.run import RunDir
 from coin_ray.schema import Detections, records_to_table
@@ -153,10 +154,12 @@ def _plan(cfg: Config, image_uris: list[str], limiter: ClusterLimiter, token: Se
                           compute=ray.data.ActorPoolStrategy(size=cfg.clip.num_actors))
 
 
-def _drain(ds: "ray.data.Dataset", total: int) -> tuple[list[Detections], list[Detections], RunTally]:
+def _drain(ds: "ray.data.Dataset", total: int, url: str = "") -> tuple[list[Detections], list[Detections], RunTally]:
     cloud, clip, tally = [], [], RunTally()
     progress = _Progress(total)
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    for n, batch in enumerate(ds.iter_batches(batch_size=None, batch_format="numpy")):
+        if n == 0:
+            stop_if_unreachable([str(r) for r in batch["reason"].tolist()], url)
         for i, row in enumerate(batch["cloud"].tolist()):
             record = Detections.from_row(json.loads(row))
             cloud.append(record)
@@ -194,7 +197,7 @@ def run_collection(cfg: Config, image_uris: list[str], run: RunDir, *,
     try:
         plan = _plan(cfg, image_uris, limiter, token, with_clip,
                      _ClusterBudget(ledger) if ledger else None)
-        cloud, clip, tally = _drain(plan, len(image_uris))
+        cloud, clip, tally = _drain(plan, len(image_uris), c.url)
         limiter_stats = limiter.stats()
         spent = ray.get(ledger.totals.remote()) if ledger else None
     except Exception as err:

@@ -18,19 +18,18 @@ With an empty ``data.target_images`` the run uses the built-in Foggy-Shapes worl
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import ray
-
 from coin_ray import storage
 from coin_ray.config import Config, to_yaml
 from coin_ray.demo import with_demo_world
+from coin_ray.location import describe, resolve_config
+from coin_ray.ray.cluster import check_storage, join
 from coin_ray.ray.stages import (stage_clip_det, stage_collect, stage_disseminate, stage_distill,
                                  stage_evaluate, stage_export)
-from coin_ray.run import STAGE_NAMES, RunDir, run_dir, with_absolute_paths
+from coin_ray.run import STAGE_NAMES, RunDir, run_dir
 
 log = logging.getLogger("coin_ray.pipeline")
 
@@ -56,22 +55,9 @@ class AdaptationResult:
 
 
 def init_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster named by RAY_ADDRESS, or start a fresh local Ray instance.
-
-    ``ray job submit`` sets RAY_ADDRESS, so jobs join their cluster; set it yourself
-    (``RAY_ADDRESS=auto``) to join a cluster started with ``ray start``. Without it a new
-    local instance is started (``num_cpus`` of them, or all): a bare ``ray.init()`` would
-    try the last cluster recorded on this machine and wait forever when that one died.
-    Ray refuses ``num_cpus`` when joining, so it is ignored under RAY_ADDRESS.
-    """
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        if num_cpus:
-            log.warning("--num-cpus is ignored when connecting to an existing cluster (RAY_ADDRESS)")
-        ray.init()
-    else:
-        ray.init(address="local", num_cpus=num_cpus or None)
+    """Join the cluster named by RAY_ADDRESS (failing fast when it is dead), or start a
+    local Ray instance; see ``coin_ray.ray.cluster.join``."""
+    join(num_cpus)
 
 
 def stages_to_run(run: RunDir, requested: list[str] | None) -> list[str]:
@@ -86,10 +72,12 @@ def stages_to_run(run: RunDir, requested: list[str] | None) -> list[str]:
 def run_adaptation(cfg: Config, stages: list[str] | None = None, num_cpus: int | None = None) -> AdaptationResult:
     """Run (or resume) every unfinished stage of the adaptation described by ``cfg``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = with_demo_world(with_absolute_paths(cfg))
+    cfg = with_demo_world(resolve_config(cfg))
     run = run_dir(cfg)
-    storage.write_text(run.config, to_yaml(cfg))
+    print(describe(cfg, run.root), flush=True)
     init_ray(num_cpus or cfg.ray.num_cpus or None)
+    check_storage(cfg.storage)
+    storage.write_text(run.config, to_yaml(cfg))
     result = AdaptationResult(run.root)
     for stage in stages_to_run(run, stages):
         start = time.monotonic()
@@ -102,4 +90,5 @@ def run_adaptation(cfg: Config, stages: list[str] | None = None, num_cpus: int |
         result.table_markdown = storage.read_text(run.table1)
         print("\n" + result.table_markdown)
         print(f"report: {run.report_dir}")
+    print(describe(cfg, run.root), flush=True)
     return result

@@ -24,7 +24,7 @@ from PIL import Image, ImageFilter
 from transformers import CLIPModel, CLIPTokenizer
 
 from coin_ray.boxes import pairwise_iou
-from coin_ray.config import DEFAULT_TEMPLATES
+from coin_ray.config import DEFAULT_TEMPLATES, FOGGY_SHAPES_CATEGORIES
 from coin_ray.models.clip_factory import CLIP_MEAN, CLIP_STD, write_clip
 from coin_ray.world.cloud_standin import load_coco_split
 
@@ -215,7 +215,6 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
-    from coin_ray.config import FOGGY_SHAPES_CATEGORIES
 
     hf_logging.disable_progress_bar()  # this process's output is the build's progress log
 

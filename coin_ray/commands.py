@@ -1,0 +1,193 @@
+"""What ``coin-ray adapt | tune | predict`` do, behind ``coin_ray.cli`` and the thin ``jobs/*.py``.
+
+Each ``add_<name>_args`` fills an argparse parser; each ``<name>(args)`` runs the command and
+returns its exit code, raising ``coin_ray.errors.UserError`` (or a ConfigError) for what the
+user must fix. Nothing here starts or joins Ray before the inputs are checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from coin_ray import storage
+from coin_ray.config import ConfigError, load_config
+from coin_ray.errors import EXIT_FAILED, EXIT_OK
+from coin_ray.location import resolve_config, resolve_input, resolve_output
+from coin_ray.preflight import check_adapt, check_exists, count_images
+from coin_ray.ray.cluster import check_storage
+from coin_ray.ray.pipeline import init_ray, run_adaptation
+from coin_ray.ray.predict import predict as run_predict
+from coin_ray.ray.sweep import sweep_distill
+from coin_ray.run import STAGE_NAMES, RunDir
+from coin_ray.search_space import load_space
+from coin_ray.sweep import collected_run
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_SPACE = os.path.join(ROOT, "tune_spaces", "demo.yaml")
+
+ADAPT_HELP = """Adapt a cloud detector to your domain: collect -> disseminate -> CLIP det -> distill -> evaluate -> export.
+
+    coin-ray adapt                                   # the built-in Foggy-Shapes demo
+    coin-ray adapt --config my.yaml train.distill.gamma1=0.2
+    coin-ray adapt --config my.yaml --stages distill,evaluate
+    ray job submit --working-dir . -- python jobs/adapt.py --config my.yaml
+
+Re-running the same command resumes at the first unfinished stage."""
+
+TUNE_HELP = """Sweep the distillation hyperparameters (gamma1, gamma2, lambda, eta, pi) of a collected run.
+
+    coin-ray tune                                      # demo space on the Foggy-Shapes demo run
+    coin-ray tune --config my.yaml --space tune_spaces/default.yaml --num-samples 16
+    coin-ray tune --config my.yaml train.distill.steps=200      # shorter trials
+    ray job submit --working-dir . -- python jobs/tune.py --config s3://bucket/my.yaml --gpus-per-trial 1
+
+The run must already be collected (``coin-ray adapt`` with the same config and overrides):
+a sweep never calls the cloud detector. Re-running the same command resumes an interrupted
+sweep. It ends by writing best.yaml (a config for ``coin-ray adapt``), results.csv and
+results.md in the sweep's folder, and printing the table."""
+
+PREDICT_HELP = """Run the exported target detector over a folder or bucket of images; write COCO results JSON.
+
+    coin-ray predict --model runs/<run id>/export --images path/to/images --out results.json
+    coin-ray predict --model s3://bucket/runs/<id>/export --images s3://bucket/new \\
+        --out s3://bucket/out/results.json --num-actors 4
+    coin-ray predict ... --annotations val.json     # use its ids and print mAP50
+
+The model is the folder ``coin-ray adapt`` writes in its export stage (TorchScript, see
+coin_ray/export.py). Works unchanged under ``ray job submit`` (jobs/predict.py)."""
+
+
+def add_adapt_args(parser: argparse.ArgumentParser) -> None:
+
+    parser.add_argument("--config", help="YAML config (local or s3://); default: the Foggy-Shapes demo")
+    parser.add_argument("--stages", help=f"comma-separated stages to (re-)run, from: {', '.join(STAGE_NAMES)}")
+    parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (only without RAY_ADDRESS)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.distill.gamma1=0.2")
+
+
+def _stages(text: str | None) -> list[str] | None:
+
+    stages = [s.strip() for s in text.split(",")] if text else None
+    unknown = [s for s in stages or [] if s not in STAGE_NAMES]
+    if unknown:
+        raise ConfigError(f"--stages: unknown stage {unknown[0]!r} (allowed: {', '.join(STAGE_NAMES)})")
+    return stages
+
+
+def _collect_pending(cfg, stages: list[str] | None) -> bool:
+    """Whether this run will call the cloud (so its URL and token must be checked first)."""
+
+    if stages is not None:
+        return "collect" in stages
+    if not cfg.data.target_images:  # the built-in world: its run id is known once it is built
+        return True
+    return not RunDir(storage.join(cfg.storage, cfg.resolved_run_id())).is_done("collect")
+
+
+def adapt(args: argparse.Namespace) -> int:
+    """Check the inputs, then run (or resume) the adaptation; 0 when every stage finished."""
+
+    cfg = resolve_config(load_config(args.config, args.overrides))
+    stages = _stages(args.stages)
+    check_adapt(cfg, collect=_collect_pending(cfg, stages))
+
+    result = run_adaptation(cfg, stages=stages, num_cpus=args.num_cpus)
+    return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def add_tune_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="the run's YAML config (local or s3://); default: the Foggy-Shapes demo")
+    parser.add_argument("--space", default=DEFAULT_SPACE, help="search-space YAML (default: tune_spaces/demo.yaml)")
+    parser.add_argument("--num-samples", type=int, default=8, help="trials, the config's own values included")
+    parser.add_argument("--storage", default="", help="folder or s3:// prefix for sweeps (default: <run>/tune)")
+    parser.add_argument("--name", default="", help="sweep name (default: derived from space and settings)")
+    parser.add_argument("--eval-every", type=int, default=0, help="steps between metric reports (default: steps/4)")
+    parser.add_argument("--cpus-per-trial", type=float, default=1.0)
+    parser.add_argument("--gpus-per-trial", type=float, default=0.0)
+    parser.add_argument("--max-concurrent-trials", type=int, default=0,
+                        help="default: as many as the cluster's CPUs / GPUs hold")
+    parser.add_argument("--proxy", action="store_true",
+                        help="score on held-out cloud detections even when a labelled split exists")
+    parser.add_argument("--no-base", action="store_true", help="do not run the config's own values as a trial")
+    parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (only without RAY_ADDRESS)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.distill.steps=200")
+
+
+def tune(args: argparse.Namespace) -> int:
+    """Sweep the distillation of a collected run; prints the table and where best.yaml is."""
+
+    cfg = resolve_config(load_config(args.config, args.overrides))
+    space = load_space(args.space)
+    _, run = collected_run(cfg)  # before starting Ray: a sweep never collects
+    sweeps = resolve_output(args.storage) or run.path("tune")
+    print(f"[coin-ray] run: {run.root}  sweeps: {sweeps}", flush=True)
+
+    init_ray(args.num_cpus)
+    check_storage(sweeps)
+    report = sweep_distill(cfg, space, num_samples=args.num_samples, storage_uri=sweeps,
+                           name=args.name, eval_every=args.eval_every,
+                           cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+                           max_concurrent_trials=args.max_concurrent_trials, proxy=args.proxy,
+                           include_base=not args.no_base)
+    print(storage.read_text(storage.join(report.path, "results.md")))
+    print(f"best {report.metric} = {report.best_value:.4g} with {report.best_params}")
+    print(f"best config: {report.best_config}")
+    print(f"sweep folder: {report.path} ({report.seconds:.0f} s)")
+    return EXIT_OK
+
+
+def add_predict_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="export folder (local or s3://) with export.json")
+    parser.add_argument("--images", required=True, help="folder or s3:// prefix of images (recursive)")
+    parser.add_argument("--out", required=True, help="COCO results JSON to write (local or s3://)")
+    parser.add_argument("--annotations", default="", help="COCO annotations of these images: their ids, and mAP50")
+    parser.add_argument("--batch-size", type=int, default=0, help="images per call (default: the export's largest)")
+    parser.add_argument("--num-actors", type=int, default=1)
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
+    parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (only without RAY_ADDRESS)")
+
+
+def predict(args: argparse.Namespace) -> int:
+    """Detect on every image under ``--images``; write COCO results JSON to ``--out``."""
+
+    model, images = resolve_input(args.model), resolve_input(args.images)
+    annotations, out = resolve_input(args.annotations), resolve_output(args.out)
+    check_exists("--model", storage.join(model, "export.json"))
+    count_images("--images", images)
+    if annotations:
+        check_exists("--annotations", annotations)
+
+    init_ray(args.num_cpus)  # before importing the model code: a dead cluster fails fast
+
+    summary = run_predict(model, images, out, annotations_uri=annotations, batch_size=args.batch_size,
+                          num_actors=args.num_actors, cpus_per_actor=args.cpus_per_actor)
+    print(f"{summary.images} images ({summary.errors} unreadable), {summary.detections} detections "
+          f"in {summary.seconds:.1f} s -> {summary.out}")
+    if annotations:
+        print(f"mAP50 = {coco_map50(annotations, summary.out):.1f}")
+    return EXIT_OK
+
+
+def coco_map50(annotations_uri: str, results_uri: str) -> float:
+    """mAP50 (%) of a results file against its annotations, straight from pycocotools."""
+    import contextlib
+    import io
+    import json
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    results = json.loads(storage.read_text(results_uri))
+    if not results:
+        return 0.0
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = json.loads(storage.read_text(annotations_uri))
+        gt.createIndex()
+        ev = COCOeval(gt, gt.loadRes(results), iouType="bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return float(ev.stats[1] * 100)
+

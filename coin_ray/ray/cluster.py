@@ -1,0 +1,111 @@
+"""Joining Ray without hanging, and the checks that need the cluster's shape.
+
+``ray.init()`` against a dead address waits for minutes, printing GCS warnings: an address
+recorded by an earlier ``ray start`` (``RAY_ADDRESS=auto``) or a mistyped host. ``join``
+first resolves the address and checks that something listens there (a TCP connect), then
+gives ``ray.init`` a deadline; past it the command ends with one line naming the address.
+"""
+
+from __future__ import annotations
+
+import _thread
+import logging
+import os
+import sys
+import threading
+import time
+
+import ray
+
+from coin_ray import errors
+from coin_ray.errors import EXIT_BAD_INPUT, Unreachable, one_line
+from coin_ray.location import refuse_unshared
+from coin_ray.preflight import probe_ray_address
+
+log = logging.getLogger(__name__)
+
+JOIN_TIMEOUT_S = 20.0  # the most ray.init may take to join
+COMMAND_DEADLINE_S = 24.0  # + the 5 s fallback: a dead RAY_ADDRESS ends a command within 30 s
+
+
+def resolve_address(address: str) -> str:
+    """``RAY_ADDRESS`` as host:port (``auto`` looked up as Ray does); raises Unreachable."""
+    probe_ray_address(address)  # dashboard URLs refused, literal addresses probed
+    if address.startswith("ray://"):
+        return address[len("ray://"):]
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        resolved = canonicalize_bootstrap_address(address)
+    except (ConnectionError, ValueError) as err:
+        raise Unreachable(f"RAY_ADDRESS={address}: no running Ray cluster found ({one_line(err)}); "
+                          "start one with `ray start --head` or unset RAY_ADDRESS") from None
+    if resolved is None:
+        raise Unreachable(f"RAY_ADDRESS={address}: no running Ray cluster found; "
+                          "start one with `ray start --head` or unset RAY_ADDRESS")
+    return resolved
+
+
+def seconds_left(total_s: float = COMMAND_DEADLINE_S) -> float:
+    """What is left of ``total_s`` since this process started (imports included)."""
+    import psutil  # a Ray dependency
+
+    return total_s - (time.time() - psutil.Process().create_time())
+
+
+def _watchdog(address: str, timeout_s: float) -> threading.Timer:
+    """Interrupts ``ray.init`` (its retry loop sleeps in Python) after ``timeout_s``; if it is
+    stuck in native code instead, ends the process with one line 5 s later."""
+    def give_up() -> None:
+        _thread.interrupt_main()
+        time.sleep(5.0)
+        print(f"error: the Ray cluster at RAY_ADDRESS={address} did not answer within {timeout_s:.0f} s",
+              file=errors.verdict_stream or sys.__stderr__, flush=True)
+        os._exit(EXIT_BAD_INPUT)
+
+    timer = threading.Timer(timeout_s, give_up)
+    timer.daemon = True
+    return timer
+
+
+def join(num_cpus: int | None = None, timeout_s: float = JOIN_TIMEOUT_S) -> None:
+    """Join the cluster named by RAY_ADDRESS, or start a fresh local Ray instance.
+
+    ``ray job submit`` sets RAY_ADDRESS, so jobs join their cluster; set it yourself
+    (``RAY_ADDRESS=auto``) to join a cluster started with ``ray start``. Without it a new
+    local instance is started (``num_cpus`` of them, or all): a bare ``ray.init()`` would try
+    the last cluster recorded on this machine. Ray refuses ``num_cpus`` when joining, so it
+    is ignored under RAY_ADDRESS. Raises Unreachable within ``timeout_s`` for a dead address.
+    """
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address in ("", "local"):  # "local": a fresh instance even when a cluster runs here
+        ray.init(address="local", num_cpus=num_cpus or None)
+        return
+    if num_cpus:
+        log.warning("--num-cpus is ignored when connecting to an existing cluster (RAY_ADDRESS)")
+    hostport = resolve_address(address)
+    probe_ray_address(address, hostport)
+    budget = max(3.0, min(timeout_s, seconds_left()))
+    timer = _watchdog(address, budget)
+    timer.start()
+    try:
+        ray.init()
+    except KeyboardInterrupt:
+        raise Unreachable(f"the Ray cluster at RAY_ADDRESS={address} did not answer within {budget:.0f} s") from None
+    except (ConnectionError, RuntimeError) as err:  # what ray.init raises when no GCS answers
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise Unreachable(f"cannot join the Ray cluster at RAY_ADDRESS={address}: {first}") from None
+    finally:
+        timer.cancel()
+
+
+def alive_nodes() -> int:
+    """Nodes of the joined cluster that are alive."""
+    return sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
+def check_storage(storage_uri: str) -> None:
+    """Refuse (UserError, one line) a local storage folder on a multi-node cluster."""
+    refuse_unshared(storage_uri, alive_nodes())

@@ -1,0 +1,172 @@
+"""How users run it (issue 14), on real Ray: `ray job submit --working-dir .` twice against a
+`ray start --head` cluster (results at the printed location, the second job pays nothing),
+`jobs/tune.py` with the default relative storage, and the user errors that only show once
+the cloud is asked (a refused token, a cloud that drops every connection)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from coin_ray.errors import EXIT_BAD_INPUT, EXIT_CREDENTIAL
+from coin_ray.serve import Knobs, checkpoint_model_name, start_server
+from coin_ray.world.build import build_world
+from coin_ray.world.cloud_standin import StandInCloudDetector
+
+from conftest import free_port
+from test_adapt_job import RAY, _wait_http, job_env
+from test_entry import assert_one_line
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+FAST = ["data.world=tiny", "train.disseminate.steps=2", "train.disseminate.batch_size=2",
+        "train.distill.batch_size=2", "train.distill.steps=4", "ray.num_workers=0",
+        "cloud.requests_per_second=50", "cloud.num_actors=1"]
+LOCATION = re.compile(r"\[coin-ray\] run: (\S+)  answer cache: (\S+)")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("world-cache")
+    return build_world("tiny", cache_dir=cache), cache
+
+
+@pytest.fixture
+def cloud(world):
+    w, _ = world
+    server = start_server(StandInCloudDetector.load(w.cloud_detector), Knobs(),
+                          model_name=checkpoint_model_name(str(w.cloud_detector)))
+    yield server
+    server.stop()
+
+
+def _start_head(env: dict[str, str]) -> tuple[subprocess.Popen, int]:
+    dash = free_port()
+    ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                    "metrics-export-port", "runtime-env-agent-port")]
+    head = subprocess.Popen([RAY, "start", "--head", "--block", "--num-cpus=4", f"--port={free_port()}", *ports,
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    _wait_http(f"http://127.0.0.1:{dash}/api/version", head, 180)
+    return head, dash
+
+
+def _stop_head(head: subprocess.Popen) -> None:
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+
+
+def _submit(dash: int, env: dict[str, str], args: list[str]) -> subprocess.CompletedProcess:
+    for _ in range(20):  # the dashboard answers before its job agent is up
+        proc = subprocess.run([RAY, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".",
+                               "--", "python", "jobs/adapt.py", *args],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=840)
+        if "No available agent" not in proc.stderr + proc.stdout:
+            return proc
+        time.sleep(2)
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_job_submit_with_working_dir_twice_keeps_results_and_never_pays_twice(world, cloud, tmp_path):
+    _, cache = world
+    home = tmp_path / "home"
+    env = job_env(COIN_RAY_HOME=str(home))  # the cluster's setting: drivers inherit it
+    head, dash = _start_head(env)
+    args = ["--stages", "collect", f"data.world_cache={cache}", f"cloud.url={cloud.url}", *FAST]
+    try:
+        first = _submit(dash, env, args)
+        assert first.returncode == 0 and "succeeded" in first.stdout.lower(), first.stdout[-3000:] + first.stderr[-3000:]
+        calls = cloud.stats()["detect_requests"]
+        assert calls > 0
+        run, answers = LOCATION.search(first.stdout).groups()
+        assert run.startswith(str(home / "runs") + "/") and answers == str(home / "runs" / "cache")
+        for rel in ("manifest.json", "config.yaml", "collect/cloud.parquet", "collect/summary.json"):
+            assert (Path(run) / rel).exists(), rel  # after the job ended, where it said
+        assert list(Path(answers).rglob("*.json"))
+        second = _submit(dash, env, args)
+        assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+        assert cloud.stats()["detect_requests"] == calls, "the second submission must be all cache hits"
+        assert LOCATION.search(second.stdout).groups() == (run, answers)
+        assert f"[coin-ray] run: {run}" in second.stdout.split("stage collect done")[-1]  # at the end too
+    finally:
+        _stop_head(head)
+
+
+def local_env() -> dict[str, str]:
+    return {**os.environ, "RAY_ADDRESS": "local", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_tune_with_the_default_relative_storage(world, cloud, tmp_path):
+    _, cache = world
+    args = [f"data.world_cache={cache}", f"cloud.url={cloud.url}", *FAST]
+    adapt = subprocess.run([PY, str(ROOT / "jobs" / "adapt.py"), "--num-cpus", "4",
+                            "--stages", "collect,disseminate,clip_det", *args],
+                           cwd=tmp_path, env=local_env(), capture_output=True, text=True, timeout=600)
+    assert adapt.returncode == 0, adapt.stdout[-3000:] + adapt.stderr[-3000:]
+    tune = subprocess.run([PY, str(ROOT / "jobs" / "tune.py"), "--num-cpus", "4", "--num-samples", "2",
+                           "--eval-every", "2", *args],
+                          cwd=tmp_path, env=local_env(), capture_output=True, text=True, timeout=600)
+    assert tune.returncode == 0, tune.stdout[-3000:] + tune.stderr[-3000:]
+    [best] = list((tmp_path / "runs").glob("run-*/tune/sweep-*/best.yaml"))
+    rows = (best.parent / "results.csv").read_text().splitlines()[1:]
+    assert len(rows) == 2 and f"best config: {best}" in tune.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_refused_token_is_one_line_and_exit_3(world, tmp_path):
+    w, _ = world
+    server = start_server(StandInCloudDetector.load(w.cloud_detector), Knobs(token="the-right-token"))
+    try:
+        proc = subprocess.run([PY, "-m", "coin_ray.cli", "adapt", "--num-cpus", "4", "--stages", "collect",
+                               f"storage={tmp_path}", f"cloud.url={server.url}", "cloud.token_env=COIN_TEST_TOKEN",
+                               f"data.target_images={w.target_train_images}", f"clip.model={w.clip_dir}", *FAST],
+                              cwd=ROOT, env={**local_env(), "COIN_TEST_TOKEN": "a-wrong-token"},
+                              capture_output=True, text=True, timeout=540)
+    finally:
+        server.stop()
+    assert_one_line(proc, EXIT_CREDENTIAL, "refused the credentials")
+    assert "a-wrong-token" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_cloud_that_drops_every_connection_stops_naming_the_url(world, tmp_path):
+    """TCP connects (so the start-up probe passes), then every request is dropped."""
+    w, _ = world
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def drop_all() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.close()
+    threading.Thread(target=drop_all, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        proc = subprocess.run([PY, "-m", "coin_ray.cli", "adapt", "--num-cpus", "4", "--stages", "collect",
+                               f"storage={tmp_path}", f"cloud.url={url}", "cloud.max_retries=1",
+                               f"data.target_images={w.target_train_images}", f"clip.model={w.clip_dir}", *FAST],
+                              cwd=ROOT, env=local_env(), capture_output=True, text=True, timeout=540)
+    finally:
+        listener.close()
+    assert_one_line(proc, EXIT_BAD_INPUT, f"nothing answers at {url}")
+    assert "NOTHING WAS LABELLED" not in proc.stdout

@@ -1,0 +1,153 @@
+"""The README runs as written: every shell command in its ```bash blocks is either run (the
+cheap ones: help, config, a documented error, the tiny-world try) or parsed by the parser the
+command really uses, and every ```yaml block loads as a config. A README command that stops
+working fails here."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from coin_ray.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+EXAMPLE = str(ROOT / "examples" / "my_data.yaml")  # stands in for placeholder configs (my.yaml, s3://...)
+RAY_SUBCOMMANDS = {("ray", "start"), ("ray", "stop"), ("ray", "job")}
+
+
+def blocks(lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+
+
+def commands() -> list[tuple[str, str]]:
+    """(command, trailing comment) for every line of every bash block, continuations joined."""
+    found = []
+    for block in blocks("bash"):
+        for line in block.replace("\\\n", " ").splitlines():
+            code, _, comment = line.partition("#")
+            if code.strip():
+                found.append((" ".join(code.split()), comment.strip()))
+    return found
+
+
+def is_cheap(cmd: str) -> bool:
+    """Run rather than parsed: seconds to a few minutes on the tiny world, no cloud account."""
+    return (cmd in ("coin-ray --help", "coin-ray config > my.yaml") or "data.world=tiny" in cmd
+            or "/no/such/" in cmd)
+
+
+def cli_argv(cmd: str) -> list[str] | None:
+    """The coin-ray argv a command amounts to (`python jobs/x.py`, `ray job submit -- ...`)."""
+    words = shlex.split(cmd)
+    if words[:3] == ["ray", "job", "submit"]:
+        words = words[words.index("--") + 1:]
+    if words[:1] == ["coin-ray"]:
+        return words[1:]
+    if words[:1] == ["python"] and words[1].startswith("jobs/"):
+        return [Path(words[1]).stem, *words[2:]]
+    return None
+
+
+# Runs a script up to its argument parsing: parse_args parses, then the script stops there.
+PARSE_ONLY = """
+import argparse, runpy, sys
+parse = argparse.ArgumentParser.parse_args
+def parse_then_stop(self, *a, **k):
+    parse(self, *a, **k)
+    raise SystemExit(0)
+argparse.ArgumentParser.parse_args = parse_then_stop
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def parse_only(script: str, args: list[str]) -> None:
+    """``script`` accepts ``args`` (and its dotted overrides load as a config)."""
+    proc = subprocess.run([sys.executable, "-c", PARSE_ONLY, script, *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    load_config(None, [a for a in args if re.fullmatch(r"[a-z_]+(\.[a-z_0-9]+)+=\S+", a)])
+
+
+def check_parses(cmd: str) -> None:
+    from coin_ray.cli import build_parser
+
+    argv = cli_argv(cmd)
+    if argv is not None:
+        args = build_parser().parse_args(argv)
+        if args.command in ("adapt", "tune"):
+            config = args.config if args.config and os.path.exists(ROOT / args.config) else (args.config and EXAMPLE)
+            load_config(str(ROOT / config) if config and config != EXAMPLE else config, args.overrides)
+        return
+    words = shlex.split(cmd)
+    if words[:3] == ["python", "-m", "coin_ray.serve"]:
+        from coin_ray.serve import _parse_args
+
+        _parse_args(words[3:])
+    elif words[0] in ("python", ".venv/bin/python") and words[1].startswith("benchmarks/"):
+        parse_only(words[1], words[2:])
+    elif words[0].startswith("./scripts/"):
+        script = ROOT / words[0]
+        assert os.access(script, os.X_OK), f"{script} is not executable"
+        subprocess.run(["bash", "-n", str(script)], check=True)
+    elif words[:2] == ["source", ".venv/bin/activate"]:
+        assert ".venv" in (ROOT / "scripts" / "setup").read_text()
+    elif words[0] == "export":
+        assert all(re.fullmatch(r"[A-Z_]+=\S*", w) for w in words[1:])
+    else:
+        assert tuple(words[:2]) in RAY_SUBCOMMANDS, f"README command of an unknown kind: {cmd}"
+
+
+def test_readme_has_commands_of_every_way_to_run_it():
+    cmds = [c for c, _ in commands()]
+    assert any(c.startswith("coin-ray config") for c in cmds)
+    assert any(c.startswith("ray job submit --working-dir .") for c in cmds)
+    assert any("jobs/tune.py" in c for c in cmds)
+    assert "source .venv/bin/activate" in cmds
+
+
+@pytest.mark.parametrize("cmd", [c for c, _ in commands() if not is_cheap(c)])
+def test_readme_command_parses(cmd):
+    check_parses(cmd)
+
+
+@pytest.mark.parametrize("yaml_text", blocks("yaml"))
+def test_readme_yaml_loads_as_a_config(yaml_text, tmp_path):
+    (tmp_path / "c.yaml").write_text(yaml_text)
+    load_config(str(tmp_path / "c.yaml"))
+
+
+@pytest.fixture(scope="module")
+def shell_env(tmp_path_factory) -> dict[str, str]:
+    """PATH as after `source .venv/bin/activate`: this interpreter's python, ray and coin-ray."""
+    bin_dir = tmp_path_factory.mktemp("bin")
+    shim = bin_dir / "coin-ray"  # the installed console script, or the same entry point
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m coin_ray.cli "$@"\n')
+    shim.chmod(0o755)
+    path = os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return {**env, "PATH": path, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("cmd, comment", [(c, m) for c, m in commands() if is_cheap(c)])
+def test_readme_command_runs(cmd, comment, shell_env, tmp_path):
+    proc = subprocess.run(["bash", "-c", cmd], cwd=tmp_path, env=shell_env, capture_output=True, text=True,
+                          timeout=840)
+    expected = re.search(r"\(exit (\d)\)", comment)
+    if expected:  # a documented error: its exit code and its one line
+        assert proc.returncode == int(expected.group(1)), proc.stderr[-2000:]
+        assert proc.stderr.strip() == "error: " + comment.removeprefix("error: ").rsplit(" (exit", 1)[0]
+        return
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if "config >" in cmd:
+        load_config(str(tmp_path / "my.yaml"))
+    if "adapt" in cmd:
+        assert "| COIN |" in proc.stdout and (tmp_path / "runs").is_dir()
