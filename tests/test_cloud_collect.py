@@ -65,7 +65,7 @@ def test_shared_rate_limit_outputs_and_cache_rerun(local_ray_with_s3, served, tm
     # Same images again, the same detector restarted on another port: all from the cache.
     moved = served()
     again = run_collection(make_cfg(tmp_path, moved.url, str(tmp_path / "imgs"), clip),
-                           uris, str(tmp_path / "collect2"), with_clip=False)
+                           uris, RunDir(str(tmp_path / "run2")), with_clip=False)
     assert again["calls"] == 0 and again["cache_hits"] == 30
     assert server.stats()["detect_requests"] == 30 and moved.stats()["detect_requests"] == 0
     coco = json.loads((Path(out) / "cloud_coco.json").read_text())
