@@ -4,9 +4,10 @@
     python jobs/predict.py --model s3://bucket/runs/<id>/export --images s3://bucket/new \\
         --out s3://bucket/out/results.json --num-actors 4
     python jobs/predict.py ... --annotations val.json     # use its ids and print mAP50
+    python jobs/predict.py ... --runtime onnx             # model.onnx in onnxruntime
 
-The model is the folder ``jobs/adapt.py`` writes in its export stage (TorchScript, see
-coin_ray/export.py). Works unchanged under ``ray job submit``.
+The model is the folder ``jobs/adapt.py`` writes in its export stage (TorchScript, and
+ONNX with the ``.[onnx]`` extra; see coin_ray/export.py). Works unchanged under ``ray job submit``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", required=True, help="folder or s3:// prefix of images (recursive)")
     parser.add_argument("--out", required=True, help="COCO results JSON to write (local or s3://)")
     parser.add_argument("--annotations", default="", help="COCO annotations of these images: their ids, and mAP50")
+    parser.add_argument("--runtime", choices=["torchscript", "onnx"], default="torchscript",
+                        help="which exported model runs: the TorchScript modules or model.onnx (onnxruntime)")
     parser.add_argument("--batch-size", type=int, default=0, help="images per call (default: the export's largest)")
     parser.add_argument("--num-actors", type=int, default=1)
     parser.add_argument("--cpus-per-actor", type=float, default=1.0)
@@ -35,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     from coin_ray import storage
 
-    for flag, uri in (("--model", storage.join(args.model, "export.json")), ("--images", args.images),
+    model_file = "model.onnx" if args.runtime == "onnx" else "export.json"
+    for flag, uri in (("--model", storage.join(args.model, model_file)), ("--images", args.images),
                       ("--annotations", args.annotations)):
         if uri and not storage.exists(uri):
             print(f"error: {flag}: {uri} does not exist", file=sys.stderr)
@@ -45,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
 
     init_ray(args.num_cpus)
     summary = predict(args.model, args.images, args.out, annotations_uri=args.annotations,
-                      batch_size=args.batch_size, num_actors=args.num_actors, cpus_per_actor=args.cpus_per_actor)
+                      batch_size=args.batch_size, num_actors=args.num_actors, cpus_per_actor=args.cpus_per_actor,
+                      runtime=args.runtime)
     print(f"{summary.images} images ({summary.errors} unreadable), {summary.detections} detections "
           f"in {summary.seconds:.1f} s -> {summary.out}")
     if args.annotations:

@@ -100,10 +100,14 @@ def stage_evaluate(cfg: Config, run: RunDir) -> dict[str, Any]:
 
 
 def stage_export(cfg: Config, run: RunDir) -> dict[str, Any]:
-    """Export the target detector for deployment (TorchScript) and check it against eager."""
+    """Export the target detector (TorchScript, and ONNX with the extra); check both against
+    eager on the labelled val images when there are some."""
     from coin_ray.export import export_detector
+    from coin_ray.ray.pipeline import val_split
 
-    return export_detector(run.path("distill", "model.pt"), run.path("export"), example_uri=_first_image(cfg))
+    split = val_split(cfg)
+    return export_detector(run.path("distill", "model.pt"), run.path("export"), example_uri=_first_image(cfg),
+                           check_uris=split.uris() if split is not None else None)
 
 
 def _first_image(cfg: Config) -> str:
