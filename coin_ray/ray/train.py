@@ -49,11 +49,8 @@ def storage_target(uri: str) -> tuple[str, Any]:
 
 def scaling_config(cfg: Config) -> ScalingConfig:
     """Workers from ``cfg.ray``: num_workers 0 runs the loop in the driver (Ray's local mode)."""
-    resources: dict[str, float] = {"CPU": cfg.ray.cpus_per_worker}
-    if cfg.ray.use_gpu:
-        resources["GPU"] = 1
     return ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                         resources_per_worker=resources)
+                         resources_per_worker=cfg.ray.worker_resources())
 
 
 def fit(loop: Callable[[dict], None], loop_config: dict, cfg: Config, *, name: str, storage_path: str,
