@@ -48,6 +48,7 @@ from torch import nn
 from coin_ray import storage
 from coin_ray.models.ov_rcnn import OpenVocabularyRCNN, load_detector
 from coin_ray.models.roi_heads import postprocess_detections
+from coin_ray.progress import ProgressLine
 
 BOX_ATOL = 1e-2  # pixels
 PROB_ATOL = 1e-4
@@ -278,9 +279,12 @@ def export_detector(model_uri: str, out_uri: str, *, example_uri: str | None = N
     example = image_tensor(load_image(example_uri)) if example_uri else torch.full((3, 120, 160), 0.5)
     size = tuple(example.shape[-2:])
     batch_sizes = tuple(sorted(set(int(b) for b in batch_sizes)))
-    modules = {b: trace(model, check_images(example, b, seed=b)) for b in batch_sizes}
-    for b, module in modules.items():
-        _save_module(module, storage.join(out_uri, f"detector_b{b}.pt"))
+    progress = ProgressLine("export", len(batch_sizes) + 2, unit="part")  # traces, ONNX, check
+    modules = {}
+    for b in batch_sizes:
+        modules[b] = trace(model, check_images(example, b, seed=b))
+        _save_module(modules[b], storage.join(out_uri, f"detector_b{b}.pt"))
+        progress.update(len(modules), extra=f"TorchScript batch {b}")
     meta = {"format": "torchscript", "categories": model.categories, "batch_sizes": list(batch_sizes),
             "input_size": list(size),
             "input": "list of exactly B (3,H,W) float32 RGB in [0,1] at input_size",
@@ -288,6 +292,7 @@ def export_detector(model_uri: str, out_uri: str, *, example_uri: str | None = N
                       "probs (N,K+1), counts (B,)",
             "tolerance": {"box_px": BOX_ATOL, "prob": PROB_ATOL}, "torch": torch.__version__}
     meta["onnx"] = _export_onnx(model, example, out_uri) if with_onnx else {"skipped": "with_onnx=False"}
+    progress.update(len(modules) + 1, extra="ONNX" if "file" in meta["onnx"] else "ONNX skipped")
     storage.write_text(storage.join(out_uri, "export.json"), json.dumps(meta, indent=2))
     images = _check_set(example, size, check_uris, max(batch_sizes) + 3)
     meta["check"] = check_equivalence(model, load_exported(out_uri), images)
@@ -296,6 +301,7 @@ def export_detector(model_uri: str, out_uri: str, *, example_uri: str | None = N
 
         meta["onnx"]["check"] = check_equivalence(model, load_exported(out_uri, runtime="onnx"), images,
                                                   box_atol=ONNX_BOX_ATOL, prob_atol=ONNX_PROB_ATOL)
+    progress.update(len(modules) + 2, extra=f"checked against eager on {len(images)} images")
     storage.write_text(storage.join(out_uri, "export.json"), json.dumps(meta, indent=2))
     return meta
 

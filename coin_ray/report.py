@@ -277,7 +277,8 @@ def write_report(cfg, run, split, results: dict[str, EvalResult], grid_images: i
     d = cfg.train.distill
     burn_up = int(round(d.burn_up * d.steps))
     curves = {stage: read_metrics(run.path(stage, "metrics.jsonl")) for stage in ("disseminate", "distill")}
-    md = write_tables(results, cfg.data.categories, out)
+    md = write_tables(results, cfg.data.categories, out,
+                      extra={"separation": separation_summary(curves["distill"], burn_up)})
     plot_ap_bars(results, cfg.data.categories, storage.join(out, "ap_per_class.png"), run=name, split=split_name)
     if any(curves.values()):
         plot_losses(curves, storage.join(out, "losses.png"), run=name, burn_up=burn_up)
@@ -296,4 +297,36 @@ def write_report(cfg, run, split, results: dict[str, EvalResult], grid_images: i
                        cfg.data.categories, storage.join(out, "detections.png"),
                        iou=d.match_iou, truth=[{"boxes": g.boxes, "labels": g.labels} for g in items],
                        title=f"detections on the {split_name}, run {name}")
+    write_tensorboard(results, out, run.root)
     return md
+
+
+def separation_summary(rows: list[dict], burn_up: int) -> dict:
+    """Mean boxes per logged training batch in each set, before and after burn-up, and the
+    share of matched pairs that are inconsistent; {} without separation metrics."""
+    out = {}
+    for phase, keep in (("before_burn_up", lambda s: s < burn_up), ("after_burn_up", lambda s: s >= burn_up)):
+        part = [r for r in rows if "sep_consistent" in r and keep(r["step"])]
+        if not part:
+            continue
+        means = {name: round(float(np.mean([r.get(f"sep_{name}", 0) for r in part])), 2) for name in SET_COLOURS}
+        pairs = means["consistent"] + means["inconsistent"]
+        out[phase] = {"logged_batches": len(part), "mean_boxes_per_batch": means,
+                      "inconsistent_share_of_pairs": round(means["inconsistent"] / pairs, 3) if pairs else None}
+    return out
+
+
+def write_tensorboard(results: dict[str, EvalResult], report_uri: str, run_root: str) -> None:
+    """AP50 per method and category, mAP50 per method, and the report figures, under
+    ``<run>/tensorboard/evaluate`` (beside the training stages' events)."""
+    from coin_ray.tensorboard_log import TensorBoardLog, tb_dir
+
+    log = TensorBoardLog(tb_dir(run_root, "evaluate"), "evaluate")
+    for method, res in results.items():
+        log.add(0, {f"mAP50/{method}": res.map50,
+                    **{f"AP50/{c}/{method}": v for c, v in res.ap50.items() if math.isfinite(v)}})
+    for figure in ("losses", "ap_per_class", "separation", "detections"):
+        uri = storage.join(report_uri, f"{figure}.png")
+        if storage.exists(uri):
+            log.add_png(figure, storage.read_bytes(uri))
+    log.close()

@@ -33,6 +33,7 @@ from coin_ray.cloud.export_coco import export_coco
 from coin_ray.cloud.label import RunTally, label_image
 from coin_ray.cloud.mapping import CategoryMap
 from coin_ray.config import Config, from_dict, to_dict
+from coin_ray.progress import ProgressLine
 from coin_ray.data.images import decode_image, image_id_from_uri
 from coin_ray.ray.limiter import ClusterLimiter
 from coin_ray.schema import Detections, records_to_table
@@ -106,21 +107,14 @@ class _ClipScorer:
 
 
 class _Progress:
-    """Images done / total, rate and errors on stderr, at most every ``every_s`` seconds."""
+    """Images done / total, rate, ETA and errors on stderr (``coin_ray.progress``)."""
 
-    def __init__(self, total: int, every_s: float = 2.0) -> None:
-        self.total, self.every_s = total, every_s
-        self.start = self.last = time.monotonic()
+    def __init__(self, total: int, every_s: float = 5.0) -> None:
+        self.line = ProgressLine("collect", total, unit="image", every_s=every_s)
 
     def update(self, tally: RunTally, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self.last < self.every_s:
-            return
-        self.last = now
-        rate = tally.images / max(now - self.start, 1e-9)
-        print(f"[collect] {tally.images}/{self.total} images  {rate:.1f} img/s  "
-              f"calls {tally.calls}  cache hits {tally.cache_hits}  errors {tally.errors}",
-              file=sys.stderr, flush=True)
+        self.line.update(tally.images, extra=f"calls {tally.calls}  cache hits {tally.cache_hits}  "
+                                              f"errors {tally.errors}", force=force)
 
 
 def _plan(cfg: Config, image_uris: list[str], limiter: ClusterLimiter, token: Secret,

@@ -19,7 +19,8 @@ from coin_ray import storage
 from coin_ray.config import Config
 from coin_ray.data.images import image_id_from_uri, read_image_record
 from coin_ray.models.ov_rcnn import load_detector
-from coin_ray.schema import SOURCE_CLIP_DET, Detections, records_to_table, table_to_records
+from coin_ray.progress import ProgressLine
+from coin_ray.schema import SOURCE_CLIP_DET, SOURCE_COIN, Detections, records_to_table, table_to_records
 from coin_ray.train.data import image_tensor
 
 
@@ -82,7 +83,11 @@ def run_detection(cfg: Config, model_path: str, uris: list[str], out_uri: str,
                                "num_threads": int(cfg.ray.cpus_per_worker), "use_gpu": cfg.ray.use_gpu},
         compute=ray.data.ActorPoolStrategy(size=num_actors or cfg.clip.num_actors),
         batch_format="numpy", **actor_resources(cfg))
-    tables = ray.get(ds.to_arrow_refs())
-    records = sorted((r for t in tables for r in table_to_records(t)), key=lambda r: r.uri)
+    progress = ProgressLine("evaluate" if source == SOURCE_COIN else source, len(items), unit="image")
+    records = []
+    for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        records += table_to_records(table)
+        progress.update(len(records))
+    records.sort(key=lambda r: r.uri)
     storage.write_parquet(records_to_table(records), out_uri)
     return out_uri

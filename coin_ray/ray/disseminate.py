@@ -8,7 +8,8 @@ coin_ray.train.disseminate.run_steps under DDP. Every ``checkpoint_every`` steps
 the end) the model with its prototypes, the optimizer, the scheduler and the step go to
 Ray storage under ``<run>/disseminate``; a restarted worker group or a re-submitted run
 resumes from there at the next step. Rank 0 appends per-step losses to
-``<run>/disseminate/metrics.jsonl`` and finally writes ``model.pt``.
+``<run>/disseminate/metrics.jsonl`` and to TensorBoard (``<run>/tensorboard/disseminate``),
+and finally writes ``model.pt``.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import torch
 from coin_ray import storage
 from coin_ray.config import Config, from_dict
 from coin_ray.models.ov_rcnn import save_detector
+from coin_ray.ray.progress_feed import report_metrics
 from coin_ray.ray.train import load_checkpoint, prepare, run_stage, save_checkpoint, worker_context
 from coin_ray.schema import DETECTION_SCHEMA, Detections, table_to_records
+from coin_ray.tensorboard_log import TensorBoardLog, tb_dir
 from coin_ray.train.data import DetectionDataset
 from coin_ray.train.disseminate import (build_detector, build_optimizer, build_scheduler,
                                         restore_training_state, run_steps, training_state)
@@ -70,14 +73,18 @@ def disseminate_worker(config: dict, after_step: Callable[[int], None] | None = 
     state = load_checkpoint(device)
     start = restore_training_state(state, detector, optimizer, scheduler) if state else 0
     model = prepare(detector)
-    log = MetricsLog(storage.join(run_dir, STAGE, "metrics.jsonl"), start) if rank == 0 else None
+    logs = (MetricsLog(storage.join(run_dir, STAGE, "metrics.jsonl"), start),
+            TensorBoardLog(tb_dir(run_dir, STAGE), STAGE)) if rank == 0 else ()
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
-        if log is not None and (step % d.log_every == 0 or step == d.steps):
-            log.add(step, metrics)
-            log.flush()
+        if step % d.log_every == 0 or step == d.steps:
+            for log in logs:
+                log.add(step, metrics)
+                log.flush()
         if step % d.checkpoint_every == 0 or step == d.steps:
             save_checkpoint(training_state(model, optimizer, scheduler, step), {"step": step, **metrics})
+        elif step % d.log_every == 0:
+            report_metrics(step, metrics)  # the driver's progress line
         if after_step is not None:
             after_step(step)
 

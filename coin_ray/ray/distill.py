@@ -13,47 +13,29 @@ Every ``checkpoint_every`` steps (and at the end) one checkpoint holds the stude
 its prototypes), the EMA teacher, the CKG (with its two prototype matrices), both
 optimizers, the scheduler and the step; a restarted worker group or a re-submitted run
 resumes there. Rank 0 logs per-step metrics to ``<run>/distill/metrics.jsonl`` and to
-TensorBoard under ``<run>/distill/tb`` (written locally and uploaded for s3:// runs), and
+TensorBoard under ``<run>/tensorboard/distill`` (written locally and uploaded for s3:// runs), and
 finally writes ``model.pt`` with the separation statistics in its meta.
 """
 
 from __future__ import annotations
 
-import tempfile
 from typing import Any, Callable
 
 import torch
-from torch.utils.tensorboard import SummaryWriter
 
 from coin_ray import storage
 from coin_ray.config import Config, from_dict
 from coin_ray.models.ov_rcnn import save_detector
 from coin_ray.ray.disseminate import MetricsLog, cloud_records
+from coin_ray.ray.progress_feed import report_metrics
 from coin_ray.ray.train import load_checkpoint, prepare, run_stage, save_checkpoint, worker_context
+from coin_ray.tensorboard_log import TensorBoardLog, tb_dir
 from coin_ray.train.data import DetectionDataset
 from coin_ray.train.distill import DistillState, build_run_state, load_state_dict, run_steps, state_dict
 
 STAGE = "distill"
 
 AfterStep = Callable[[int, DistillState], None]
-
-
-class TensorBoardLog:
-    """Scalars to TensorBoard event files under ``uri`` (a local dir, uploaded when s3://)."""
-
-    def __init__(self, uri: str) -> None:
-        self.uri = uri
-        self.local = tempfile.mkdtemp(prefix="coin-tb-") if storage.is_s3(uri) else uri
-        self.writer = SummaryWriter(self.local)
-
-    def add(self, step: int, metrics: dict[str, float]) -> None:
-        for key, value in metrics.items():
-            self.writer.add_scalar(f"{STAGE}/{key}", value, step)
-
-    def flush(self) -> None:
-        self.writer.flush()
-        if storage.is_s3(self.uri):
-            storage.upload_dir(self.local, self.uri)
 
 
 def distill_worker(config: dict[str, Any], after_step: AfterStep | None = None) -> None:
@@ -73,7 +55,7 @@ def distill_worker(config: dict[str, Any], after_step: AfterStep | None = None) 
     if blob is not None:
         load_state_dict(state, blob)
     logs = (MetricsLog(storage.join(run_dir, STAGE, "metrics.jsonl"), state.step),
-            TensorBoardLog(storage.join(run_dir, STAGE, "tb"))) if rank == 0 else ()
+            TensorBoardLog(tb_dir(run_dir, STAGE), STAGE)) if rank == 0 else ()
 
     def on_step(step: int, metrics: dict[str, float]) -> None:
         if step % d.log_every == 0 or step == d.steps:
@@ -82,6 +64,8 @@ def distill_worker(config: dict[str, Any], after_step: AfterStep | None = None) 
                 log.flush()
         if step % d.checkpoint_every == 0 or step == d.steps:
             save_checkpoint(state_dict(state), {"step": step, **metrics})
+        elif step % d.log_every == 0:
+            report_metrics(step, metrics)  # the driver's progress line
         if after_step is not None:
             after_step(step, state)
 

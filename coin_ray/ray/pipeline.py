@@ -27,7 +27,7 @@ from typing import Iterator
 import ray
 
 from coin_ray import storage
-from coin_ray.config import Config, to_yaml, with_updates
+from coin_ray.config import CloudConfig, Config, to_yaml, with_updates
 from coin_ray.data.datasets import LabelledSplit, list_image_folder, load_labelled
 from coin_ray.run import STAGES, RunDir
 
@@ -63,6 +63,9 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init()
     else:
         ray.init(address="local", num_cpus=num_cpus or None)
+    from coin_ray.ray.progress_feed import filter_known_ray_noise
+
+    filter_known_ray_noise()
 
 
 def with_absolute_paths(cfg: Config) -> Config:
@@ -121,7 +124,10 @@ def demo_cloud(cfg: Config) -> Iterator[Config]:
                           model_name=checkpoint_model_name(str(world.cloud_detector)))
     log.info("serving the Foggy-Shapes stand-in cloud detector at %s", server.url)
     try:
-        yield with_updates(cfg, [f"cloud.url={server.url}"])
+        # The stand-in allows DEMO_CLOUD_RPS; the default client limit (10/s) would leave it idle.
+        rps = DEMO_CLOUD_RPS if cfg.cloud.requests_per_second == CloudConfig().requests_per_second \
+            else cfg.cloud.requests_per_second
+        yield with_updates(cfg, [f"cloud.url={server.url}", f"cloud.requests_per_second={rps}"])
     finally:
         stats = server.stats()
         log.info("stand-in cloud served %s requests", stats.get("requests", stats))
@@ -167,11 +173,16 @@ def run_adaptation(cfg: Config, stages: list[str] | None = None, num_cpus: int |
     cfg = with_demo_world(with_absolute_paths(cfg))
     run = RunDir(storage.join(cfg.storage, cfg.resolved_run_id()))
     storage.write_text(run.path("config.yaml"), to_yaml(cfg))
-    init_ray(num_cpus or cfg.ray.num_cpus or None)
     result = AdaptationResult(run.root)
+    todo = stages_to_run(run, stages)
+    if todo:
+        init_ray(num_cpus or cfg.ray.num_cpus or None)
+    else:
+        print(f"[coin-ray] every stage of {run.root} is done: nothing to run "
+              "(--stages names stages to run again)", flush=True)
     from coin_ray.ray import stages as stage_fns
 
-    for stage in stages_to_run(run, stages):
+    for stage in todo:
         start = time.monotonic()
         print(f"[coin-ray] stage {stage} ...", flush=True)
         info = getattr(stage_fns, f"stage_{stage}")(cfg, run)
@@ -183,4 +194,7 @@ def run_adaptation(cfg: Config, stages: list[str] | None = None, num_cpus: int |
         result.table_markdown = storage.read_text(table)
         print("\n" + result.table_markdown)
         print(f"report: {run.path('report')}")
+    from coin_ray.tensorboard_log import tb_command
+
+    print(f"TensorBoard (every stage and the evaluation): {tb_command(run.root)}", flush=True)
     return result

@@ -74,11 +74,12 @@ def evaluate_rows(cfg: Config, run: RunDir) -> dict[str, EvalResult]:
     from coin_ray.ray.pipeline import val_split
 
     split = val_split(cfg)
+    wanted = set(split.uris())  # collect/*.parquet also holds the training images
     results = {}
     for method, rel in TABLE1_ROWS.items():
         records = _records(run, rel)
         if records is not None:
-            results[method] = evaluate(split, records)
+            results[method] = evaluate(split, [r for r in records if r.uri in wanted])
     return results
 
 

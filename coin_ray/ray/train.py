@@ -33,6 +33,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from coin_ray import storage
 from coin_ray.config import Config, to_dict
+from coin_ray.ray.progress_feed import quiet_train_reports, training_progress
 
 STATE_FILE = "state.pt"
 CHECKPOINTS_KEPT = 2
@@ -54,10 +55,10 @@ def scaling_config(cfg: Config) -> ScalingConfig:
 
 
 def fit(loop: Callable[[dict], None], loop_config: dict, cfg: Config, *, name: str, storage_path: str,
-        max_failures: int = MAX_FAILURES) -> ray.train.Result:
+        max_failures: int = MAX_FAILURES, callbacks: list | None = None) -> ray.train.Result:
     """Run ``loop`` under a TorchTrainer (gloo on CPU, nccl on GPU); raises if training fails."""
     path, filesystem = storage_target(storage_path)
-    run_config = RunConfig(name=name, storage_path=path, storage_filesystem=filesystem,
+    run_config = RunConfig(name=name, storage_path=path, storage_filesystem=filesystem, callbacks=callbacks,
                            failure_config=FailureConfig(max_failures=max_failures),
                            checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT))
     trainer = TorchTrainer(loop, train_loop_config=loop_config, scaling_config=scaling_config(cfg),
@@ -84,13 +85,15 @@ def run_stage(stage: str, loop: Callable[[dict], None], cfg: Config, run_dir: st
         from coin_ray.ray.pipeline import target_uris
 
         uris = target_uris(cfg)
-    fit(loop, {"cfg": to_dict(cfg), "run_dir": run_dir, "uris": uris}, cfg, name=stage,
-        storage_path=run_dir)
+    with training_progress(stage, getattr(cfg.train, stage).steps) as progress:
+        fit(loop, {"cfg": to_dict(cfg), "run_dir": run_dir, "uris": uris}, cfg, name=stage,
+            storage_path=run_dir, callbacks=[progress])
     return storage.join(run_dir, stage, "model.pt")
 
 
 def worker_context() -> tuple[int, int, torch.device]:
     """(world rank, world size, torch device) of this training worker."""
+    quiet_train_reports()
     context = ray.train.get_context()
     return context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device()
 
