@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections import OrderedDict
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import batched_nms, clip_boxes_to_image, roi_align
 
 from coin_ray.models.ov_rcnn import OpenVocabularyRCNN

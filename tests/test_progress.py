@@ -45,3 +45,22 @@ def test_a_resumed_stage_counts_its_rate_from_where_it_resumed():
 def test_number_formats():
     assert [sig3(x) for x in (1.23456, 0.000123456, 123456.0, 0.0)] == ["1.23", "0.000123", "1.23e+05", "0"]
     assert [format_duration(s) for s in (4.2, 185, 3725, float("nan"))] == ["4s", "3m05s", "1h02m", "?"]
+
+
+def test_known_ray_noise_is_dropped_and_everything_else_kept():
+    from coin_ray.ray.progress_feed import _keep
+
+    controller = {"actor_name": "TrainController", "pid": 1, "is_err": True, "lines": [
+        "Started training worker group of size 1:",
+        "Failed to stop PlacementGroupCleaner gracefully.",
+        "Traceback (most recent call last):",
+        '  File "x.py", line 1, in f',
+        "    ray.get(x)",
+        "ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready.",
+        "[2026-11-30 14:42:59,904 E 26431 26650] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' "
+        "and ID: '4d' has constructor arguments in the object store and max_restarts > 0.",
+        "Traceback (most recent call last):",
+        "ValueError: a real error"]}
+    assert _keep(controller)["lines"] == ["Started training worker group of size 1:",
+                                          "Traceback (most recent call last):", "ValueError: a real error"]
+    assert _keep({"actor_name": "PlacementGroupCleaner", "lines": ["Traceback (most recent call last):"]}) is None

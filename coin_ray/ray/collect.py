@@ -194,13 +194,23 @@ def run_collection(cfg: Config, image_uris: list[str], out_dir: str, *,
     # Label-only users want the labels without training: COCO JSON next to the Parquet.
     export_coco(cloud, cfg.data.categories, storage.join(out_dir, "cloud_coco.json"),
                 root=cfg.data.target_images)
-    summary = {**tally.as_dict(c.price_per_call), "backend": c.backend, "model": c.model or c.url,
+    summary = {**tally.as_dict(c.price_per_call), "backend": c.backend, "model": _model_name(cfg, token),
                "seconds": round(seconds, 3), "calls_per_s": round(tally.calls / max(seconds, 1e-9), 3),
                "limiter_grants": limiter_stats["granted"]}
     _warn_if_nothing(summary)
     storage.write_text(storage.join(out_dir, "summary.json"), json.dumps(summary, indent=2))
     log.info("collection: %s", json.dumps(summary))
     return summary
+
+
+def _model_name(cfg: Config, token: Secret) -> str:
+    """The model the answers came from, as the cache keys name it (for ``http``: the name
+    the server reports, not its possibly temporary URL)."""
+    c = cfg.cloud
+    try:
+        return model_id(c, build_backend(c, cfg.data.categories, token, cfg.data.target_images))
+    except Exception:  # noqa: BLE001 (a backend that cannot be rebuilt here: keep what the config says)
+        return c.model or c.url
 
 
 def _stop_reason(limiter: ClusterLimiter) -> str:

@@ -93,7 +93,8 @@ def quiet_train_reports() -> None:
 # Known-harmless lines that Ray forwards from its own processes to the driver's console.
 # They stay in Ray's session logs (/tmp/ray/session_latest/logs); COIN_RAY_VERBOSE=1 shows them.
 #  - Ray Train's PlacementGroupCleaner looks the cluster up by address; on a machine that
-#    runs several Ray instances it may pick another one and print a GCS-timeout traceback.
+#    runs several Ray instances it may pick another one and print a GCS-timeout traceback,
+#    and the TrainController one about failing to stop it (QUIET_STOP).
 #  - Ray warns at error level that an actor whose constructor arguments sit in the object
 #    store cannot be restarted once their owner dies; Ray Data and Ray Train create such
 #    actors themselves (actor pools, PreemptionWatcher).
@@ -101,10 +102,30 @@ QUIET_ACTORS = ("PlacementGroupCleaner",)
 QUIET_LINE = re.compile(r"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store")
 
 
+# The controller then reports, with a traceback, that stopping that cleaner timed out.
+QUIET_STOP = "Failed to stop PlacementGroupCleaner gracefully"
+
+
+def _without_cleaner_stop(lines: list[str]) -> list[str]:
+    """``lines`` less the QUIET_STOP message and the traceback after it (to its exception line)."""
+    kept, skipping = [], False
+    for line in lines:
+        if QUIET_STOP in line:
+            skipping = True
+        elif skipping and (line.startswith((" ", "Traceback")) or not line.strip()):
+            pass
+        elif skipping and line.startswith("ray.exceptions."):
+            skipping = False
+        else:
+            skipping = False
+            kept.append(line)
+    return kept
+
+
 def _keep(data: dict[str, Any]) -> dict[str, Any] | None:
     if str(data.get("actor_name") or "").startswith(QUIET_ACTORS):
         return None
-    lines = [line for line in data.get("lines", []) if not QUIET_LINE.search(line)]
+    lines = [line for line in _without_cleaner_stop(data.get("lines", [])) if not QUIET_LINE.search(line)]
     return {**data, "lines": lines} if lines else None
 
 
