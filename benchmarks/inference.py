@@ -3,8 +3,9 @@
 The paper's motivation: the adapted detector is small and local, the cloud detector is
 slow per call. This measures both sides on this machine:
 
-- the target detector: eager ``OpenVocabularyRCNN.detect`` and the TorchScript export
-  (``coin_ray.export``) at batch 1 and batched, on the world's target val images;
+- the target detector: eager ``OpenVocabularyRCNN.detect``, the TorchScript export
+  (``coin_ray.export``) and the ONNX export in onnxruntime (``.[onnx]`` extra; one
+  intra-op thread like torch) at batch 1 and batched, on the world's target val images;
 - the cloud: the Foggy-Shapes stand-in served by ``python -m coin_ray.serve`` (a separate
   process, HTTP on 127.0.0.1), called through the project's ``http`` backend client, once
   with no added latency (its compute + HTTP + JPEG transfer) and once with the demo's
@@ -105,6 +106,7 @@ def main() -> None:
             save_detector(OpenVocabularyRCNN.from_clip(str(world.clip_dir), list(world.categories)), model_uri)
         meta = export_detector(model_uri, f"{tmp}/export", example_uri=uris[0], batch_sizes=(1, args.batch))
         model, exported = load_detector(model_uri).eval(), load_exported(f"{tmp}/export")
+        onnx = load_exported(f"{tmp}/export", runtime="onnx", num_threads=args.threads) if "file" in meta["onnx"] else None
         images = [image_tensor(load_image(u)) for u in uris]
         batch = (images * args.batch)[: args.batch]
         rows = {
@@ -113,6 +115,11 @@ def main() -> None:
             f"eager, batch {args.batch}": (timed(lambda: model.detect(batch), args.repeats), args.batch),
             f"TorchScript, batch {args.batch}": (timed(lambda: exported.detect(batch), args.repeats), args.batch),
         }
+        if onnx is not None:
+            rows["ONNX (onnxruntime), batch 1"] = (timed(lambda: onnx.detect(images[:1]), args.repeats), 1)
+            onnx.batch_size = args.batch
+            rows[f"ONNX (onnxruntime), batch {args.batch}"] = (timed(lambda: onnx.detect(batch), args.repeats),
+                                                               args.batch)
         server_cpu = {}
         for name, latency, port in (("cloud stand-in over HTTP, no added latency", 0.0, args.port),
                                     (f"cloud stand-in over HTTP, +{DEMO_LATENCY_MS:.0f} ms network",
@@ -121,7 +128,8 @@ def main() -> None:
             rows[name] = (times, 1)
     size = tuple(meta["input_size"])
     print(f"world {args.world}, images {size[1]}x{size[0]}, torch threads {args.threads}, "
-          f"repeats {args.repeats}, export check {json.dumps(meta['check'])}")
+          f"repeats {args.repeats}, export check {json.dumps(meta['check'])}, "
+          f"onnx check {json.dumps(meta['onnx'].get('check', meta['onnx']))}")
     print("| path | wall ms / call | wall ms / image | images / s | CPU ms / call (client + server) |")
     print("|---|---|---|---|---|")
     for name, ((wall, cpu), n) in rows.items():

@@ -53,9 +53,10 @@ PREDICT_HELP = """Run the exported target detector over a folder or bucket of im
     coin-ray predict --model s3://bucket/runs/<id>/export --images s3://bucket/new \\
         --out s3://bucket/out/results.json --num-actors 4
     coin-ray predict ... --annotations val.json     # use its ids and print mAP50
+    coin-ray predict ... --runtime onnx             # model.onnx in onnxruntime (.[onnx] extra)
 
-The model is the folder ``coin-ray adapt`` writes in its export stage (TorchScript, see
-coin_ray/export.py). Works unchanged under ``ray job submit`` (jobs/predict.py)."""
+The model is the folder ``coin-ray adapt`` writes in its export stage (TorchScript, and ONNX
+with the ``.[onnx]`` extra; see coin_ray/export.py). Works unchanged under ``ray job submit`` (jobs/predict.py)."""
 
 
 def add_adapt_args(parser: argparse.ArgumentParser) -> None:
@@ -142,6 +143,8 @@ def add_predict_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", required=True, help="folder or s3:// prefix of images (recursive)")
     parser.add_argument("--out", required=True, help="COCO results JSON to write (local or s3://)")
     parser.add_argument("--annotations", default="", help="COCO annotations of these images: their ids, and mAP50")
+    parser.add_argument("--runtime", choices=["torchscript", "onnx"], default="torchscript",
+                        help="which exported model runs: the TorchScript modules or model.onnx (onnxruntime)")
     parser.add_argument("--batch-size", type=int, default=0, help="images per call (default: the export's largest)")
     parser.add_argument("--num-actors", type=int, default=1)
     parser.add_argument("--cpus-per-actor", type=float, default=1.0)
@@ -153,7 +156,7 @@ def predict(args: argparse.Namespace) -> int:
 
     model, images = resolve_input(args.model), resolve_input(args.images)
     annotations, out = resolve_input(args.annotations), resolve_output(args.out)
-    check_exists("--model", storage.join(model, "export.json"))
+    check_exists("--model", storage.join(model, "model.onnx" if args.runtime == "onnx" else "export.json"))
     count_images("--images", images)
     if annotations:
         check_exists("--annotations", annotations)
@@ -161,7 +164,7 @@ def predict(args: argparse.Namespace) -> int:
     init_ray(args.num_cpus)  # before importing the model code: a dead cluster fails fast
 
     summary = run_predict(model, images, out, annotations_uri=annotations, batch_size=args.batch_size,
-                          num_actors=args.num_actors, cpus_per_actor=args.cpus_per_actor)
+                          num_actors=args.num_actors, cpus_per_actor=args.cpus_per_actor, runtime=args.runtime)
     print(f"{summary.images} images ({summary.errors} unreadable), {summary.detections} detections "
           f"in {summary.seconds:.1f} s -> {summary.out}")
     if annotations:

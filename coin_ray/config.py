@@ -201,12 +201,24 @@ class TrainConfig:
 
 @dataclass
 class RayConfig:
-    """Ray resources; ``num_cpus`` only applies when starting a local instance."""
+    """Ray resources; ``num_cpus`` only applies when starting a local instance.
+
+    With ``use_gpu`` every Ray Train worker and every detection actor asks for
+    ``gpus_per_worker`` GPUs, so Ray places them only on nodes that advertise GPUs: a
+    cluster whose head advertises none (infra/ sets ``num-gpus`` 0 there) never trains on it.
+    """
 
     num_cpus: int = _range(0, None, default=0)  # 0 = let Ray decide
     num_workers: int = _range(0, None, default=1)  # Ray Train workers; 0 = in the driver
     use_gpu: bool = False
     cpus_per_worker: float = _range(0.0, None, lo_open=True, default=1.0)
+    gpus_per_worker: float = _range(0.0, None, lo_open=True, default=1.0)  # only with use_gpu
+
+    def worker_resources(self) -> dict[str, float]:
+        """Ray resources of one training worker / detection actor, e.g. {"CPU": 6, "GPU": 1}."""
+        if not self.use_gpu:
+            return {"CPU": self.cpus_per_worker}
+        return {"CPU": self.cpus_per_worker, "GPU": self.gpus_per_worker}
 
 
 @dataclass

@@ -12,7 +12,7 @@ import logging
 from contextlib import contextmanager
 from typing import Iterator
 
-from coin_ray.config import Config, with_updates
+from coin_ray.config import CloudConfig, Config, with_updates
 from coin_ray.serve import Knobs, checkpoint_model_name, start_server
 from coin_ray.world.build import MANIFEST, World, build_world, world_root
 from coin_ray.world.cloud_standin import StandInCloudDetector
@@ -78,7 +78,10 @@ def demo_cloud(cfg: Config) -> Iterator[Config]:
                           model_name=checkpoint_model_name(str(world.cloud_detector)))
     log.info("serving the Foggy-Shapes stand-in cloud detector at %s", server.url)
     try:
-        yield with_updates(cfg, [f"cloud.url={server.url}"])
+        # The stand-in allows DEMO_CLOUD_RPS; the default client limit (10/s) would leave it idle.
+        rps = DEMO_CLOUD_RPS if cfg.cloud.requests_per_second == CloudConfig().requests_per_second \
+            else cfg.cloud.requests_per_second
+        yield with_updates(cfg, [f"cloud.url={server.url}", f"cloud.requests_per_second={rps}"])
     finally:
         stats = server.stats()
         log.info("stand-in cloud served %s requests", stats.get("requests", stats))

@@ -1,10 +1,12 @@
 """Export the target detector for deployment, load it back, and check it against eager.
 
-Format: TorchScript, by ``torch.jit.trace`` of an inference-only wrapper. Why:
-- ONNX would need ``onnx``/``onnxruntime`` (not dependencies of the project) and an opset
-  covering torchvision's RoIAlign and NMS; TorchScript keeps both as torchvision ops and
-  loads with ``torch.jit.load`` in Python or C++ (libtorch + torchvision ops), no project
-  code, no transformers.
+Formats: TorchScript, by ``torch.jit.trace`` of an inference-only wrapper, and ONNX
+(``coin_ray.onnx_export``, written when the optional ``.[onnx]`` extra is installed). Why both:
+- TorchScript keeps RoIAlign and NMS as torchvision ops and loads with ``torch.jit.load``
+  in Python or C++ (libtorch + torchvision ops), no project code, no transformers; torch
+  itself now calls TorchScript deprecated.
+- ONNX (opset 17, RoIAlign and NonMaxSuppression are standard ops) runs in onnxruntime
+  and most serving stacks, and takes any batch size in one file.
 - ``torch.jit.script`` cannot compile transformers' CLIP layers; tracing records the ops.
   A trace is exact for one input size: torchvision's traced resize rounds some sizes one
   pixel differently from eager, and the per-image loops are unrolled. So the export has a
@@ -21,8 +23,13 @@ batched, the exported model gives the same detections per image (count and label
 ``OpenVocabularyRCNN.detect``, boxes within ``BOX_ATOL`` pixels and scores/probs within
 ``PROB_ATOL`` (measured: 0 on CPU, the same kernels run).
 
-Files under the export folder (local or s3://): ``detector_b{B}.pt`` per batch size and
-``export.json`` (categories, batch sizes, tolerances, the measured differences).
+The ONNX check is the same comparison against eager with ``ONNX_BOX_ATOL`` and
+``ONNX_PROB_ATOL`` (onnxruntime's kernels differ from torch's; measured ~1e-5).
+Both exported models return outputs without autograd history.
+
+Files under the export folder (local or s3://): ``detector_b{B}.pt`` per batch size,
+``model.onnx`` and ``export.json`` (categories, batch sizes, tolerances, the measured
+differences; under "onnx" its own entry, or why it was skipped).
 """
 
 from __future__ import annotations
@@ -38,15 +45,20 @@ import torch
 import torchvision  # noqa: F401  (registers roi_align / nms for torch.jit.load)
 from torch import nn
 
-from coin_ray import storage
+from coin_ray import onnx_export, storage
 from coin_ray.data.images import load_image
 from coin_ray.models.build import load_detector
 from coin_ray.models.ov_rcnn import OpenVocabularyRCNN
 from coin_ray.models.roi_heads import postprocess_detections
+from coin_ray.progress import ProgressLine
+from coin_ray.train.data import image_tensor, resize_to
 
 BOX_ATOL = 1e-2  # pixels
 PROB_ATOL = 1e-4
 DEFAULT_BATCH_SIZES = (1, 8)
+# torch warns on every jit.save/load that TorchScript is deprecated; the docstring above
+# says why it still ships (with model.onnx beside it).
+JIT_DEPRECATION = r"`torch\.jit\.(save|load)` is deprecated"
 NOISE = 0.05  # the check perturbs the example image with this much seeded noise per copy
 
 
@@ -105,7 +117,8 @@ class DeployedDetector(nn.Module):
 
 def trace(model: OpenVocabularyRCNN, examples: list[torch.Tensor]) -> torch.jit.ScriptModule:
     """Trace ``DeployedDetector(model)`` on ``examples`` (their count is the batch size)."""
-    wrapper = DeployedDetector(model.eval()).eval()
+    # No parameter needs a gradient in deployment: outputs then carry no autograd history.
+    wrapper = DeployedDetector(model.eval()).eval().requires_grad_(False)
     with torch.no_grad(), warnings.catch_warnings():
         # The tracer warns about every Python int it meets in torchvision's resize code;
         # check_equivalence is the real test of what it recorded.
@@ -120,17 +133,6 @@ def split_outputs(outputs: tuple[torch.Tensor, ...], n: int) -> list[dict[str, t
     sizes = [int(c) for c in counts]
     parts = [t.split(sizes) for t in (boxes, labels, scores, probs)]
     return [{"boxes": b, "labels": lab, "scores": s, "probs": p} for b, lab, s, p in zip(*parts)][:n]
-
-
-def resize_to(image: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(3,H,W) -> (3,h,w) bilinear, and the (4,) factors mapping xyxy boxes back to (H,W)."""
-    h0, w0 = image.shape[-2:]
-    if (h0, w0) == tuple(size):
-        return image, torch.ones(4)
-    out = torch.nn.functional.interpolate(image[None], size=tuple(size), mode="bilinear",
-                                          align_corners=False)[0]
-    sx, sy = w0 / size[1], h0 / size[0]
-    return out, torch.tensor([sx, sy, sx, sy])
 
 
 @dataclass
@@ -168,23 +170,46 @@ class ExportedDetector:
 
 def _save_module(module: torch.jit.ScriptModule, uri: str) -> None:
     buf = io.BytesIO()
-    torch.jit.save(module, buf)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=JIT_DEPRECATION, category=FutureWarning)
+        torch.jit.save(module, buf)
     storage.write_bytes(uri, buf.getvalue())
 
 
-def load_exported(export_uri: str, map_location: str = "cpu") -> ExportedDetector:
-    """Load an export folder (local or s3://) written by ``export_detector``."""
+RUNTIMES = ("torchscript", "onnx")
+
+
+def load_exported(export_uri: str, map_location: str = "cpu", runtime: str = "torchscript",
+                  num_threads: int = 1):
+    """Load an export folder (local or s3://) written by ``export_detector``.
+
+    ``runtime`` "torchscript" gives an ``ExportedDetector``, "onnx" an
+    ``onnx_export.OnnxDetector`` (needs the ``.[onnx]`` extra); both have ``detect``,
+    ``categories`` and ``input_size``.
+    """
     meta = json.loads(storage.read_text(storage.join(export_uri, "export.json")))
+    if runtime == "onnx":
+        if "file" not in meta.get("onnx", {}):
+            raise FileNotFoundError(f"{export_uri} has no ONNX model: "
+                                    f"{meta.get('onnx', {}).get('skipped', 'exported before ONNX support')}")
+        blob = storage.read_bytes(storage.join(export_uri, onnx_export.ONNX_FILE))
+        return onnx_export.OnnxDetector(blob, meta["categories"],
+                                        tuple(meta["input_size"]), max(meta["batch_sizes"]), num_threads)
+    if runtime != "torchscript":
+        raise ValueError(f"runtime {runtime!r}: expected one of {', '.join(RUNTIMES)}")
     modules = {}
     for b in meta["batch_sizes"]:
         blob = storage.read_bytes(storage.join(export_uri, f"detector_b{b}.pt"))
-        modules[int(b)] = torch.jit.load(io.BytesIO(blob), map_location=map_location).eval()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=JIT_DEPRECATION, category=FutureWarning)
+            modules[int(b)] = torch.jit.load(io.BytesIO(blob), map_location=map_location).eval()
     return ExportedDetector(modules, list(meta["categories"]), tuple(meta["input_size"]))
 
 
-def check_equivalence(model: OpenVocabularyRCNN, exported: ExportedDetector,
-                      images: list[torch.Tensor]) -> dict[str, float]:
-    """Compare exported and eager detections on ``images``; raise ExportMismatch when off.
+def check_equivalence(model: OpenVocabularyRCNN, exported, images: list[torch.Tensor], *,
+                      box_atol: float = BOX_ATOL, prob_atol: float = PROB_ATOL) -> dict[str, float]:
+    """Compare exported (anything with ``detect``) and eager detections on ``images``;
+    raise ExportMismatch when counts or labels differ, or values beyond the tolerances.
 
     Returns the largest differences seen: {"max_box_diff" (pixels), "max_prob_diff",
     "images", "detections"}.
@@ -201,9 +226,9 @@ def check_equivalence(model: OpenVocabularyRCNN, exported: ExportedDetector,
             prob_diff = max(prob_diff, float((e["probs"] - t["probs"]).abs().max()),
                             float((e["scores"] - t["scores"]).abs().max()))
         total += len(e["boxes"])
-    if box_diff > BOX_ATOL or prob_diff > PROB_ATOL:
+    if box_diff > box_atol or prob_diff > prob_atol:
         raise ExportMismatch(f"exported model differs from eager: boxes by {box_diff:.3g} px "
-                             f"(allowed {BOX_ATOL}), probs by {prob_diff:.3g} (allowed {PROB_ATOL})")
+                             f"(allowed {box_atol}), probs by {prob_diff:.3g} (allowed {prob_atol})")
     return {"max_box_diff": box_diff, "max_prob_diff": prob_diff, "images": len(images), "detections": total}
 
 
@@ -218,35 +243,72 @@ def check_images(example: torch.Tensor, count: int, seed: int = 0) -> list[torch
     return out
 
 
-def image_tensor(array: np.ndarray) -> torch.Tensor:
-    """(H,W,3) uint8 RGB -> (3,H,W) float32 in [0,1]."""
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float().div(255.0)
+CHECK_IMAGES_MAX = 16  # val images the export stage compares on (a few seconds of eager inference)
 
 
 def export_detector(model_uri: str, out_uri: str, *, example_uri: str | None = None,
-                    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES) -> dict:
+                    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES, check_uris: list[str] | None = None,
+                    with_onnx: bool = True) -> dict:
     """Export the detector in ``model_uri`` (a model.pt) to ``out_uri`` and check it.
 
-    ``example_uri`` is an image used to trace and check; its size becomes the deployment
-    resolution (a grey 120x160 image when None).
+    ``example_uri`` is an image used to trace; its size becomes the deployment resolution
+    (a grey 120x160 image when None). The check compares both exports with eager on
+    ``check_uris`` (the run's val images; at most ``CHECK_IMAGES_MAX``), or on noisy
+    variants of the example when None. ``model.onnx`` is written when ``with_onnx`` and
+    the ``.[onnx]`` extra is installed; otherwise export.json says why not.
     Returns what ``export.json`` holds (also the manifest entry of the export stage).
-    Raises ExportMismatch when the exported model disagrees with the eager one.
+    Raises ExportMismatch when an exported model disagrees with the eager one.
     """
 
     model = load_detector(model_uri).eval()
     example = image_tensor(load_image(example_uri)) if example_uri else torch.full((3, 120, 160), 0.5)
+    size = tuple(example.shape[-2:])
     batch_sizes = tuple(sorted(set(int(b) for b in batch_sizes)))
-    modules = {b: trace(model, check_images(example, b, seed=b)) for b in batch_sizes}
-    for b, module in modules.items():
-        _save_module(module, storage.join(out_uri, f"detector_b{b}.pt"))
+    progress = ProgressLine("export", len(batch_sizes) + 2, unit="part")  # traces, ONNX, check
+    modules = {}
+    for b in batch_sizes:
+        modules[b] = trace(model, check_images(example, b, seed=b))
+        _save_module(modules[b], storage.join(out_uri, f"detector_b{b}.pt"))
+        progress.update(len(modules), extra=f"TorchScript batch {b}")
     meta = {"format": "torchscript", "categories": model.categories, "batch_sizes": list(batch_sizes),
-            "input_size": list(example.shape[-2:]),
+            "input_size": list(size),
             "input": "list of exactly B (3,H,W) float32 RGB in [0,1] at input_size",
             "output": "boxes (N,4) xyxy original pixels, labels (N,) in [0,K), scores (N,), "
                       "probs (N,K+1), counts (B,)",
             "tolerance": {"box_px": BOX_ATOL, "prob": PROB_ATOL}, "torch": torch.__version__}
+    meta["onnx"] = _export_onnx(model, example, out_uri) if with_onnx else {"skipped": "with_onnx=False"}
+    progress.update(len(modules) + 1, extra="ONNX" if "file" in meta["onnx"] else "ONNX skipped")
     storage.write_text(storage.join(out_uri, "export.json"), json.dumps(meta, indent=2))
-    exported = load_exported(out_uri)
-    meta["check"] = check_equivalence(model, exported, check_images(example, max(batch_sizes) + 3, seed=99))
+    images = _check_set(example, size, check_uris, max(batch_sizes) + 3)
+    meta["check"] = check_equivalence(model, load_exported(out_uri), images)
+    if "file" in meta["onnx"]:
+        meta["onnx"]["check"] = check_equivalence(model, load_exported(out_uri, runtime="onnx"), images,
+                                                  box_atol=onnx_export.ONNX_BOX_ATOL,
+                                                  prob_atol=onnx_export.ONNX_PROB_ATOL)
+    progress.update(len(modules) + 2, extra=f"checked against eager on {len(images)} images")
     storage.write_text(storage.join(out_uri, "export.json"), json.dumps(meta, indent=2))
     return meta
+
+
+def _check_set(example: torch.Tensor, size: tuple[int, int], uris: list[str] | None, count: int
+               ) -> list[torch.Tensor]:
+    """The check's images at the deployment size: ``uris`` (resized when needed) or variants."""
+    if not uris:
+        return check_images(example, count, seed=99)
+    return [resize_to(image_tensor(load_image(u)), size)[0] for u in uris[:CHECK_IMAGES_MAX]]
+
+
+def _export_onnx(model: OpenVocabularyRCNN, example: torch.Tensor, out_uri: str) -> dict:
+    """Write ``model.onnx``; its export.json entry (or {"skipped": why})."""
+    missing = onnx_export.onnx_available()
+    if missing:
+        return {"skipped": missing}
+    blob = onnx_export.to_onnx(model, tuple(example.shape[-2:]), torch.stack(check_images(example, 2, seed=2)))
+    storage.write_bytes(storage.join(out_uri, onnx_export.ONNX_FILE), blob)
+    import onnxruntime
+
+    return {"file": onnx_export.ONNX_FILE, "opset": onnx_export.OPSET, "onnxruntime": onnxruntime.__version__,
+            "input": "images (B,3,H,W) float32 RGB in [0,1] at input_size, any B",
+            "output": "boxes (N,4) xyxy input pixels, labels (N,) int64 in [0,K), scores (N,), "
+                      "probs (N,K+1), batch_index (N,) int64",
+            "tolerance": {"box_px": onnx_export.ONNX_BOX_ATOL, "prob": onnx_export.ONNX_PROB_ATOL}}

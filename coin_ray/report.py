@@ -23,15 +23,28 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from coin_ray import storage  # noqa: E402
-from coin_ray.boxes import match_one_to_one  # noqa: E402
+from coin_ray.boxes import match_one_to_one, pairwise_iou  # noqa: E402
 from coin_ray.config import Config  # noqa: E402
 from coin_ray.data.datasets import LabelledSplit  # noqa: E402
 from coin_ray.data.images import load_image  # noqa: E402
 from coin_ray.evaluate import EvalResult, table1_json, table1_markdown  # noqa: E402
 from coin_ray.run import RunDir  # noqa: E402
 from coin_ray.schema import Detections, table_to_records  # noqa: E402
+from coin_ray.tensorboard_log import TensorBoardLog  # noqa: E402
 
-SET_COLOURS = {"consistent": "#2ca02c", "inconsistent": "#ff7f0e", "private": "#d62728", "coin": "#17becf"}
+# Separation sets (detections.png, separation.png) and methods (every plot) never share a colour.
+DUPLICATE_IOU = 0.3
+SET_COLOURS = {"consistent": "#2ca02c", "inconsistent": "#ff7f0e", "private": "#d62728"}
+METHOD_COLOURS = {"Cloud det": "#1f77b4", "CLIP": "#9467bd", "CLIP det": "#8c564b", "COIN": "#17becf",
+                  "Oracle": "#7f7f7f", "ground truth": "#f5d000"}
+OTHER_COLOURS = ("#e377c2", "#bcbd22", "#393b79", "#637939")  # methods not listed above
+SMOOTH_WINDOW = 0.1  # of a curve's points: the running mean of the solid line
+CAPTION_PT = 8
+
+
+def method_colour(method: str, index: int = 0) -> str:
+    """The one colour of ``method`` in every figure (a spare one for unknown methods)."""
+    return METHOD_COLOURS.get(method, OTHER_COLOURS[index % len(OTHER_COLOURS)])
 
 
 def _save(fig: plt.Figure, uri: str) -> None:
@@ -41,59 +54,118 @@ def _save(fig: plt.Figure, uri: str) -> None:
     storage.write_bytes(uri, buf.getvalue())
 
 
-def plot_losses(curves: dict[str, list[dict]], uri: str) -> None:
-    """One panel per stage; ``curves[stage]`` is a list of {"step": int, "<loss name>": float}."""
+def smooth(values: Sequence[float], window: int) -> np.ndarray:
+    """Running mean over the last ``window`` points (shorter at the start); same length."""
+    v = np.asarray(values, dtype=float)
+    if window <= 1 or len(v) == 0:
+        return v
+    c = np.cumsum(np.insert(v, 0, 0.0))
+    idx = np.arange(1, len(v) + 1)
+    lo = np.maximum(idx - window, 0)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
+def _curve(ax: plt.Axes, steps: list[int], values: list[float], label: str, colour: str) -> None:
+    """Raw values faint, their running mean solid."""
+    window = max(1, int(round(SMOOTH_WINDOW * len(values))))
+    ax.plot(steps, values, color=colour, lw=0.8, alpha=0.25)
+    ax.plot(steps, smooth(values, window), color=colour, lw=1.6, label=label)
+
+
+def _burn_up(ax: plt.Axes, step: int | None) -> None:
+    if step:
+        ax.axvline(step, color="black", ls="--", lw=1)
+        ax.text(step, 0.97, " burn-up", va="top", transform=ax.get_xaxis_transform(), ha="left", fontsize=9)
+
+
+LOSS_NAMES = {"loss": "total", "l_con": "L_con", "l_inc": "L_inc (x gamma1, from burn-up)",
+              "l_pri": "L_pri (x gamma2)", "l_align": "L_align (x lambda)", "l_ckg": "L_ckg (CKG)",
+              "loss_objectness": "RPN objectness", "loss_rpn_box_reg": "RPN box", "loss_classifier": "RoI class",
+              "loss_box_reg": "RoI box", "loss_align": "L_align (unweighted)"}
+
+
+def plot_losses(curves: dict[str, list[dict]], uri: str, *, run: str = "", burn_up: int | None = None) -> None:
+    """One panel per stage; ``curves[stage]`` is a list of {"step": int, "<loss name>": float}.
+
+    Log scale with only the positive values drawn: a term that is switched off (L_inc
+    before ``burn_up``, marked) is absent rather than a plunge to zero.
+    """
     stages = [s for s, rows in curves.items() if rows]
-    fig, axes = plt.subplots(1, max(1, len(stages)), figsize=(6 * max(1, len(stages)), 3.5), squeeze=False)
-    for ax, stage in zip(axes[0], stages):
+    fig, axes = plt.subplots(max(1, len(stages)), 1, figsize=(9, 3.8 * max(1, len(stages))), squeeze=False)
+    colours = plt.get_cmap("tab10").colors
+    for ax, stage in zip(axes[:, 0], stages):
         rows = curves[stage]
-        keys = sorted({k for r in rows for k in r if k.startswith(("loss", "l_")) and isinstance(r[k], (int, float))})
-        for key in keys:
-            pts = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
+        keys = sorted({k for r in rows for k in r if k.startswith(("loss", "l_")) and isinstance(r[k], (int, float))},
+                      key=lambda k: (k != "loss", k))
+        for i, key in enumerate(keys):
+            pts = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key]) and r[key] > 0]
             if pts:
-                ax.plot(*zip(*pts), label=key, lw=1.2)
-        ax.set_title(stage)
-        ax.set_xlabel("step")
-        ax.set_yscale("symlog", linthresh=1e-2)
-        ax.legend(fontsize=7)
+                _curve(ax, *map(list, zip(*pts)), LOSS_NAMES.get(key, key), colours[i % len(colours)])
+        ax.set_yscale("log")
+        ax.set_title(f"{stage}: training losses" + (f", run {run}" if run else "")
+                     + "\nfaint: logged values, solid: running mean", fontsize=10)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("loss (log scale)")
+        if stage == "distill":
+            _burn_up(ax, burn_up)
+        ax.grid(alpha=0.3, which="major")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
     _save(fig, uri)
 
 
-def plot_ap_bars(results: dict[str, EvalResult], categories: Sequence[str], uri: str) -> None:
-    """Grouped bars: AP50 per class (and mAP50) for each method."""
+def plot_ap_bars(results: dict[str, EvalResult], categories: Sequence[str], uri: str, *, run: str = "",
+                 split: str = "") -> None:
+    """Grouped bars: AP50 per class (and mAP50) for each method; a zero is written as "0"."""
     names = [*categories, "mAP50"]
     x = np.arange(len(names))
     width = 0.8 / max(1, len(results))
-    fig, ax = plt.subplots(figsize=(max(8, len(names) * 1.1), 3.8))
+    fig, ax = plt.subplots(figsize=(max(9, len(names) * 1.2), 4.2))
     for i, (method, res) in enumerate(results.items()):
-        values = [res.ap50.get(c, float("nan")) for c in categories] + [res.map50]
-        ax.bar(x + i * width - 0.4 + width / 2, np.nan_to_num(values), width, label=method)
+        values = np.nan_to_num([res.ap50.get(c, float("nan")) for c in categories] + [res.map50])
+        pos = x + i * width - 0.4 + width / 2
+        ax.bar(pos, values, width, label=method, color=method_colour(method, i))
+        for p, v in zip(pos, values):
+            if v < 0.5:  # a zero bar is invisible: say it
+                ax.text(p, 0.5, "0", ha="center", va="bottom", fontsize=7, color=method_colour(method, i))
+    ax.axvline(len(categories) - 0.5, color="grey", lw=0.8)
     ax.set_xticks(x, names, rotation=20)
+    ax.set_xlabel("category (last group: mean over categories)")
     ax.set_ylabel("AP50 (%)")
-    ax.legend(fontsize=8, ncol=len(results))
+    ax.set_ylim(0, 100)
+    ax.set_title("AP50 per category by method" + (f", {split}" if split else "") + (f" (run {run})" if run else ""),
+                 fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     _save(fig, uri)
 
 
-def plot_separation(rows: list[dict], uri: str) -> None:
+def plot_separation(rows: list[dict], uri: str, *, run: str = "", burn_up: int | None = None) -> None:
     """Counts of each set over distillation; rows are {"step", "sep_<set>": count}."""
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    keys = sorted({k for r in rows for k in r if k.startswith("sep_")})
-    for key in keys:
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        ax.plot(*zip(*pts), label=key[len("sep_"):])
-    ax.set_xlabel("step")
-    ax.set_ylabel("boxes per batch")
-    ax.set_title("knowledge separation during distillation")
-    if keys:
-        ax.legend(fontsize=8)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for name, colour in SET_COLOURS.items():
+        pts = [(r["step"], r[f"sep_{name}"]) for r in rows if f"sep_{name}" in r]
+        if pts:
+            _curve(ax, *map(list, zip(*pts)), name, colour)
+    _burn_up(ax, burn_up)
+    ax.set_xlabel("distillation step")
+    ax.set_ylabel("boxes per training batch")
+    ax.set_ylim(bottom=0)
+    ax.set_title("knowledge separation of the training batches (cloud vs CLIP det)" + (f", run {run}" if run else "")
+                 + "\nfaint: logged values, solid: running mean", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     _save(fig, uri)
 
 
-def _draw(ax: plt.Axes, boxes: np.ndarray, colours: list[str], captions: list[str]) -> None:
-    for (x1, y1, x2, y2), colour, caption in zip(boxes.tolist(), colours, captions):
-        ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color=colour, lw=1.2))
-        ax.text(x1, y1, caption, color="white", fontsize=5, va="bottom",
-                bbox=dict(facecolor=colour, alpha=0.7, pad=0.5, lw=0))
+def _draw(ax: plt.Axes, boxes: np.ndarray, colours: list[str], captions: list[str],
+          dashed: list[bool] | None = None) -> None:
+    dashed = dashed or [False] * len(boxes)
+    for (x1, y1, x2, y2), colour, caption, dash in zip(boxes.tolist(), colours, captions, dashed):
+        ax.add_patch(plt.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, color=colour, lw=1.5,
+                                   ls="--" if dash else "-"))
+        ax.text(x1, y1, caption, color="black", fontsize=CAPTION_PT, va="bottom",
+                bbox=dict(facecolor=colour, alpha=0.8, pad=1.0, lw=0))
 
 
 def _set_colours(cloud: Detections, clip_det: Detections, iou: float) -> tuple[list[str], list[str]]:
@@ -112,25 +184,58 @@ def _set_colours(cloud: Detections, clip_det: Detections, iou: float) -> tuple[l
     return cloud_colours, clip_colours
 
 
+def duplicates(rec: Detections, iou: float = DUPLICATE_IOU) -> list[bool]:
+    """Per box (sorted by score as detectors emit them): does a higher-scoring box of the
+    same label overlap it by ``iou`` or more? Such a box is a false positive at AP50."""
+    if len(rec) == 0:
+        return []
+    overlaps = pairwise_iou(torch.from_numpy(rec.boxes).float(), torch.from_numpy(rec.boxes).float())
+    order = np.argsort(-rec.scores, kind="stable")
+    rank = np.empty(len(order), dtype=int)
+    rank[order] = np.arange(len(order))
+    return [any(overlaps[i, j] >= iou and rec.labels[j] == rec.labels[i] and rank[j] < rank[i]
+                for j in range(len(rec))) for i in range(len(rec))]
+
+
 def detection_grid(images: list[np.ndarray], cloud: list[Detections], clip_det: list[Detections],
                    coin: list[Detections], categories: Sequence[str], uri: str,
-                   iou: float = 0.5, min_score: float = 0.3) -> None:
-    """Rows of target images; columns cloud | CLIP det | COIN. Cloud and CLIP-det boxes are
-    coloured consistent (green) / inconsistent (orange) / private (red); COIN in cyan.
-    Boxes below ``min_score`` are not drawn (nor separated)."""
-    fig, axes = plt.subplots(len(images), 3, figsize=(12, 2.6 * len(images)), squeeze=False)
+                   iou: float = 0.5, min_score: float = 0.3, truth: list[dict] | None = None,
+                   title: str = "") -> None:
+    """Rows of target images; columns ground truth | cloud | CLIP det | COIN.
+
+    ``truth``: per image {"boxes" (N,4) xyxy pixels, "labels" (N,)} (column left out when
+    None). Cloud and CLIP-det boxes are coloured by separation set; COIN boxes in COIN's
+    colour, dashed when they duplicate a better same-label box. Boxes below ``min_score``
+    are not drawn (nor separated).
+    """
+    columns = (["ground truth"] if truth is not None else []) + ["cloud", "CLIP det", "COIN"]
+    h, w = images[0].shape[:2] if images else (1, 1)
+    side = 4.5
+    fig, axes = plt.subplots(len(images), len(columns), squeeze=False,
+                             figsize=(side * len(columns), side * h / w * len(images) + 1.2))
     for row, (img, c, d, s) in enumerate(zip(images, cloud, clip_det, coin)):
         c, d, s = (_above(r, min_score) for r in (c, d, s))
         cloud_col, clip_col = _set_colours(c, d, iou)
-        panels = [(c, cloud_col, "cloud"), (d, clip_col, "CLIP det"), (s, [SET_COLOURS["coin"]] * len(s), "COIN")]
-        for ax, (rec, colours, title) in zip(axes[row], panels):
+        panels = [(c.boxes, c.labels, c.scores, cloud_col, None), (d.boxes, d.labels, d.scores, clip_col, None),
+                  (s.boxes, s.labels, s.scores, [METHOD_COLOURS["COIN"]] * len(s), duplicates(s))]
+        if truth is not None:
+            t = truth[row]
+            panels.insert(0, (np.asarray(t["boxes"]).reshape(-1, 4), np.asarray(t["labels"]), None,
+                              [METHOD_COLOURS["ground truth"]] * len(t["labels"]), None))
+        for ax, (boxes, labels, scores, colours, dashed), name in zip(axes[row], panels, columns):
             ax.imshow(img)
-            captions = [f"{categories[int(lab)]} {sc:.2f}" for lab, sc in zip(rec.labels, rec.scores)]
-            _draw(ax, rec.boxes, colours, captions)
-            ax.set_axis_off()
+            captions = [categories[int(lab)] + (f" {sc:.2f}" if scores is not None else "")
+                        for lab, sc in zip(labels, scores if scores is not None else labels)]
+            _draw(ax, boxes, colours, captions, dashed)
+            ax.set_xticks([])
+            ax.set_yticks([])
             if row == 0:
-                ax.set_title(title)
-    fig.suptitle("green: consistent, orange: inconsistent, red: private", fontsize=9)
+                ax.set_title(name, fontsize=11)
+    legend = ("cloud and CLIP det boxes: green consistent, orange inconsistent, red private (their labels and "
+              f"score >= {min_score}); COIN: cyan, dashed = a second box on an object COIN already boxed "
+              "with the same label (a false positive at AP50)")
+    fig.suptitle((title + "\n" if title else "") + legend, fontsize=10, wrap=True)
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     _save(fig, uri)
 
 
@@ -160,7 +265,7 @@ def read_metrics(uri: str) -> list[dict]:
 
 
 def write_report(cfg: Config, run: RunDir, split: LabelledSplit, results: dict[str, EvalResult],
-                 grid_images: int = 4) -> str:
+                 grid_images: int = 8) -> str:
     """Everything under ``<run>/report``: tables, loss curves, AP bars, separation, detections.
 
     Args:
@@ -170,22 +275,59 @@ def write_report(cfg: Config, run: RunDir, split: LabelledSplit, results: dict[s
         The Table 1 Markdown.
     """
     out = run.report_dir
+    name = run.root.rstrip("/").rsplit("/", 1)[-1]
+    split_name = f"labelled target split ({len(split.items)} images)"
+    d = cfg.train.distill
+    burn_up = int(round(d.burn_up * d.steps))
     curves = {stage: read_metrics(run.metrics(stage)) for stage in ("disseminate", "distill")}
-    md = write_tables(results, cfg.data.categories, out)
-    plot_ap_bars(results, cfg.data.categories, storage.join(out, "ap_per_class.png"))
+    md = write_tables(results, cfg.data.categories, out,
+                      extra={"separation": separation_summary(curves["distill"], burn_up)})
+    plot_ap_bars(results, cfg.data.categories, storage.join(out, "ap_per_class.png"), run=name, split=split_name)
     if any(curves.values()):
-        plot_losses(curves, storage.join(out, "losses.png"))
+        plot_losses(curves, storage.join(out, "losses.png"), run=name, burn_up=burn_up)
     if any(k.startswith("sep_") for row in curves["distill"] for k in row):
-        plot_separation(curves["distill"], storage.join(out, "separation.png"))
+        plot_separation(curves["distill"], storage.join(out, "separation.png"), run=name, burn_up=burn_up)
     sources = {}
-    for name, uri in (("cloud", run.cloud_detections), ("clip_det", run.clip_detections),
-                      ("coin", run.eval("coin"))):
+    for method, uri in (("cloud", run.cloud_detections), ("clip_det", run.clip_detections),
+                        ("coin", run.eval("coin"))):
         if storage.exists(uri):
-            sources[name] = {r.uri: r for r in table_to_records(storage.read_parquet(uri))}
+            sources[method] = {r.uri: r for r in table_to_records(storage.read_parquet(uri))}
     if len(sources) == 3:
-        uris = [g.uri for g in split.items if all(g.uri in s for s in sources.values())][:grid_images]
+        items = [g for g in split.items if all(g.uri in s for s in sources.values())][:grid_images]
+        uris = [g.uri for g in items]
         detection_grid([load_image(u) for u in uris], [sources["cloud"][u] for u in uris],
                        [sources["clip_det"][u] for u in uris], [sources["coin"][u] for u in uris],
                        cfg.data.categories, storage.join(out, "detections.png"),
-                       iou=cfg.train.distill.match_iou)
+                       iou=d.match_iou, truth=[{"boxes": g.boxes, "labels": g.labels} for g in items],
+                       title=f"detections on the {split_name}, run {name}")
+    write_tensorboard(results, out, run)
     return md
+
+
+def separation_summary(rows: list[dict], burn_up: int) -> dict:
+    """Mean boxes per logged training batch in each set, before and after burn-up, and the
+    share of matched pairs that are inconsistent; {} without separation metrics."""
+    out = {}
+    for phase, keep in (("before_burn_up", lambda s: s < burn_up), ("after_burn_up", lambda s: s >= burn_up)):
+        part = [r for r in rows if "sep_consistent" in r and keep(r["step"])]
+        if not part:
+            continue
+        means = {name: round(float(np.mean([r.get(f"sep_{name}", 0) for r in part])), 2) for name in SET_COLOURS}
+        pairs = means["consistent"] + means["inconsistent"]
+        out[phase] = {"logged_batches": len(part), "mean_boxes_per_batch": means,
+                      "inconsistent_share_of_pairs": round(means["inconsistent"] / pairs, 3) if pairs else None}
+    return out
+
+
+def write_tensorboard(results: dict[str, EvalResult], report_uri: str, run: RunDir) -> None:
+    """AP50 per method and category, mAP50 per method, and the report figures, under
+    ``run.tensorboard_dir("evaluate")`` (beside the training stages' events)."""
+    log = TensorBoardLog(run.tensorboard_dir("evaluate"), "evaluate")
+    for method, res in results.items():
+        log.add(0, {f"mAP50/{method}": res.map50,
+                    **{f"AP50/{c}/{method}": v for c, v in res.ap50.items() if math.isfinite(v)}})
+    for figure in ("losses", "ap_per_class", "separation", "detections"):
+        uri = storage.join(report_uri, f"{figure}.png")
+        if storage.exists(uri):
+            log.add_png(figure, storage.read_bytes(uri))
+    log.close()

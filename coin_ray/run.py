@@ -69,7 +69,7 @@ class RunDir:
     clip_detector = _artefact("disseminate", MODEL_FILE)  # the disseminated CLIP detector
     clip_detections = _artefact("clip_det", "detections.parquet")  # source "clip_det", every image
     target_detector = _artefact("distill", MODEL_FILE)  # the distilled target detector
-    tensorboard = _artefact("distill", "tb")
+    tensorboard = _artefact("tensorboard")  # every stage's events: tensorboard --logdir <this>
     report_dir = _artefact("report")
     table1 = _artefact("report", "table1.md")
     export_dir = _artefact("export")
@@ -78,6 +78,10 @@ class RunDir:
     def model(self, stage: str) -> str:
         """The detector a training stage writes: ``disseminate`` or ``distill``."""
         return self.path(stage, MODEL_FILE)
+
+    def tensorboard_dir(self, stage: str) -> str:
+        """``<run>/tensorboard/<stage>``: one stage's (or the evaluation's) TensorBoard events."""
+        return self.path("tensorboard", stage)
 
     def metrics(self, stage: str) -> str:
         """Per-step metrics of a training stage (JSON lines)."""

@@ -386,6 +386,9 @@ def _backend_from_args(args: argparse.Namespace) -> DetectorBackend:
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments, build the backend and serve until interrupted."""
     args = _parse_args(argv)
+    if args.checkpoint and not storage.exists(args.checkpoint):
+        raise SystemExit(f"--checkpoint {args.checkpoint}: no such file (the demo's stand-in is "
+                         "~/.cache/coin_ray/world/demo-0/cloud_detector.pt once the demo world is built)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     token = os.environ.get(args.require_token_env, "") if args.require_token_env else ""
     knobs = Knobs(latency_s=args.latency_ms / 1000.0, rps_limit=args.rps, fail_500=args.fail_500,

@@ -2,6 +2,7 @@
 
     python jobs/predict.py --model runs/<run id>/export --images path/to/images --out results.json
     ray job submit --working-dir . -- python jobs/predict.py --model s3://b/runs/<id>/export --images s3://b/new --out s3://b/out.json
+    python jobs/predict.py ... --runtime onnx             # model.onnx in onnxruntime (.[onnx] extra)
 
 Arguments and exit codes: `coin-ray predict --help` (coin_ray/commands.py, coin_ray/cli.py).
 """

@@ -45,7 +45,8 @@ def exported(tmp_path_factory):
 
 def test_export_writes_modules_and_a_passing_check(exported):
     tmp, meta = exported
-    assert sorted(p.name for p in (tmp / "export").iterdir()) == ["detector_b1.pt", "detector_b2.pt", "export.json"]
+    assert sorted(p.name for p in (tmp / "export").iterdir()) == ["detector_b1.pt", "detector_b2.pt", "export.json",
+                                                                  "model.onnx"]
     on_disk = json.loads((tmp / "export" / "export.json").read_text())
     assert on_disk == meta and meta["format"] == "torchscript" and meta["categories"] == CATEGORIES
     assert meta["check"]["max_box_diff"] <= BOX_ATOL and meta["check"]["detections"] > 0
@@ -102,8 +103,10 @@ def test_export_to_s3(exported, s3_bucket):
     tmp, _ = exported
     out = f"s3://{s3_bucket}/run/export"
     export_detector(str(tmp / "model.pt"), out, batch_sizes=(1,))
-    assert storage.list_files(out) == [f"{out}/detector_b1.pt", f"{out}/export.json"]
-    assert load_exported(out).detect([torch.rand(3, 50, 60)])[0]["probs"].shape[1] == len(CATEGORIES) + 1
+    assert storage.list_files(out) == [f"{out}/detector_b1.pt", f"{out}/export.json", f"{out}/model.onnx"]
+    for runtime in ("torchscript", "onnx"):
+        found = load_exported(out, runtime=runtime).detect([torch.rand(3, 50, 60)])[0]
+        assert found["probs"].shape[1] == len(CATEGORIES) + 1
 
 
 # ---------------------------------------------------------------------------------------
@@ -130,12 +133,13 @@ def image_folder(tmp_path_factory):
 
 
 @pytest.mark.timeout(300)
-def test_predict_writes_coco_results_equal_to_eager(exported, local_ray, image_folder, tmp_path):
+@pytest.mark.parametrize("runtime", ["torchscript", "onnx"])
+def test_predict_writes_coco_results_equal_to_eager(exported, local_ray, image_folder, tmp_path, runtime):
     from coin_ray.ray.predict import predict
 
     tmp, _ = exported
     out = tmp_path / "out" / "results.json"
-    summary = predict(str(tmp / "export"), str(image_folder), str(out), batch_size=2)
+    summary = predict(str(tmp / "export"), str(image_folder), str(out), batch_size=2, runtime=runtime)
     assert (summary.images, summary.errors) == (4, 1)
     results = json.loads(out.read_text())
     index = json.loads((tmp_path / "out" / "results.images.json").read_text())

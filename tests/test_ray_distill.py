@@ -103,7 +103,7 @@ def test_two_gloo_workers_agree_on_gradients_checkpoint_get_killed_and_resume(lo
         assert r["ckg_diff"] <= 1e-6 * max(1.0, r["ckg_norm"])
     logged = [json.loads(line)["step"] for line in (run_dir / "distill" / "metrics.jsonl").read_text().splitlines()]
     assert logged == [1, 2, 3, 4]
-    assert any(p.name.startswith("events.out.tfevents") for p in (run_dir / "distill" / "tb").iterdir())
+    assert any(p.name.startswith("events.out.tfevents") for p in (run_dir / "tensorboard" / "distill").iterdir())
 
     model = load_detector(model_uri)
     counts = model.meta["separation"]["counts"]  # counted since the resume (steps 3-4)

@@ -36,6 +36,7 @@ from coin_ray.cloud.mapping import CategoryMap
 from coin_ray.config import Config, from_dict, to_dict
 from coin_ray.data.images import decode_image, image_id_from_uri
 from coin_ray.preflight import stop_if_unreachable
+from coin_ray.progress import ProgressLine
 from coin_ray.ray.limiter import ClusterLimiter
 from coin_ray.run import RunDir
 from coin_ray.schema import Detections, records_to_table
@@ -114,22 +115,15 @@ class _ClipScorer:
 
 
 class _Progress:
-    """Images done / total, rate and errors on stderr, at most every ``every_s`` seconds."""
+    """Images done / total, rate, ETA and errors on stderr (``coin_ray.progress``)."""
 
-    def __init__(self, total: int, every_s: float = 2.0) -> None:
-        self.total, self.every_s = total, every_s
-        self.start = self.last = time.monotonic()
+    def __init__(self, total: int, every_s: float = 5.0) -> None:
+        self.line = ProgressLine("collect", total, unit="image", every_s=every_s)
 
     def update(self, tally: RunTally, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self.last < self.every_s:
-            return
-        self.last = now
-        rate = tally.images / max(now - self.start, 1e-9)
-        print(f"[collect] {tally.images}/{self.total} images  {rate:.1f} img/s  "
-              f"calls {tally.calls}  cache hits {tally.cache_hits}  errors {tally.errors}  "
-              f"skipped (failed before) {tally.skipped_failed}  "
-              f"not asked (budget) {tally.not_asked_budget}", file=sys.stderr, flush=True)
+        self.line.update(tally.images, extra=f"calls {tally.calls}  cache hits {tally.cache_hits}  "
+                                              f"errors {tally.errors}  skipped (failed before) {tally.skipped_failed}  "
+                                              f"not asked (budget) {tally.not_asked_budget}", force=force)
 
 
 def _plan(cfg: Config, image_uris: list[str], limiter: ClusterLimiter, token: Secret,
@@ -218,7 +212,7 @@ def run_collection(cfg: Config, image_uris: list[str], run: RunDir, *,
     # Label-only users want the labels without training: COCO JSON next to the Parquet.
     export_coco(cloud, cfg.data.categories, run.cloud_coco,
                 root=cfg.data.target_images)
-    summary = {**tally.as_dict(c.price_per_call), "backend": c.backend, "model": c.model or c.url,
+    summary = {**tally.as_dict(c.price_per_call), "backend": c.backend, "model": _model_name(cfg, token),
                "seconds": round(seconds, 3), "calls_per_s": round(tally.calls / max(seconds, 1e-9), 3),
                "limiter_grants": limiter_stats["granted"]}
     if spent:
@@ -228,6 +222,16 @@ def run_collection(cfg: Config, image_uris: list[str], run: RunDir, *,
     storage.write_text(run.collect_summary, json.dumps(summary, indent=2))
     log.info("collection: %s", json.dumps(summary))
     return summary
+
+
+def _model_name(cfg: Config, token: Secret) -> str:
+    """The model the answers came from, as the cache keys name it (for ``http``: the name
+    the server reports, not its possibly temporary URL)."""
+    c = cfg.cloud
+    try:
+        return model_id(c, build_backend(c, cfg.data.categories, token, cfg.data.target_images))
+    except Exception:  # noqa: BLE001 (a backend that cannot be rebuilt here: keep what the config says)
+        return c.model or c.url
 
 
 def _stop_reason(limiter: ClusterLimiter) -> str:

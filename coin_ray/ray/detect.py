@@ -19,7 +19,8 @@ from coin_ray import storage
 from coin_ray.config import Config
 from coin_ray.data.images import image_id_from_uri, read_image_record
 from coin_ray.models.build import load_detector
-from coin_ray.schema import SOURCE_CLIP_DET, Detections, records_to_table, table_to_records
+from coin_ray.progress import ProgressLine
+from coin_ray.schema import SOURCE_CLIP_DET, SOURCE_COIN, Detections, records_to_table, table_to_records
 from coin_ray.train.data import image_tensor
 
 
@@ -50,6 +51,12 @@ class DetectorActor:
         return records_to_table(records)
 
 
+def actor_resources(cfg: Config) -> dict[str, float]:
+    """``map_batches`` resource arguments of one detection actor: num_cpus, num_gpus."""
+    resources = cfg.ray.worker_resources()
+    return {"num_cpus": resources["CPU"], "num_gpus": resources.get("GPU", 0)}
+
+
 def run_detection(cfg: Config, model_path: str, uris: list[str], out_uri: str,
                   source: str = SOURCE_CLIP_DET, *, batch_size: int | None = None,
                   num_actors: int | None = None) -> str:
@@ -61,7 +68,7 @@ def run_detection(cfg: Config, model_path: str, uris: list[str], out_uri: str,
             ``cfg.data.target_images`` when under it, else the file name (as collection does).
         batch_size: images per actor call (default ``cfg.train.disseminate.batch_size``).
         num_actors: pool size (default ``cfg.clip.num_actors``); each actor reserves
-            ``cfg.ray.cpus_per_worker`` CPUs and one GPU when ``cfg.ray.use_gpu``.
+            ``cfg.ray.worker_resources()`` (CPUs, and GPUs when ``cfg.ray.use_gpu``).
     Returns:
         ``out_uri``; its records are sorted by uri.
     """
@@ -70,14 +77,17 @@ def run_detection(cfg: Config, model_path: str, uris: list[str], out_uri: str,
     if not items:
         storage.write_parquet(records_to_table([]), out_uri)
         return out_uri
-    gpus = 1 if cfg.ray.use_gpu else 0
     ds = ray.data.from_items(items).map_batches(
         DetectorActor, batch_size=batch_size or cfg.train.disseminate.batch_size,
         fn_constructor_kwargs={"model_path": model_path, "source": source,
-                               "num_threads": int(cfg.ray.cpus_per_worker), "use_gpu": bool(gpus)},
+                               "num_threads": int(cfg.ray.cpus_per_worker), "use_gpu": cfg.ray.use_gpu},
         compute=ray.data.ActorPoolStrategy(size=num_actors or cfg.clip.num_actors),
-        num_cpus=cfg.ray.cpus_per_worker, num_gpus=gpus, batch_format="numpy")
-    tables = ray.get(ds.to_arrow_refs())
-    records = sorted((r for t in tables for r in table_to_records(t)), key=lambda r: r.uri)
+        batch_format="numpy", **actor_resources(cfg))
+    progress = ProgressLine("evaluate" if source == SOURCE_COIN else source, len(items), unit="image")
+    records = []
+    for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        records += table_to_records(table)
+        progress.update(len(records))
+    records.sort(key=lambda r: r.uri)
     storage.write_parquet(records_to_table(records), out_uri)
     return out_uri

@@ -9,7 +9,7 @@ takes its slice of every global batch (coin_ray.train.data.step_indices), and ru
 model with its prototypes, the optimizer, the scheduler and the step go to Ray storage
 under ``<run>/disseminate``; a restarted worker group or a re-submitted run resumes from
 there at the next step. Rank 0 appends per-step losses to ``run.metrics("disseminate")``
-and finally writes the model.
+and to TensorBoard (``run.tensorboard_dir("disseminate")``), and finally writes the model.
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ from typing import Callable
 
 from coin_ray.config import Config
 from coin_ray.models.build import build_detector, save_detector
+from coin_ray.ray.progress_feed import report_metrics
 from coin_ray.ray.train import prepare, run_stage, run_training, worker_setup
 from coin_ray.run import RunDir
+from coin_ray.tensorboard_log import TensorBoardLog
 from coin_ray.train.data import DetectionDataset, cloud_records
 from coin_ray.train.disseminate import DisseminateTraining, build_optimizer
-from coin_ray.train.loop import MetricsLog, build_scheduler
+from coin_ray.train.loop import MetricsLog, StepLog, build_scheduler
 
 STAGE = "disseminate"
 
@@ -39,9 +41,14 @@ def disseminate_worker(config: dict, after_step: Callable[[int], None] | None = 
     optimizer = build_optimizer(detector, d)
     training = DisseminateTraining(detector, optimizer, build_scheduler(optimizer, d.steps), dataset, d,
                                    w.cfg.seed, w.rank, w.world_size, w.device, wrap=prepare)
+
+    def logs(start: int) -> list[StepLog]:
+        if w.rank != 0:
+            return []
+        return [MetricsLog(w.run.metrics(STAGE), start), TensorBoardLog(w.run.tensorboard_dir(STAGE), STAGE)]
+
     run_training(training, steps=d.steps, checkpoint_every=d.checkpoint_every, log_every=d.log_every,
-                 logs=lambda start: [MetricsLog(w.run.metrics(STAGE), start)] if w.rank == 0 else [],
-                 after_step=after_step, map_location=w.device)
+                 logs=logs, feed=report_metrics, after_step=after_step, map_location=w.device)
     if w.rank == 0:
         save_detector(detector, w.run.clip_detector, {"steps": d.steps})
 

@@ -14,22 +14,20 @@ Every ``checkpoint_every`` steps (and at the end) one checkpoint holds the stude
 its prototypes), the EMA teacher, the CKG (with its two prototype matrices), both
 optimizers, the scheduler and the step; a restarted worker group or a re-submitted run
 resumes there. Rank 0 logs per-step metrics to ``run.metrics("distill")`` and to
-TensorBoard under ``run.tensorboard`` (written locally and uploaded for s3:// runs), and
-finally writes the model with the separation statistics in its meta.
+TensorBoard under ``run.tensorboard_dir("distill")`` (written locally and uploaded for
+s3:// runs), and finally writes the model with the separation statistics in its meta.
 """
 
 from __future__ import annotations
 
-import tempfile
 from typing import Any, Callable
 
-from torch.utils.tensorboard import SummaryWriter
-
-from coin_ray import storage
 from coin_ray.config import Config
 from coin_ray.models.build import save_detector
+from coin_ray.ray.progress_feed import report_metrics
 from coin_ray.ray.train import prepare, run_stage, run_training, worker_setup
 from coin_ray.run import RunDir
+from coin_ray.tensorboard_log import TensorBoardLog
 from coin_ray.train.data import DetectionDataset, cloud_records
 from coin_ray.train.distill import DistillState, DistillTraining, build_run_state
 from coin_ray.train.loop import MetricsLog, StepLog
@@ -37,24 +35,6 @@ from coin_ray.train.loop import MetricsLog, StepLog
 STAGE = "distill"
 
 AfterStep = Callable[[int, DistillState], None]
-
-
-class TensorBoardLog:
-    """Scalars to TensorBoard event files under ``uri`` (a local dir, uploaded when s3://)."""
-
-    def __init__(self, uri: str) -> None:
-        self.uri = uri
-        self.local = tempfile.mkdtemp(prefix="coin-tb-") if storage.is_s3(uri) else uri
-        self.writer = SummaryWriter(self.local)
-
-    def add(self, step: int, metrics: dict[str, float]) -> None:
-        for key, value in metrics.items():
-            self.writer.add_scalar(f"{STAGE}/{key}", value, step)
-
-    def flush(self) -> None:
-        self.writer.flush()
-        if storage.is_s3(self.uri):
-            storage.upload_dir(self.local, self.uri)
 
 
 def distill_worker(config: dict[str, Any], after_step: AfterStep | None = None) -> None:
@@ -70,10 +50,13 @@ def distill_worker(config: dict[str, Any], after_step: AfterStep | None = None) 
     training = DistillTraining(state, dataset, d, w.cfg.seed, w.rank, w.world_size, w.device)
 
     def logs(start: int) -> list[StepLog]:
-        return [MetricsLog(w.run.metrics(STAGE), start), TensorBoardLog(w.run.tensorboard)] if w.rank == 0 else []
+        if w.rank != 0:
+            return []
+        return [MetricsLog(w.run.metrics(STAGE), start), TensorBoardLog(w.run.tensorboard_dir(STAGE), STAGE)]
 
     run_training(training, steps=d.steps, checkpoint_every=d.checkpoint_every, log_every=d.log_every,
-                 logs=logs, after_step=None if after_step is None else lambda step: after_step(step, state))
+                 logs=logs, feed=report_metrics,
+                 after_step=None if after_step is None else lambda step: after_step(step, state))
     if w.rank == 0:
         save_detector(state.detector, w.run.target_detector,
                       {"steps": d.steps, "separation": state.stats.summary()})

@@ -27,6 +27,7 @@ from coin_ray.config import Config, to_yaml
 from coin_ray.demo import with_demo_world
 from coin_ray.location import describe, resolve_config
 from coin_ray.ray.cluster import check_storage, join
+from coin_ray.ray.progress_feed import filter_known_ray_noise
 from coin_ray.ray.stages import (stage_clip_det, stage_collect, stage_disseminate, stage_distill,
                                  stage_evaluate, stage_export)
 from coin_ray.run import STAGE_NAMES, RunDir, run_dir
@@ -56,8 +57,10 @@ class AdaptationResult:
 
 def init_ray(num_cpus: int | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS (failing fast when it is dead), or start a
-    local Ray instance; see ``coin_ray.ray.cluster.join``."""
+    local Ray instance (see ``coin_ray.ray.cluster.join``); Ray's known-harmless noise then
+    stays off the console."""
     join(num_cpus)
+    filter_known_ray_noise()
 
 
 def stages_to_run(run: RunDir, requested: list[str] | None) -> list[str]:
@@ -75,11 +78,16 @@ def run_adaptation(cfg: Config, stages: list[str] | None = None, num_cpus: int |
     cfg = with_demo_world(resolve_config(cfg))
     run = run_dir(cfg)
     print(describe(cfg, run.root), flush=True)
-    init_ray(num_cpus or cfg.ray.num_cpus or None)
-    check_storage(cfg.storage)
-    storage.write_text(run.config, to_yaml(cfg))
     result = AdaptationResult(run.root)
-    for stage in stages_to_run(run, stages):
+    todo = stages_to_run(run, stages)
+    if todo:
+        init_ray(num_cpus or cfg.ray.num_cpus or None)
+        check_storage(cfg.storage)
+    else:
+        print(f"[coin-ray] every stage of {run.root} is done: nothing to run "
+              "(--stages names stages to run again)", flush=True)
+    storage.write_text(run.config, to_yaml(cfg))
+    for stage in todo:
         start = time.monotonic()
         print(f"[coin-ray] stage {stage} ...", flush=True)
         info = STAGES[stage](cfg, run)
@@ -90,5 +98,6 @@ def run_adaptation(cfg: Config, stages: list[str] | None = None, num_cpus: int |
         result.table_markdown = storage.read_text(run.table1)
         print("\n" + result.table_markdown)
         print(f"report: {run.report_dir}")
+    print(f"TensorBoard (every stage and the evaluation): tensorboard --logdir {run.tensorboard}", flush=True)
     print(describe(cfg, run.root), flush=True)
     return result

@@ -2,7 +2,7 @@
 
     summary = predict("runs/<id>/export", "s3://bucket/new-images", "s3://bucket/out/results.json")
 
-An actor pool loads the TorchScript export (``coin_ray.export``) once per actor; each
+An actor pool loads the TorchScript or ONNX export (``coin_ray.export``) once per actor; each
 actor reads its batch of images by uri (local or s3://), detects, and returns Detections
 rows (boxes xyxy in original-image pixels). An unreadable image becomes an error record
 (counted in the summary), never a failed job. The driver writes one COCO results JSON:
@@ -35,9 +35,9 @@ from coin_ray.schema import SOURCE_COIN, Detections, records_to_table, table_to_
 class ExportedPredictor:
     """Ray Data callable class: a batch {"uri", "image_id"} -> an Arrow table of Detections."""
 
-    def __init__(self, export_uri: str, num_threads: int = 1) -> None:
+    def __init__(self, export_uri: str, num_threads: int = 1, runtime: str = "torchscript") -> None:
         torch.set_num_threads(max(1, num_threads))
-        self.detector = load_exported(export_uri)
+        self.detector = load_exported(export_uri, runtime=runtime, num_threads=num_threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         images = [read_image_record(str(u), str(i)) for u, i in zip(batch["uri"], batch["image_id"])]
@@ -57,14 +57,17 @@ class ExportedPredictor:
 
 
 def detect_all(export_uri: str, uris: list[str], *, root: str = "", batch_size: int = 8,
-               num_actors: int = 1, cpus_per_actor: float = 1.0) -> list[Detections]:
-    """Detections for every uri (error records included), sorted by uri."""
+               num_actors: int = 1, cpus_per_actor: float = 1.0, runtime: str = "torchscript"
+               ) -> list[Detections]:
+    """Detections for every uri (error records included), sorted by uri; ``runtime`` as in
+    ``coin_ray.export.load_exported``."""
     if not uris:
         return []
     items = [{"uri": u, "image_id": image_id_from_uri(u, root)} for u in uris]
     ds = ray.data.from_items(items).map_batches(
         ExportedPredictor, batch_size=batch_size,
-        fn_constructor_kwargs={"export_uri": export_uri, "num_threads": max(1, int(cpus_per_actor))},
+        fn_constructor_kwargs={"export_uri": export_uri, "num_threads": max(1, int(cpus_per_actor)),
+                               "runtime": runtime},
         compute=ray.data.ActorPoolStrategy(size=num_actors), num_cpus=cpus_per_actor,
         batch_format="pyarrow")
     tables = ray.get(ds.to_arrow_refs())
@@ -114,7 +117,8 @@ class PredictSummary:
 
 
 def predict(export_uri: str, images_uri: str, out_uri: str, *, annotations_uri: str = "",
-            batch_size: int = 0, num_actors: int = 1, cpus_per_actor: float = 1.0) -> PredictSummary:
+            batch_size: int = 0, num_actors: int = 1, cpus_per_actor: float = 1.0,
+            runtime: str = "torchscript") -> PredictSummary:
     """Detect on every image under ``images_uri`` and write COCO results JSON to ``out_uri``.
 
     ``batch_size`` 0 = the largest batch size the export was traced with. Ray must be
@@ -124,7 +128,7 @@ def predict(export_uri: str, images_uri: str, out_uri: str, *, annotations_uri: 
     meta = json.loads(storage.read_text(storage.join(export_uri, "export.json")))
     uris = [u for u in list_image_folder(images_uri) if u.lower().endswith(IMAGE_SUFFIXES)]
     records = detect_all(export_uri, uris, root=images_uri, batch_size=batch_size or max(meta["batch_sizes"]),
-                         num_actors=num_actors, cpus_per_actor=cpus_per_actor)
+                         num_actors=num_actors, cpus_per_actor=cpus_per_actor, runtime=runtime)
     image_ids, category_ids = coco_ids(meta["categories"], uris, images_uri, annotations_uri)
     results = coco_results(records, image_ids, category_ids)
     storage.write_text(out_uri, json.dumps(results))

@@ -73,11 +73,12 @@ def _records(uri: str) -> list[Detections] | None:
 def evaluate_rows(cfg: Config, run: RunDir) -> dict[str, EvalResult]:
     """Table 1 rows for every method whose val detections exist."""
     split = val_split(cfg)
+    wanted = set(split.uris())  # collect/*.parquet also holds the training images
     results = {}
     for method, uri in table1_rows(run).items():
         records = _records(uri)
         if records is not None:
-            results[method] = evaluate(split, records)
+            results[method] = evaluate(split, [r for r in records if r.uri in wanted])
     return results
 
 
@@ -94,8 +95,11 @@ def stage_evaluate(cfg: Config, run: RunDir) -> dict[str, Any]:
 
 
 def stage_export(cfg: Config, run: RunDir) -> dict[str, Any]:
-    """Export the target detector for deployment (TorchScript) and check it against eager."""
-    return export_detector(run.target_detector, run.export_dir, example_uri=_first_image(cfg))
+    """Export the target detector (TorchScript, and ONNX with the extra); check both against
+    eager on the labelled val images when there are some."""
+    split = val_split(cfg)
+    return export_detector(run.target_detector, run.export_dir, example_uri=_first_image(cfg),
+                           check_uris=split.uris() if split is not None else None)
 
 
 def _first_image(cfg: Config) -> str:

@@ -36,6 +36,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from coin_ray import storage
 from coin_ray.config import Config, from_dict, to_dict
 from coin_ray.data.datasets import target_uris
+from coin_ray.ray.progress_feed import quiet_train_reports, training_progress
 from coin_ray.run import RunDir
 from coin_ray.train.loop import StepLog, Training
 
@@ -54,18 +55,15 @@ def storage_target(uri: str) -> tuple[str, Any]:
 
 def scaling_config(cfg: Config) -> ScalingConfig:
     """Workers from ``cfg.ray``: num_workers 0 runs the loop in the driver (Ray's local mode)."""
-    resources: dict[str, float] = {"CPU": cfg.ray.cpus_per_worker}
-    if cfg.ray.use_gpu:
-        resources["GPU"] = 1
     return ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                         resources_per_worker=resources)
+                         resources_per_worker=cfg.ray.worker_resources())
 
 
 def fit(loop: Callable[[dict], None], loop_config: dict, cfg: Config, *, name: str, storage_path: str,
-        max_failures: int = MAX_FAILURES) -> ray.train.Result:
+        max_failures: int = MAX_FAILURES, callbacks: list | None = None) -> ray.train.Result:
     """Run ``loop`` under a TorchTrainer (gloo on CPU, nccl on GPU); raises if training fails."""
     path, filesystem = storage_target(storage_path)
-    run_config = RunConfig(name=name, storage_path=path, storage_filesystem=filesystem,
+    run_config = RunConfig(name=name, storage_path=path, storage_filesystem=filesystem, callbacks=callbacks,
                            failure_config=FailureConfig(max_failures=max_failures),
                            checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT))
     trainer = TorchTrainer(loop, train_loop_config=loop_config, scaling_config=scaling_config(cfg),
@@ -89,8 +87,9 @@ def run_stage(stage: str, loop: Callable[[dict], None], cfg: Config, run: RunDir
     """
     if uris is None and cfg.data.target_images:
         uris = target_uris(cfg)
-    fit(loop, {"cfg": to_dict(cfg), "run_dir": run.root, "uris": uris}, cfg, name=stage,
-        storage_path=run.root)
+    with training_progress(stage, getattr(cfg.train, stage).steps) as progress:
+        fit(loop, {"cfg": to_dict(cfg), "run_dir": run.root, "uris": uris}, cfg, name=stage,
+            storage_path=run.root, callbacks=[progress])
     return run.model(stage)
 
 
@@ -116,6 +115,7 @@ def worker_setup(config: dict) -> Worker:
 
 def worker_context() -> tuple[int, int, torch.device]:
     """(world rank, world size, torch device) of this training worker."""
+    quiet_train_reports()
     context = ray.train.get_context()
     return context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device()
 
@@ -171,15 +171,17 @@ def step_metrics(step: int, metrics: dict[str, float]) -> dict[str, Any]:
 def run_training(training: Training, *, steps: int, checkpoint_every: int, log_every: int = 1,
                  logs: Callable[[int], Sequence[StepLog]] = lambda start: (),
                  report: Callable[[int, dict[str, float]], dict[str, Any]] = step_metrics,
+                 feed: Callable[[int, dict[str, float]], None] | None = None,
                  after_step: Callable[[int], None] | None = None,
                  checkpoints: Checkpoints = RAY_TRAIN_CHECKPOINTS,
                  map_location: str | torch.device = "cpu") -> None:
     """Resume ``training`` from its newest checkpoint and run it to ``steps``.
 
     After each step: metrics go to ``logs(resume step)`` every ``log_every`` steps; every
-    ``checkpoint_every`` steps the state is checkpointed with ``report(step, metrics)``;
-    then ``after_step(step)`` (tests use it to kill a worker). The last step always logs
-    and checkpoints.
+    ``checkpoint_every`` steps the state is checkpointed with ``report(step, metrics)``, and
+    on the other logged steps ``feed(step, metrics)`` reports them alone (the driver's
+    progress line); then ``after_step(step)`` (tests use it to kill a worker). The last step
+    always logs and checkpoints.
     """
     blob = checkpoints.load(map_location)
     if blob is not None:
@@ -194,6 +196,8 @@ def run_training(training: Training, *, steps: int, checkpoint_every: int, log_e
         if step % checkpoint_every == 0 or step == steps:
             reported = report(step, metrics)
             checkpoints.save(training.state_dict(), reported)
+        elif feed is not None and step % log_every == 0:
+            feed(step, metrics)
         if after_step is not None:
             after_step(step)
 

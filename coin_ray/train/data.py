@@ -43,6 +43,17 @@ def image_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
 
 
+def resize_to(image: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(3,H,W) -> (3,h,w) bilinear, and the (4,) factors mapping xyxy boxes back to (H,W)."""
+    h0, w0 = image.shape[-2:]
+    if (h0, w0) == tuple(size):
+        return image, torch.ones(4)
+    out = torch.nn.functional.interpolate(image[None], size=tuple(size), mode="bilinear",
+                                          align_corners=False)[0]
+    sx, sy = w0 / size[1], h0 / size[0]
+    return out, torch.tensor([sx, sy, sx, sy])
+
+
 class DetectionDataset(Dataset):
     """Images (read by uri through coin_ray.storage) with their detection records as targets.
 

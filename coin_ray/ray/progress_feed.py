@@ -1,0 +1,154 @@
+"""Ray Train's reported metrics, shown on the driver as ``coin_ray.progress`` lines.
+
+    with training_progress("distill", total_steps=400) as callback:
+        TorchTrainer(..., run_config=RunConfig(callbacks=[callback])).fit()
+
+Ray Train calls a ``UserCallback`` on its controller process, not on the driver, so the
+callback forwards rank 0's metrics through a ``ray.util.queue.Queue`` (an actor) and a
+driver thread turns them into one throttled progress line. The workers report every
+``log_every`` steps (``report_metrics``), not only with checkpoints.
+
+Ray Train's own per-report INFO lines ("Reporting training result N: TrainingReport(...)",
+"Checkpoint successfully created at ...") stay in Ray's log files unless COIN_RAY_VERBOSE=1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import ray.train
+from ray.train import UserCallback
+from ray.util.queue import Empty, Queue
+
+from coin_ray.progress import ProgressLine
+
+POLL_S = 0.5
+
+
+def verbose() -> bool:
+    return os.environ.get("COIN_RAY_VERBOSE", "") not in ("", "0")
+
+
+class ReportForwarder(UserCallback):
+    """On the controller: put rank 0's metrics of every report on the driver's queue."""
+
+    def __init__(self, queue: Queue) -> None:
+        self.queue = queue
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if metrics:
+            self.queue.put_nowait(dict(metrics[0]))
+
+
+def _show(queue: Queue, progress: ProgressLine, stop: threading.Event) -> None:
+    last: dict[str, Any] = {}
+    while not stop.is_set() or not queue.empty():
+        try:
+            last = queue.get(timeout=POLL_S)
+        except Empty:
+            continue
+        except Exception:  # the queue actor is gone (cluster shutting down): nothing left to show
+            return
+        if "step" in last:
+            progress.update(int(last["step"]), last)
+
+
+@contextmanager
+def training_progress(stage: str, total_steps: int) -> Iterator[ReportForwarder]:
+    """A callback for RunConfig(callbacks=[...]) whose reports print progress on the driver."""
+    queue = Queue(actor_options={"num_cpus": 0})
+    progress = ProgressLine(stage, total_steps)
+    stop = threading.Event()
+    thread = threading.Thread(target=_show, args=(queue, progress, stop), daemon=True)
+    thread.start()
+    try:
+        yield ReportForwarder(queue)
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        queue.shutdown()
+
+
+def report_metrics(step: int, metrics: dict[str, float]) -> None:
+    """Report metrics without a checkpoint (every rank calls it, like ray.train.report)."""
+    ray.train.report({"step": step, **metrics})
+
+
+def quiet_train_reports() -> None:
+    """On a worker: Ray Train's per-report INFO lines to its log file only (not the console)."""
+    if verbose():
+        return
+    from ray.train.v2._internal.execution import context, storage
+
+    for module in (context, storage):
+        logging.getLogger(module.__file__).setLevel(logging.WARNING)
+        logging.getLogger(module.__name__).setLevel(logging.WARNING)
+
+
+# Known-harmless lines that Ray forwards from its own processes to the driver's console.
+# They stay in Ray's session logs (/tmp/ray/session_latest/logs); COIN_RAY_VERBOSE=1 shows them.
+#  - Ray Train's PlacementGroupCleaner looks the cluster up by address; on a machine that
+#    runs several Ray instances it may pick another one and print a GCS-timeout traceback,
+#    and the TrainController one about failing to stop it (QUIET_STOP).
+#  - Ray warns at error level that an actor whose constructor arguments sit in the object
+#    store cannot be restarted once their owner dies; Ray Data and Ray Train create such
+#    actors themselves (actor pools, PreemptionWatcher).
+QUIET_ACTORS = ("PlacementGroupCleaner",)
+QUIET_LINE = re.compile(r"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the object store")
+
+
+# The controller then reports, with a traceback, that stopping that cleaner timed out.
+QUIET_STOP = "Failed to stop PlacementGroupCleaner gracefully"
+
+
+def _without_cleaner_stop(lines: list[str]) -> list[str]:
+    """``lines`` less the QUIET_STOP message and the traceback after it (to its exception line)."""
+    kept, skipping = [], False
+    for line in lines:
+        if QUIET_STOP in line:
+            skipping = True
+        elif skipping and (line.startswith((" ", "Traceback")) or not line.strip()):
+            pass
+        elif skipping and line.startswith("ray.exceptions."):
+            skipping = False
+        else:
+            skipping = False
+            kept.append(line)
+    return kept
+
+
+def _keep(data: dict[str, Any]) -> dict[str, Any] | None:
+    if str(data.get("actor_name") or "").startswith(QUIET_ACTORS):
+        return None
+    lines = [line for line in _without_cleaner_stop(data.get("lines", [])) if not QUIET_LINE.search(line)]
+    return {**data, "lines": lines} if lines else None
+
+
+def filter_known_ray_noise() -> None:
+    """On the driver, after ray.init: drop the known-harmless forwarded lines (see above)."""
+    if verbose():
+        return
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    with dispatcher._lock:
+        handlers = []
+        for name, handler in dispatcher.handlers:
+            if name == "ray_print_logs" and not getattr(handler, "coin_ray_filtered", False):
+                handler = _filtered(handler)
+            handlers.append((name, handler))
+        dispatcher.handlers = handlers
+
+
+def _filtered(handler: Any) -> Any:
+    def emit(data: dict[str, Any]) -> None:
+        kept = _keep(data)
+        if kept is not None:
+            handler(kept)
+
+    emit.coin_ray_filtered = True
+    return emit

@@ -1,0 +1,66 @@
+"""The progress line: format, rate, ETA, 3 significant digits, throttling."""
+
+from __future__ import annotations
+
+import io
+
+from coin_ray.progress import ProgressLine, format_duration, sig3
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_line_has_stage_counts_rate_eta_and_losses():
+    clock, out = Clock(), io.StringIO()
+    progress = ProgressLine("distill", total=400, out=out, clock=clock)
+    clock.t += 40.0
+    line = progress.update(120, {"loss": 1.23456, "l_con": 0.000456789, "sep_private": 7, "lr": 0.01})
+    assert line == "[distill] step 120/400 (30%)  3 step/s  ETA 1m33s  loss 1.23  l_con 0.000457"
+    assert out.getvalue() == line + "\n"
+
+
+def test_lines_are_throttled_but_the_last_one_always_shows():
+    clock, out = Clock(), io.StringIO()
+    progress = ProgressLine("collect", total=10, unit="image", every_s=5.0, out=out, clock=clock)
+    printed = []
+    for done in range(1, 11):
+        clock.t += 1.0
+        printed.append(progress.update(done) is not None)
+    assert printed == [True, False, False, False, False, True, False, False, False, True]
+    assert out.getvalue().splitlines()[-1].startswith("[collect] image 10/10 (100%)  1 image/s  ETA 0s")
+
+
+def test_a_resumed_stage_counts_its_rate_from_where_it_resumed():
+    clock = Clock()
+    progress = ProgressLine("disseminate", total=300, start=200, out=io.StringIO(), clock=clock)
+    clock.t += 10.0
+    assert "1 step/s  ETA 1m30s" in progress.format(210)
+
+
+def test_number_formats():
+    assert [sig3(x) for x in (1.23456, 0.000123456, 123456.0, 0.0)] == ["1.23", "0.000123", "1.23e+05", "0"]
+    assert [format_duration(s) for s in (4.2, 185, 3725, float("nan"))] == ["4s", "3m05s", "1h02m", "?"]
+
+
+def test_known_ray_noise_is_dropped_and_everything_else_kept():
+    from coin_ray.ray.progress_feed import _keep
+
+    controller = {"actor_name": "TrainController", "pid": 1, "is_err": True, "lines": [
+        "Started training worker group of size 1:",
+        "Failed to stop PlacementGroupCleaner gracefully.",
+        "Traceback (most recent call last):",
+        '  File "x.py", line 1, in f',
+        "    ray.get(x)",
+        "ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready.",
+        "[2026-11-30 14:42:59,904 E 26431 26650] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' "
+        "and ID: '4d' has constructor arguments in the object store and max_restarts > 0.",
+        "Traceback (most recent call last):",
+        "ValueError: a real error"]}
+    assert _keep(controller)["lines"] == ["Started training worker group of size 1:",
+                                          "Traceback (most recent call last):", "ValueError: a real error"]
+    assert _keep({"actor_name": "PlacementGroupCleaner", "lines": ["Traceback (most recent call last):"]}) is None
