@@ -100,8 +100,13 @@ class ModelConfig:
 
 @dataclass
 class DisseminateConfig:
-    """Stage 1: pre-training the CLIP detector on cloud detections."""
+    """Stage 1: pre-training the CLIP detector on the cloud's boxes.
 
+    ``labels``: "clip" trains on CLIP's relabelling of the cloud boxes (hard labels, boxes
+    CLIP calls background dropped; the paper's recipe), "cloud" on the cloud's own labels.
+    """
+
+    labels: Literal["clip", "cloud"] = "clip"
     steps: int = _range(0, None, default=600)
     batch_size: int = _range(1, None, default=4)
     lr: float = _range(0.0, None, lo_open=True, default=2e-3)

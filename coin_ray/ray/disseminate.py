@@ -2,7 +2,8 @@
 
     run_disseminate(cfg, run_dir) -> "<run_dir>/disseminate/model.pt"
 
-Each worker reads ``<run>/collect/cloud.parquet`` and the images by uri (local or s3://),
+Each worker reads ``<run>/collect/cloud.parquet`` (relabelled by ``collect/clip.parquet``
+unless ``train.disseminate.labels=cloud``) and the images by uri (local or s3://),
 takes its slice of every global batch (coin_ray.train.data.step_indices), and runs
 coin_ray.train.disseminate.run_steps under DDP. Every ``checkpoint_every`` steps (and at
 the end) the model with its prototypes, the optimizer, the scheduler and the step go to
@@ -23,7 +24,7 @@ from coin_ray.config import Config, from_dict
 from coin_ray.models.ov_rcnn import save_detector
 from coin_ray.ray.train import load_checkpoint, prepare, run_stage, save_checkpoint, worker_context
 from coin_ray.schema import DETECTION_SCHEMA, Detections, table_to_records
-from coin_ray.train.data import DetectionDataset
+from coin_ray.train.data import DetectionDataset, load_dissemination_records
 from coin_ray.train.disseminate import (build_detector, build_optimizer, build_scheduler,
                                         restore_training_state, run_steps, training_state)
 
@@ -63,7 +64,8 @@ def disseminate_worker(config: dict, after_step: Callable[[int], None] | None = 
     run_dir = config["run_dir"]
     rank, world_size, device = worker_context()
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
-    dataset = DetectionDataset(cloud_records(run_dir, config.get("uris")), cfg.num_classes, d.min_cloud_score)
+    records = load_dissemination_records(run_dir, d.labels, config.get("uris"))  # train.disseminate.labels
+    dataset = DetectionDataset(records, cfg.num_classes, d.min_cloud_score)
     detector = build_detector(cfg).to(device)  # before the optimizer, so its state lands on device
     optimizer = build_optimizer(detector, d)
     scheduler = build_scheduler(optimizer, d.steps)
