@@ -47,6 +47,8 @@ class DataConfig:
     style: str = "foggy street scene"  # the dataset's style phrase for CLIP prompts
     world: Literal["tiny", "demo", "bench"] = "demo"  # Foggy-Shapes size when target_images == ""
     world_cache: str = ""  # where Foggy-Shapes and its stand-ins are cached; "" = ~/.cache/coin_ray
+    # rho: fraction of rider / train boxes the Foggy-Shapes stand-in cloud learns as person / bus
+    cloud_confusion: float = _range(0.0, 1.0, default=0.0)
     max_images: int = _range(0, default=0)  # 0 = all
 
 

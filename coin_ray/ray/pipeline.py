@@ -90,7 +90,8 @@ def with_demo_world(cfg: Config) -> Config:
         return cfg
     from coin_ray.world.build import build_world
 
-    world = build_world(cfg.data.world, cfg.data.world_cache or None, seed=cfg.seed)
+    world = build_world(cfg.data.world, cfg.data.world_cache or None, seed=cfg.seed,
+                        cloud_confusion=cfg.data.cloud_confusion)
     overrides = [f"data.target_images={world.target_train_images}",
                  f"data.val_images={world.target_val_images}",
                  f"data.val_annotations={world.target_val_json}",
@@ -132,10 +133,11 @@ def demo_world(cfg: Config):
     """The Foggy-Shapes world ``cfg`` runs on (after ``with_demo_world``), or None."""
     from coin_ray.world.build import build_world, world_root
 
-    root = str(world_root(cfg.data.world, cfg.seed, cfg.data.world_cache or None))
-    if not str(cfg.data.target_images).startswith(root):
+    root = str(world_root(cfg.data.world, cfg.seed, cfg.data.world_cache or None, cfg.data.cloud_confusion))
+    if not str(cfg.data.target_images).startswith(root + "/"):  # not demo-0-confusion0.5 for demo-0
         return None
-    return build_world(cfg.data.world, cfg.data.world_cache or None, seed=cfg.seed)
+    return build_world(cfg.data.world, cfg.data.world_cache or None, seed=cfg.seed,
+                       cloud_confusion=cfg.data.cloud_confusion)
 
 
 def target_uris(cfg: Config) -> list[str]:

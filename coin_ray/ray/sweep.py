@@ -187,7 +187,7 @@ def collected_run(cfg: Config) -> tuple[Config, RunDir]:
     from coin_ray.world.build import MANIFEST, world_root
 
     if not cfg.data.target_images:
-        root = world_root(cfg.data.world, cfg.seed, cfg.data.world_cache or None)
+        root = world_root(cfg.data.world, cfg.seed, cfg.data.world_cache or None, cfg.data.cloud_confusion)
         if not (root / MANIFEST).exists():
             raise SweepInputsMissing(f"the Foggy-Shapes {cfg.data.world} world is not built at {root}, "
                                      "so nothing was collected: run `python jobs/adapt.py` first")
