@@ -81,10 +81,14 @@ def _jitter(rng: np.random.Generator, box: np.ndarray) -> np.ndarray:
     return np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], np.float32)
 
 
-def _background_box(rng: np.random.Generator, data: list, distractors: list[np.ndarray]
-                    ) -> tuple[int, np.ndarray] | None:
-    """(image index, xyxy box) of one non-object crop, or None when a draw found none."""
-    kind = rng.choice(list(BACKGROUND_KINDS), p=list(BACKGROUND_KINDS.values()))
+def _background_box(rng: np.random.Generator, data: list, distractors: list[np.ndarray],
+                    kind: str | None = None) -> tuple[int, np.ndarray] | None:
+    """(image index, xyxy box) of one non-object crop, or None when a draw found none.
+
+    ``kind`` (one of ``BACKGROUND_KINDS``) is drawn with their shares unless given.
+    """
+    if kind is None:
+        kind = rng.choice(list(BACKGROUND_KINDS), p=list(BACKGROUND_KINDS.values()))
     i = int(rng.integers(len(data)))
     image, boxes, _ = data[i]
     h, w = image.shape[:2]
