@@ -37,6 +37,8 @@ from coin_ray.world.quality import detect_split
 
 def k_way(record: Detections) -> Detections:
     """The record a K-way collector gives: softmax over the K names (background column 0)."""
+    if len(record) == 0:
+        return record
     probs = record.probs.copy()
     probs[:, -1] = 0.0
     probs /= np.maximum(probs.sum(1, keepdims=True), 1e-12)

@@ -70,6 +70,9 @@ def test_load_from_a_run_folder(tmp_path, caplog):
         clip = load_dissemination_records(str(tmp_path), "clip")
     assert [r.uri for r in clip] == ["a.png"] and clip[0].labels.tolist() == [1, 2, 0]
     assert "1 of 2 images have no clip targets (e.g. b.png: no CLIP record for this image)" in caplog.text
+    (collect / "clip.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match="train.disseminate.labels=clip needs .*clip.parquet"):
+        load_dissemination_records(str(tmp_path), "clip")
     cloud = load_dissemination_records(str(tmp_path), "cloud", uris=["b.png"])
     assert [r.uri for r in cloud] == ["b.png"] and cloud[0].labels.tolist() == [0, 1, 2, 0]
 

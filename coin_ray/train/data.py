@@ -94,6 +94,9 @@ def load_dissemination_records(run_dir: str, labels: Literal["clip", "cloud"],
     def read(name: str) -> list[Detections]:
         return table_to_records(storage.read_parquet(storage.join(run_dir, "collect", name), DETECTION_SCHEMA))
 
+    if labels == "clip" and not storage.exists(storage.join(run_dir, "collect", "clip.parquet")):
+        raise FileNotFoundError(f"train.disseminate.labels=clip needs {storage.join(run_dir, 'collect', 'clip.parquet')}"
+                                " (collect with CLIP), or set train.disseminate.labels=cloud")
     wanted = set(uris) if uris is not None else None
     cloud = [r for r in read("cloud.parquet") if r.ok and (wanted is None or r.uri in wanted)]
     targets = dissemination_targets(cloud, read("clip.parquet") if labels == "clip" else None, labels)
