@@ -50,6 +50,8 @@ class DataConfig:
     style: str = "foggy street scene"  # the dataset's style phrase for CLIP prompts
     world: Literal["tiny", "demo", "bench"] = "demo"  # Foggy-Shapes size when target_images == ""
     world_cache: str = ""  # where Foggy-Shapes and its stand-ins are cached; "" = ~/.cache/coin_ray
+    # rho: fraction of rider / train boxes the Foggy-Shapes stand-in cloud learns as person / bus
+    cloud_confusion: float = _range(0.0, 1.0, default=0.0)
     max_images: int = _range(0, default=0)  # 0 = all
 
 
@@ -125,8 +127,13 @@ def keep_rate(half_life: float, steps: int) -> float:
 
 @dataclass
 class DisseminateConfig:
-    """Stage 1: pre-training the CLIP detector on cloud detections."""
+    """Stage 1: pre-training the CLIP detector on the cloud's boxes.
 
+    ``labels``: "clip" trains on CLIP's relabelling of the cloud boxes (hard labels, boxes
+    CLIP calls background dropped; the paper's recipe), "cloud" on the cloud's own labels.
+    """
+
+    labels: Literal["clip", "cloud"] = "clip"
     steps: int = _range(0, None, default=600)
     batch_size: int = _range(1, None, default=4)
     lr: float = _range(0.0, None, lo_open=True, default=2e-3)

@@ -31,7 +31,8 @@ def with_demo_world(cfg: Config) -> Config:
     """
     if cfg.data.target_images:
         return cfg
-    world = build_world(cfg.data.world, cfg.data.world_cache or None, seed=cfg.seed)
+    world = build_world(cfg.data.world, cfg.data.world_cache or None, seed=cfg.seed,
+                        cloud_confusion=cfg.data.cloud_confusion)
     overrides = [f"data.target_images={world.target_train_images}",
                  f"data.val_images={world.target_val_images}",
                  f"data.val_annotations={world.target_val_json}",
@@ -44,10 +45,11 @@ def with_demo_world(cfg: Config) -> Config:
 
 def demo_world(cfg: Config) -> World | None:
     """The Foggy-Shapes world ``cfg`` runs on (after ``with_demo_world``), or None."""
-    root = str(world_root(cfg.data.world, cfg.seed, cfg.data.world_cache or None))
-    if not str(cfg.data.target_images).startswith(root):
+    root = str(world_root(cfg.data.world, cfg.seed, cfg.data.world_cache or None, cfg.data.cloud_confusion))
+    if not str(cfg.data.target_images).startswith(root + "/"):  # not demo-0-confusion0.5 for demo-0
         return None
-    return build_world(cfg.data.world, cfg.data.world_cache or None, seed=cfg.seed)
+    return build_world(cfg.data.world, cfg.data.world_cache or None, seed=cfg.seed,
+                       cloud_confusion=cfg.data.cloud_confusion)
 
 
 def unbuilt_demo_world(cfg: Config) -> str | None:
@@ -57,7 +59,7 @@ def unbuilt_demo_world(cfg: Config) -> str | None:
     """
     if cfg.data.target_images:
         return None
-    root = world_root(cfg.data.world, cfg.seed, cfg.data.world_cache or None)
+    root = world_root(cfg.data.world, cfg.seed, cfg.data.world_cache or None, cfg.data.cloud_confusion)
     return None if (root / MANIFEST).exists() else str(root)
 
 

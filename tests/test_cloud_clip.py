@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from cloud_world import CATEGORIES, draw
-from coin_ray.cloud.clip_score import ClipBoxScorer, category_texts, crop_boxes
+from coin_ray.cloud.clip_score import (ClipBoxScorer, background_texts, category_texts, clip_baseline,
+                                       clip_foreground, crop_boxes)
 from coin_ray.models.clip_factory import write_clip
 from coin_ray.schema import SOURCE_CLIP, SOURCE_CLOUD, Detections
 
@@ -16,7 +17,7 @@ TEMPLATES = ["a photo of a {}.", "a blurry photo of a {}."]
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    return str(write_clip(tmp_path_factory.mktemp("clip"), [*CATEGORIES, "photo", "foggy", "street"],
+    return str(write_clip(tmp_path_factory.mktemp("clip"), [*CATEGORIES, "photo", "foggy", "street", "background", "nothing", "particular"],
                           image_size=32, hidden_size=32, projection_dim=32, num_layers=1))
 
 
@@ -43,13 +44,14 @@ def test_clip_scores_match_direct_formula(clip_dir):
     rec = scorer.score(cloud, image)
     assert rec.source == SOURCE_CLIP and rec.probs.shape == (3, 3)
     np.testing.assert_array_equal(rec.boxes, cloud.boxes)
-    np.testing.assert_allclose(rec.probs[:, 2], 0.0)
+    assert (rec.probs[:, 2] > 0).all()  # column K is the background prompt, a real class now
     np.testing.assert_allclose(rec.probs.sum(1), 1.0, atol=1e-5)
     np.testing.assert_array_equal(rec.labels, rec.probs[:, :2].argmax(1))
+    np.testing.assert_array_equal(rec.scores, rec.probs[:, :2].max(1))
     # Reference: the same numbers from CLIPModel.forward on one crop and the mean text embedding.
     from transformers import AutoProcessor, CLIPModel
     model, proc = CLIPModel.from_pretrained(clip_dir).eval(), AutoProcessor.from_pretrained(clip_dir)
-    texts = category_texts(CATEGORIES, TEMPLATES, "foggy street scene")
+    texts = category_texts(CATEGORIES, TEMPLATES, "foggy street scene") + [background_texts("foggy street scene")]
     with torch.no_grad():
         crop = crop_boxes(image, boxes[:1])
         # The crop is 4 px high: its layout must be stated (see test_flat_crops_are_read_channels_last).
@@ -61,7 +63,27 @@ def test_clip_scores_match_direct_formula(clip_dir):
              for ts in texts]
         t = torch.nn.functional.normalize(torch.stack(t), dim=-1)
         ref = (model.logit_scale.exp() * img.image_embeds @ t.T).softmax(-1)
-    np.testing.assert_allclose(rec.probs[0, :2], ref[0].numpy(), atol=1e-4)
+    np.testing.assert_allclose(rec.probs[0], ref[0].numpy(), atol=1e-4)
+
+
+def test_background_texts_carry_the_style_like_the_categories():
+    assert background_texts("foggy street") == [
+        "a photo of background in a foggy street.", "a photo of nothing in particular in a foggy street.",
+        "a blurry photo of background in a foggy street.", "a blurry photo of nothing in particular in a foggy street."]
+    assert background_texts("")[:2] == ["a photo of background.", "a photo of nothing in particular."]
+
+
+def test_clip_baseline_drops_boxes_clip_calls_background():
+    probs = np.array([[0.5, 0.2, 0.3], [0.1, 0.3, 0.6], [0.4, 0.2, 0.4], [0.0, 1.0, 0.0]], np.float32)
+    assert clip_foreground(probs).tolist() == [True, False, True, True]  # a tie goes to the foreground
+    rec = Detections("i", "i.png", 9, 9, np.arange(16, dtype=np.float32).reshape(4, 4), [0, 1, 0, 1],
+                     [0.5, 0.3, 0.4, 1.0], probs, SOURCE_CLIP)
+    row = clip_baseline(rec)
+    assert row.labels.tolist() == [0, 0, 1] and row.scores.tolist() == pytest.approx([0.5, 0.4, 1.0])
+    np.testing.assert_array_equal(row.boxes, rec.boxes[[0, 2, 3]])
+    np.testing.assert_array_equal(row.probs, probs[[0, 2, 3]])
+    # A record collected before the background class (column K all 0) keeps every box.
+    assert clip_foreground(np.array([[0.7, 0.3, 0.0], [0.0, 0.0, 0.0]])).tolist() == [True, True]
 
 
 def test_clip_keeps_errors_and_empty_records(clip_dir):
@@ -91,4 +113,4 @@ def test_flat_crops_are_read_channels_last(clip_dir, height):
         emb = torch.nn.functional.normalize(_features(scorer.model.get_image_features(pixel_values=reference)),
                                             dim=-1)
         ref = (scorer.model.logit_scale.exp() * emb @ scorer.text.T).softmax(-1)
-    np.testing.assert_allclose(probs[0, :2], ref[0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(probs[0], ref[0].numpy(), atol=1e-5)

@@ -18,7 +18,7 @@ from coin_ray.models.clip_factory import write_clip
 from coin_ray.ray.detect import run_detection
 from coin_ray.ray.disseminate import disseminate_worker, run_disseminate
 from coin_ray.run import RunDir
-from coin_ray.schema import records_to_table, table_to_records
+from coin_ray.schema import SOURCE_CLIP, Detections, records_to_table, table_to_records
 from coin_ray.train.data import image_tensor
 from test_disseminate import CATEGORIES, make_world
 
@@ -54,7 +54,12 @@ def fail_once_after(step_to_fail: int, folder: str, step: int) -> None:
 
 
 def write_cloud_records(run_dir: Path, image_dir: Path) -> None:
-    storage.write_parquet(records_to_table(make_world(image_dir, 4)), str(run_dir / "collect" / "cloud.parquet"))
+    """cloud.parquet and a clip.parquet relabelling its boxes (stage 1 trains on CLIP's labels)."""
+    cloud = make_world(image_dir, 4)
+    storage.write_parquet(records_to_table(cloud), RunDir(str(run_dir)).cloud_detections)
+    clip = [Detections(r.image_id, r.uri, r.width, r.height, r.boxes, r.labels[::-1], r.scores, r.probs[::-1],
+                       SOURCE_CLIP, r.error) for r in cloud]
+    storage.write_parquet(records_to_table(clip), RunDir(str(run_dir)).clip_scores)
 
 
 def steps_done(folder: Path) -> list[int]:

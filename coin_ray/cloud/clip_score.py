@@ -1,14 +1,20 @@
 """CLIP on cloud boxes: the paper's "CLIP" row and the CLIP side of every later stage.
 
-Each cloud box is cropped from the image and classified zero-shot among the K categories:
-the text side of category k is the mean of the normalised CLIP text embeddings of
-"<template>" filled with "<name> in a <style>" for every template of the prompt ensemble
-(``cfg.clip.templates``) and every prompt name of the category (``cfg.cloud.prompts``),
-with the dataset's style phrase (``cfg.data.style``, e.g. "foggy street scene").
+Each cloud box is cropped from the image and classified zero-shot among the K categories
+plus background: the text side of category k is the mean of the normalised CLIP text
+embeddings of "<template>" filled with "<name> in a <style>" for every template of the
+prompt ensemble (``cfg.clip.templates``) and every prompt name of the category
+(``cfg.cloud.prompts``), with the dataset's style phrase (``cfg.data.style``, e.g. "foggy
+street scene"). The background row (index K) is built the same way from its own ensemble,
+``BACKGROUND_TEMPLATES`` x ``BACKGROUND_NAMES`` ("a photo of background in a foggy street
+scene.", "a photo of nothing in particular in a foggy street scene.", ...), so CLIP can say
+that a box holds no object at all, as the reference's collector does.
 
-Output: the same boxes, probs (N, K+1) = softmax over the K categories of
-logit_scale * cos(crop, text_k), with background probability 0; labels / scores are the
-argmax / max over the K categories.
+Output: the same boxes (aligned one to one with the cloud record), probs (N, K+1) = softmax
+over the K+1 rows of logit_scale * cos(crop, text); labels / scores are the argmax / max over
+the K foreground columns (the schema wants labels in [0, K)). A box whose argmax over all
+K+1 columns is K is one CLIP calls background: ``clip_foreground`` tells them apart, and
+``clip_baseline`` drops them for the "CLIP" row of Table 1.
 """
 
 from __future__ import annotations
@@ -36,6 +42,37 @@ def category_texts(categories: list[str], templates: list[str], style: str,
         subjects = [f"{n} in a {style}" if style else n for n in names]
         out.append([t.format(s) for t in templates for s in subjects])
     return out
+
+
+# The background class's own ensemble (the style phrase is appended as for the categories).
+BACKGROUND_TEMPLATES = ["a photo of {}.", "a blurry photo of {}."]
+BACKGROUND_NAMES = ["background", "nothing in particular"]
+
+
+def background_texts(style: str) -> list[str]:
+    """Every text of the background ensemble (``BACKGROUND_TEMPLATES`` x ``BACKGROUND_NAMES``)."""
+    subjects = [f"{n} in a {style}" if style else n for n in BACKGROUND_NAMES]
+    return [t.format(s) for t in BACKGROUND_TEMPLATES for s in subjects]
+
+
+def clip_foreground(probs: np.ndarray) -> np.ndarray:
+    """(N,) bool: rows of (N, K+1) ``probs`` whose argmax is not background (index K).
+
+    Ties go to the foreground (argmax takes the first maximum), so a record collected before
+    the background class existed (column K all 0) keeps every box.
+    """
+    probs = np.asarray(probs)
+    if probs.ndim != 2 or probs.shape[1] < 2:
+        return np.ones(len(probs), bool)
+    return probs.argmax(1) != probs.shape[1] - 1
+
+
+def clip_baseline(record: Detections) -> Detections:
+    """The paper's "CLIP" row for one CLIP record: the boxes CLIP calls background dropped."""
+    keep = clip_foreground(record.probs)
+    return Detections(record.image_id, record.uri, record.width, record.height, record.boxes[keep],
+                      record.labels[keep], record.scores[keep], record.probs[keep], record.source,
+                      record.error)
 
 
 def crop_pixels(processor: object, crops: list[np.ndarray]) -> torch.Tensor:
@@ -77,11 +114,12 @@ class ClipBoxScorer:
         self.categories = list(categories)
         self.batch_size = batch_size
         self.device = device
-        self.text = self._text_embeddings(category_texts(categories, templates, style, prompts))
+        texts = category_texts(categories, templates, style, prompts) + [background_texts(style)]
+        self.text = self._text_embeddings(texts)
 
     @torch.no_grad()
     def _text_embeddings(self, texts: list[list[str]]) -> torch.Tensor:
-        """(K, D) float32: the normalised mean of each category's normalised text embeddings."""
+        """(K+1, D) float32: the normalised mean of each class's normalised text embeddings."""
         rows = []
         for ensemble in texts:
             tok = self.processor.tokenizer(ensemble, padding=True, truncation=True,
@@ -92,17 +130,16 @@ class ClipBoxScorer:
 
     @torch.no_grad()
     def probs(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-        """(N, K+1) float32 for xyxy pixel ``boxes`` of (H, W, 3) uint8 ``image``; column K is 0."""
-        k = len(self.categories)
+        """(N, K+1) float32 for xyxy pixel ``boxes`` of (H, W, 3) uint8 ``image``; column K: background."""
         crops = crop_boxes(image, boxes)
-        out = np.zeros((len(crops), k + 1), np.float32)
+        out = np.zeros((len(crops), len(self.categories) + 1), np.float32)
         scale = self.model.logit_scale.exp()
         for start in range(0, len(crops), self.batch_size):
             batch = crops[start:start + self.batch_size]
             pixels = crop_pixels(self.processor, batch).to(self.device)
             emb = torch.nn.functional.normalize(
                 _features(self.model.get_image_features(pixel_values=pixels)), dim=-1)
-            out[start:start + len(batch), :k] = (scale * emb @ self.text.T).softmax(-1).cpu().numpy()
+            out[start:start + len(batch)] = (scale * emb @ self.text.T).softmax(-1).cpu().numpy()
         return out
 
     def score(self, cloud: Detections, image: np.ndarray | None) -> Detections:

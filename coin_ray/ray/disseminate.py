@@ -2,7 +2,8 @@
 
     run_disseminate(cfg, run) -> run.clip_detector   ("<run>/disseminate/model.pt")
 
-Each worker reads the run's cloud detections and the images by uri (local or s3://),
+Each worker reads the run's cloud detections (relabelled by CLIP's scores of the same boxes
+unless ``train.disseminate.labels=cloud``) and the images by uri (local or s3://),
 takes its slice of every global batch (coin_ray.train.data.step_indices), and runs
 ``DisseminateTraining`` (coin_ray.train.disseminate) under DDP in the shell of
 ``coin_ray.ray.train.run_training``. Every ``checkpoint_every`` steps (and at the end) the
@@ -22,7 +23,7 @@ from coin_ray.ray.progress_feed import report_metrics
 from coin_ray.ray.train import prepare, run_stage, run_training, worker_setup
 from coin_ray.run import RunDir
 from coin_ray.tensorboard_log import TensorBoardLog
-from coin_ray.train.data import DetectionDataset, cloud_records
+from coin_ray.train.data import DetectionDataset, load_dissemination_records
 from coin_ray.train.disseminate import DisseminateTraining, build_optimizer
 from coin_ray.train.loop import MetricsLog, StepLog, build_scheduler
 
@@ -36,7 +37,8 @@ def disseminate_worker(config: dict, after_step: Callable[[int], None] | None = 
     """
     w = worker_setup(config)
     d = w.cfg.train.disseminate
-    dataset = DetectionDataset(cloud_records(w.run, w.uris), w.cfg.num_classes, d.min_cloud_score)
+    records = load_dissemination_records(w.run, d.labels, w.uris)  # train.disseminate.labels
+    dataset = DetectionDataset(records, w.cfg.num_classes, d.min_cloud_score)
     detector = build_detector(w.cfg).to(w.device)  # before the optimizer, so its state lands on device
     optimizer = build_optimizer(detector, d)
     training = DisseminateTraining(detector, optimizer, build_scheduler(optimizer, d.steps), dataset, d,

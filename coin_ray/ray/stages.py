@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from coin_ray import storage
+from coin_ray.cloud.clip_score import clip_baseline
 from coin_ray.config import Config
 from coin_ray.data.datasets import target_uris, val_split
 from coin_ray.data.images import load_image
@@ -48,7 +49,7 @@ def stage_collect(cfg: Config, run: RunDir) -> dict[str, Any]:
 
 
 def stage_disseminate(cfg: Config, run: RunDir) -> dict[str, Any]:
-    """Pre-train the CLIP detector on the cloud detections (Ray Train)."""
+    """Pre-train the CLIP detector on the cloud's boxes (CLIP's or the cloud's labels; Ray Train)."""
     return {"model": run_disseminate(cfg, run)}
 
 
@@ -77,6 +78,8 @@ def evaluate_rows(cfg: Config, run: RunDir) -> dict[str, EvalResult]:
     results = {}
     for method, uri in table1_rows(run).items():
         records = _records(uri)
+        if records is not None and method == "CLIP":  # boxes CLIP calls background are no detections
+            records = [clip_baseline(r) for r in records]
         if records is not None:
             results[method] = evaluate(split, [r for r in records if r.uri in wanted])
     return results

@@ -4,23 +4,31 @@
     target = {"boxes": (N,4) float32 xyxy pixels of the original image,
               "labels": (N,) int64 in [0,K), "probs": (N,K+1) float32 rows summing to 1}
 
+Stage 1's targets come from ``dissemination_targets``: with ``labels="clip"`` (the paper's
+recipe and the default) each cloud box carries CLIP's relabelling of it, with ``"cloud"`` the
+cloud's own labels and probs.
+
 Batches are chosen by ``step_indices``: a pure function of (seed, step, rank), so a run
 resumed from a checkpoint at step s sees exactly the batches it would have seen.
 """
 
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from coin_ray import storage
+from coin_ray.cloud.clip_score import clip_foreground
 from coin_ray.data.images import load_image
 from coin_ray.run import RunDir
-from coin_ray.schema import DETECTION_SCHEMA, Detections, table_to_records
+from coin_ray.schema import DETECTION_SCHEMA, SOURCE_CLIP, Detections, table_to_records
+
+log = logging.getLogger(__name__)
 
 
 def detection_target(record: Detections, num_classes: int, min_score: float = 0.0) -> dict[str, torch.Tensor]:
@@ -36,6 +44,65 @@ def detection_target(record: Detections, num_classes: int, min_score: float = 0.
     probs = torch.where(total > 0, probs / total.clamp_min(1e-12), onehot)
     return {"boxes": torch.as_tensor(record.boxes[keep], dtype=torch.float32).reshape(-1, 4),
             "labels": labels, "probs": probs}
+
+
+def clip_relabelled(cloud: Detections, clip: Detections | None) -> Detections:
+    """The cloud boxes of one image with CLIP's hard labels; boxes CLIP calls background dropped.
+
+    ``clip`` is the CLIP record of the same image (``collect/clip.parquet``): the same N boxes
+    in the same order, probs (N, K+1) with background at K. Each kept box gets label =
+    argmax of its CLIP probs, probs = one-hot over K+1 at that label, and score = the
+    *cloud's* score, so a ``min_score`` filter keeps the same boxes as with the cloud's
+    labels. An error record (source "clip") with the reason is returned when either record
+    is an error record, the CLIP record is missing, or the two disagree on the boxes.
+    """
+    k1 = cloud.probs.shape[1]
+    why = cloud.error or ("no CLIP record for this image" if clip is None else clip.error)
+    if not why and (clip.boxes.shape != cloud.boxes.shape or not np.allclose(clip.boxes, cloud.boxes, atol=1e-3)):
+        why = f"CLIP record has {len(clip)} boxes that differ from the cloud record's {len(cloud)}"
+    if not why and len(clip) and clip.probs.shape[1] != k1:
+        why = f"CLIP probs have {clip.probs.shape[1]} columns, the cloud's {k1}"
+    if why:
+        return Detections.empty(cloud.image_id, cloud.uri, cloud.width, cloud.height, SOURCE_CLIP, k1 - 1, why)
+    keep = clip_foreground(clip.probs)
+    labels = clip.probs[keep].argmax(1) if len(clip) else np.zeros(0, np.int64)
+    return Detections(cloud.image_id, cloud.uri, cloud.width, cloud.height, cloud.boxes[keep], labels,
+                      cloud.scores[keep], np.eye(k1, dtype=np.float32)[labels], SOURCE_CLIP)
+
+
+def dissemination_targets(cloud: list[Detections], clip: list[Detections] | None,
+                          labels: Literal["clip", "cloud"]) -> list[Detections]:
+    """Stage 1's target records, one per cloud record (pure; see ``clip_relabelled``).
+
+    ``labels="cloud"`` returns ``cloud`` unchanged; ``"clip"`` pairs each cloud record with
+    the CLIP record of the same uri. Error records stay in the list (the dataset skips them).
+    """
+    if labels == "cloud":
+        return list(cloud)
+    if labels != "clip":
+        raise ValueError(f"train.disseminate.labels: {labels!r} is not one of 'clip', 'cloud'")
+    by_uri = {r.uri: r for r in clip or []}
+    return [clip_relabelled(r, by_uri.get(r.uri)) for r in cloud]
+
+
+def load_dissemination_records(run: RunDir, labels: Literal["clip", "cloud"],
+                               uris: list[str] | None = None) -> list[Detections]:
+    """``dissemination_targets`` of the run's cloud detections and CLIP scores (local or s3://).
+
+    Restricted to ``uris`` when given; error records are dropped, after a one-line warning
+    with their count and the first reason.
+    """
+    if labels == "clip" and not storage.exists(run.clip_scores):
+        raise FileNotFoundError(f"train.disseminate.labels=clip needs {run.clip_scores}"
+                                " (collect with CLIP), or set train.disseminate.labels=cloud")
+    cloud = cloud_records(run, uris)
+    clip = table_to_records(storage.read_parquet(run.clip_scores, DETECTION_SCHEMA)) if labels == "clip" else None
+    targets = dissemination_targets(cloud, clip, labels)
+    bad = [r for r in targets if not r.ok]
+    if bad:
+        log.warning("dissemination: %d of %d images have no %s targets (e.g. %s: %s)", len(bad),
+                    len(targets), labels, bad[0].uri, bad[0].error)
+    return [r for r in targets if r.ok]
 
 
 def image_tensor(image: np.ndarray) -> torch.Tensor:

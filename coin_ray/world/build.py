@@ -3,8 +3,9 @@
     world = build_world("demo")          # ~/.cache/coin_ray/world/demo-0, built on first use
     world.target_train_images, world.cloud_detector, world.clip_dir, ...
 
-Cache layout under ``<cache>/world/<size>-<seed>/`` (``<cache>`` = ``cache_dir`` argument,
-else $COIN_RAY_CACHE, else ~/.cache/coin_ray):
+Cache layout under ``<cache>/world/<size>-<seed>/`` (``<size>-<seed>-confusion<rho>/`` when
+``cloud_confusion`` rho > 0; ``<cache>`` = ``cache_dir`` argument, else $COIN_RAY_CACHE, else
+~/.cache/coin_ray):
     source_train/ source_val/ target_train/ target_val/   images/*.jpg + annotations.json
     cloud_detector.pt                                     stand-in cloud detector checkpoint
     clip/                                                 stand-in CLIP (save_pretrained)
@@ -38,7 +39,9 @@ from coin_ray.world.clip_standin import train_clip
 from coin_ray.world.cloud_standin import train_cloud_detector
 from coin_ray.world.dataset import SplitSpec, default_workers, write_split
 
-WORLD_VERSION = 2  # bump when the generator or the stand-ins change what a build produces
+# Bump when the generator or the stand-ins change what a build produces. 3: distractor boxes in
+# annotations.json; the stand-in CLIP also learns non-object crops captioned as background.
+WORLD_VERSION = 3
 STYLE = "foggy street scene"
 MANIFEST = "manifest.json"
 
@@ -83,42 +86,54 @@ class World:
     clip_dir: Path
     categories: list[str] = field(default_factory=lambda: list(FOGGY_SHAPES_CATEGORIES))
     style: str = STYLE
+    cloud_confusion: float = 0.0  # rho: see coin_ray.world.cloud_standin.confuse_labels
 
 
-def world_root(size: str, seed: int = 0, cache_dir: str | Path | None = None) -> Path:
-    """Where the world of this size and seed is cached."""
+def world_root(size: str, seed: int = 0, cache_dir: str | Path | None = None,
+               cloud_confusion: float = 0.0) -> Path:
+    """Where the world of this size, seed and ``cloud_confusion`` is cached."""
     base = Path(cache_dir or os.environ.get("COIN_RAY_CACHE") or Path.home() / ".cache" / "coin_ray")
-    return base.expanduser() / "world" / f"{size}-{seed}"
+    suffix = f"-confusion{cloud_confusion:g}" if cloud_confusion else ""
+    return base.expanduser() / "world" / f"{size}-{seed}{suffix}"
 
 
-def world_at(root: Path, size: str, seed: int) -> World:
+def world_at(root: Path, size: str, seed: int, cloud_confusion: float = 0.0) -> World:
     """The ``World`` whose files live under ``root`` (no checks)."""
     return World(root, size, seed,
                  root / "target_train" / "images", root / "target_train" / "annotations.json",
                  root / "target_val" / "images", root / "target_val" / "annotations.json",
                  root / "source_val" / "images", root / "source_val" / "annotations.json",
                  root / "source_train" / "images", root / "source_train" / "annotations.json",
-                 root / "cloud_detector.pt", root / "clip")
+                 root / "cloud_detector.pt", root / "clip", cloud_confusion=cloud_confusion)
 
 
-def build_world(size: str = "demo", cache_dir: str | Path | None = None, seed: int = 0) -> World:
-    """Return the cached world, building it first when missing, partial or corrupt."""
+def build_world(size: str = "demo", cache_dir: str | Path | None = None, seed: int = 0,
+                cloud_confusion: float = 0.0) -> World:
+    """Return the cached world, building it first when missing, partial or corrupt.
+
+    ``cloud_confusion`` (rho in [0, 1]): the fraction of rider and train boxes the stand-in
+    cloud is trained to call person and bus (``cloud_standin.confuse_labels``); part of
+    the cache key, and 0 builds the world without confusion.
+    """
     if size not in SIZES:
         raise ValueError(f"unknown world size {size!r}; known: {', '.join(SIZES)}")
-    root = world_root(size, seed, cache_dir)
+    if not 0.0 <= cloud_confusion <= 1.0:
+        raise ValueError(f"cloud_confusion must be in [0, 1], got {cloud_confusion}")
+    rho = float(cloud_confusion)
+    root = world_root(size, seed, cache_dir, rho)
     root.parent.mkdir(parents=True, exist_ok=True)
     with _locked(root.parent / f".{root.name}.lock"):
-        problem = check_world(root, size, seed)
+        problem = check_world(root, size, seed, rho)
         if not problem:
-            return world_at(root, size, seed)
+            return world_at(root, size, seed, rho)
         if root.exists():
             print(f"[world] cached {size} world at {root} is unusable ({problem}); rebuilding", flush=True)
             shutil.rmtree(root)
         partial = root.with_name(root.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        _build(partial, size, seed)
+        _build(partial, size, seed, rho)
         os.replace(partial, root)
-    return world_at(root, size, seed)
+    return world_at(root, size, seed, rho)
 
 
 @contextlib.contextmanager
@@ -143,10 +158,11 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _build(root: Path, size: str, seed: int) -> None:
+def _build(root: Path, size: str, seed: int, cloud_confusion: float = 0.0) -> None:
     spec, start = SIZES[size], time.time()
-    world = world_at(root, size, seed)
-    print(f"[world] building the {size} Foggy-Shapes world (seed {seed}) in {root}", flush=True)
+    world = world_at(root, size, seed, cloud_confusion)
+    print(f"[world] building the {size} Foggy-Shapes world (seed {seed}, cloud_confusion {cloud_confusion:g}) "
+          f"in {root}", flush=True)
     splits = [SplitSpec("source_train", "source_train", "clear", spec.source_train, spec.width, spec.height),
               SplitSpec("target_train", "target_train", "fog", spec.target_train, spec.width, spec.height),
               SplitSpec("source_val", "val", "clear", spec.val, spec.width, spec.height),
@@ -160,7 +176,8 @@ def _build(root: Path, size: str, seed: int) -> None:
         clip_job = _start_clip(world, spec, seed) if spec.clip_steps >= 50 else None
         try:
             train_cloud_detector(world.source_train_images, world.source_train_json, world.cloud_detector,
-                                 world.categories, steps=spec.detector_steps, seed=seed)
+                                 world.categories, steps=spec.detector_steps, seed=seed,
+                                 cloud_confusion=cloud_confusion)
         except BaseException:
             if clip_job is not None:
                 clip_job.kill()
@@ -172,7 +189,7 @@ def _build(root: Path, size: str, seed: int) -> None:
         elif clip_job.wait() != 0:
             raise RuntimeError(f"training the stand-in CLIP failed (exit code {clip_job.returncode})")
         print(f"[world] stand-in CLIP trained ({time.time() - start:.0f}s)", flush=True)
-    write_manifest(root, size, seed)
+    write_manifest(root, size, seed, cloud_confusion)
     print(f"[world] done in {time.time() - start:.0f}s", flush=True)
 
 
@@ -192,11 +209,12 @@ def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def write_manifest(root: Path, size: str, seed: int) -> Path:
+def write_manifest(root: Path, size: str, seed: int, cloud_confusion: float = 0.0) -> Path:
     """Record every file of the world (size; sha256 unless a JPEG); written last."""
     files = {str(p.relative_to(root)): p.stat().st_size for p in _files(root)}
     hashes = {rel: _sha256(root / rel) for rel in files if not rel.endswith(".jpg")}
-    manifest = {"version": WORLD_VERSION, "size": size, "seed": seed, "files": files, "sha256": hashes}
+    manifest = {"version": WORLD_VERSION, "size": size, "seed": seed, "cloud_confusion": float(cloud_confusion),
+                "files": files, "sha256": hashes}
     path = root / MANIFEST
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(manifest, indent=0))
@@ -204,7 +222,7 @@ def write_manifest(root: Path, size: str, seed: int) -> Path:
     return path
 
 
-def check_world(root: Path, size: str, seed: int) -> str:
+def check_world(root: Path, size: str, seed: int, cloud_confusion: float = 0.0) -> str:
     """Why the world at ``root`` cannot be used, or "" when it is complete and intact."""
     path = root / MANIFEST
     if not path.is_file():
@@ -214,8 +232,9 @@ def check_world(root: Path, size: str, seed: int) -> str:
         files, hashes = dict(manifest["files"]), dict(manifest["sha256"])
     except (ValueError, KeyError, TypeError) as err:
         return f"unreadable manifest ({err.__class__.__name__})"
-    if (manifest.get("version"), manifest.get("size"), manifest.get("seed")) != (WORLD_VERSION, size, seed):
-        return "manifest is for another version, size or seed"
+    if (manifest.get("version"), manifest.get("size"), manifest.get("seed"), manifest.get("cloud_confusion")) != \
+            (WORLD_VERSION, size, seed, float(cloud_confusion)):
+        return "manifest is for another version, size, seed or cloud_confusion"
     on_disk = {str(p.relative_to(root)): p.stat().st_size for p in _files(root)}
     if on_disk != files:
         missing = sorted(set(files) - set(on_disk)) or sorted(set(on_disk) ^ set(files))

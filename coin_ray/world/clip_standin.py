@@ -1,7 +1,11 @@
 """The stand-in CLIP: a small ``transformers.CLIPModel`` trained contrastively on object crops.
 
-Images are crops of the labelled source boxes (jittered, and a share of background crops
-with no object), under broad photometric augmentation (haze, blur, colour jitter, noise),
+Images are crops of the labelled source boxes (jittered), and a share ``BACKGROUND_SHARE``
+of non-object crops: random windows of scene background, the distractor objects (trees,
+poles, crates, bushes, from the split's ``"distractors"`` list) and parts of objects that
+overlap every object by IoU < ``PARTIAL_MAX_IOU``; these are captioned with the collector's
+background ensemble (``coin_ray.cloud.clip_score.background_texts``), so the stand-in can
+call a junk box background, as a web-scale CLIP can. All under broad photometric augmentation (haze, blur, colour jitter, noise),
 so the model knows fog only as a generic corruption, as a web-trained CLIP would. Each
 crop is paired with a caption such as "a photo of a bus." or "a bus in a foggy street
 scene."; the loss is the image-to-text cross-entropy over the K+1 class captions written
@@ -24,6 +28,7 @@ from PIL import Image, ImageFilter
 from transformers import CLIPModel, CLIPTokenizer
 
 from coin_ray.boxes import pairwise_iou
+from coin_ray.cloud.clip_score import background_texts
 from coin_ray.config import DEFAULT_TEMPLATES, FOGGY_SHAPES_CATEGORIES
 from coin_ray.models.clip_factory import CLIP_MEAN, CLIP_STD, write_clip
 from coin_ray.world.cloud_standin import load_coco_split
@@ -36,35 +41,87 @@ TEMPLATES = DEFAULT_TEMPLATES + [t.replace("{}", f"{{}} in a {s}") for s in STYL
     [f"a {{}} in a {s}." for s in STYLES]
 CLIP_SHAPE = {"image_size": 48, "patch_size": 8, "hidden_size": 64, "projection_dim": 64,
               "num_layers": 3, "num_heads": 4}
-BACKGROUND_SHARE = 0.12
+BACKGROUND_SHARE = 0.2
+# How the background crops split: scene windows, distractor objects, parts of objects.
+BACKGROUND_KINDS = {"scene": 0.4, "distractor": 0.3, "partial": 0.3}
+SCENE_MAX_IOU = 0.2
+PARTIAL_MAX_IOU = 0.3
 
 
 def caption_words(categories: list[str]) -> list[str]:
     """Every word of every caption, so each becomes a single token."""
     text = " ".join(t.format(c) for t in TEMPLATES for c in [*categories, BACKGROUND])
+    text += " " + " ".join(b for style in ["", *STYLES] for b in background_texts(style))
     return sorted(set(re.findall(r"[a-z]+", text.lower())))
 
 
-def _sample_box(rng: np.random.Generator, data: list, by_class: list[list[tuple[int, int]]],
-                num_classes: int) -> tuple[int, np.ndarray, int]:
-    """(image index, xyxy box, label in [0, K]) with classes balanced and K = background."""
-    if rng.random() < BACKGROUND_SHARE:
-        for _ in range(20):
-            i = int(rng.integers(len(data)))
-            image, boxes, _ = data[i]
-            h, w = image.shape[:2]
-            bw, bh = rng.uniform(12, 90), rng.uniform(12, 70)
-            x0, y0 = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
-            box = np.array([x0, y0, x0 + bw, y0 + bh], np.float32)
-            if len(boxes) == 0 or pairwise_iou(torch.from_numpy(box[None]), torch.from_numpy(boxes)).max() < 0.2:
-                return i, box, num_classes
-    label = int(rng.choice([k for k in range(num_classes) if by_class[k]]))
-    i, j = by_class[label][rng.integers(len(by_class[label]))]
-    box = data[i][1][j].copy()
+def load_distractors(coco_json: str | Path) -> list[np.ndarray]:
+    """Per image of the split (COCO ``images`` order): (M, 4) xyxy px boxes of its distractors."""
+    import json
+
+    coco = json.loads(Path(coco_json).read_text())
+    per_image: dict[int, list[list[float]]] = {img["id"]: [] for img in coco["images"]}
+    for d in coco.get("distractors", []):
+        x, y, w, h = d["bbox"]
+        per_image[d["image_id"]].append([x, y, x + w, y + h])
+    return [np.asarray(per_image[img["id"]], np.float32).reshape(-1, 4) for img in coco["images"]]
+
+
+def _max_iou(box: np.ndarray, boxes: np.ndarray) -> float:
+    if len(boxes) == 0:
+        return 0.0
+    return float(pairwise_iou(torch.from_numpy(box[None]), torch.from_numpy(boxes)).max())
+
+
+def _jitter(rng: np.random.Generator, box: np.ndarray) -> np.ndarray:
+    """A loose crop around ``box`` (centre shifted up to 10 %, sides grown 0-30 %)."""
     w, h = box[2] - box[0], box[3] - box[1]
     cx, cy = (box[0] + box[2]) / 2 + rng.uniform(-0.1, 0.1) * w, (box[1] + box[3]) / 2 + rng.uniform(-0.1, 0.1) * h
     w, h = w * rng.uniform(0.95, 1.3), h * rng.uniform(0.95, 1.3)
-    return i, np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], np.float32), label
+    return np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], np.float32)
+
+
+def _background_box(rng: np.random.Generator, data: list, distractors: list[np.ndarray],
+                    kind: str | None = None) -> tuple[int, np.ndarray] | None:
+    """(image index, xyxy box) of one non-object crop, or None when a draw found none.
+
+    ``kind`` (one of ``BACKGROUND_KINDS``) is drawn with their shares unless given.
+    """
+    if kind is None:
+        kind = rng.choice(list(BACKGROUND_KINDS), p=list(BACKGROUND_KINDS.values()))
+    i = int(rng.integers(len(data)))
+    image, boxes, _ = data[i]
+    h, w = image.shape[:2]
+    if kind == "distractor":
+        if len(distractors[i]) == 0:
+            return None
+        box = _jitter(rng, distractors[i][rng.integers(len(distractors[i]))])
+        return (i, box) if _max_iou(box, boxes) < SCENE_MAX_IOU else None
+    if kind == "partial" and len(boxes):
+        obj = boxes[rng.integers(len(boxes))]
+        ow, oh = obj[2] - obj[0], obj[3] - obj[1]
+        bw, bh = ow * rng.uniform(0.25, 0.6), oh * rng.uniform(0.25, 0.6)  # part of the object ...
+        x0 = rng.uniform(obj[0] - 0.5 * bw, obj[2] - 0.5 * bw)  # ... or of its edge and surroundings
+        y0 = rng.uniform(obj[1] - 0.5 * bh, obj[3] - 0.5 * bh)
+        box = np.array([x0, y0, x0 + bw, y0 + bh], np.float32)
+        return (i, box) if min(bw, bh) >= 4 and _max_iou(box, boxes) < PARTIAL_MAX_IOU else None
+    bw, bh = rng.uniform(12, 90), rng.uniform(12, 70)
+    x0, y0 = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
+    box = np.array([x0, y0, x0 + bw, y0 + bh], np.float32)
+    return (i, box) if _max_iou(box, boxes) < SCENE_MAX_IOU else None
+
+
+def _sample_box(rng: np.random.Generator, data: list, by_class: list[list[tuple[int, int]]],
+                num_classes: int, distractors: list[np.ndarray]) -> tuple[int, np.ndarray, int]:
+    """(image index, xyxy box, label in [0, K]) with classes balanced and K = background."""
+    if rng.random() < BACKGROUND_SHARE:
+        for _ in range(20):
+            found = _background_box(rng, data, distractors)
+            if found is not None:
+                return found[0], found[1], num_classes
+    label = int(rng.choice([k for k in range(num_classes) if by_class[k]]))
+    i, j = by_class[label][rng.integers(len(by_class[label]))]
+    return i, _jitter(rng, data[i][1][j].copy()), label
 
 
 def augment(crops: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -120,7 +177,7 @@ def _template_groups() -> tuple[list[int], list[int], list[int]]:
 
 
 def _crop_batch(rng: np.random.Generator, data: list, by_class: list, num_classes: int, size: int,
-                batch_size: int) -> tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor]:
+                batch_size: int, distractors: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, list[int], torch.Tensor]:
     """(pixels (B, 3, size, size), labels (B,) in [0, K], the step's 3 templates, choice (B,) in 0..2).
 
     Each step draws one template of each group; a crop's caption uses the plain one or the
@@ -130,7 +187,7 @@ def _crop_batch(rng: np.random.Generator, data: list, by_class: list, num_classe
     chosen = [g[rng.integers(len(g))] for g in groups]
     crops, labels = [], []
     for _ in range(batch_size):
-        i, box, label = _sample_box(rng, data, by_class, num_classes)
+        i, box, label = _sample_box(rng, data, by_class, num_classes, distractors)
         image = data[i][0]
         x0, y0 = int(max(0, np.floor(box[0]))), int(max(0, np.floor(box[1])))
         x1, y1 = int(min(image.shape[1], np.ceil(box[2]))), int(min(image.shape[0], np.ceil(box[3])))
@@ -141,9 +198,22 @@ def _crop_batch(rng: np.random.Generator, data: list, by_class: list, num_classe
     return torch.from_numpy(normalise(pixels)), torch.tensor(labels), chosen, torch.from_numpy(choice)
 
 
-def _caption_tokens(tokenizer: CLIPTokenizer, names: list[str], templates: list[int]) -> dict[str, torch.Tensor]:
-    """Tokens of the (template, class) captions, row = template position * (K+1) + class."""
-    texts = [TEMPLATES[t].format(n) for t in templates for n in names]
+def template_style(template: str) -> str:
+    """The style phrase a template writes after the class name ("" for a plain template)."""
+    return next((s for s in sorted(STYLES, key=len, reverse=True) if f"in a {s}" in template), "")
+
+
+def _caption_tokens(tokenizer: CLIPTokenizer, categories: list[str], templates: list[int],
+                    rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    """Tokens of the (template, class) captions, row = template position * (K+1) + class.
+
+    The background row is one text of the collector's background ensemble, with the
+    template's style phrase (so it is the text the collector will compare crops with).
+    """
+    texts = []
+    for t in templates:
+        backgrounds = background_texts(template_style(TEMPLATES[t]))
+        texts += [TEMPLATES[t].format(n) for n in categories] + [backgrounds[rng.integers(len(backgrounds))]]
     return dict(tokenizer(texts, return_tensors="pt", padding=True))
 
 
@@ -171,7 +241,8 @@ def train_clip(images_dir: str | Path, coco_json: str | Path, out_dir: str | Pat
         for j, lab in enumerate(labels.tolist()):
             by_class[lab - 1].append((i, j))
     data = [(image, boxes, labels - 1) for image, boxes, labels in data]
-    names, k1 = [*categories, BACKGROUND], len(categories) + 1
+    distractors = load_distractors(coco_json)
+    k1 = len(categories) + 1
     rng = np.random.default_rng(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.05)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -179,8 +250,8 @@ def train_clip(images_dir: str | Path, coco_json: str | Path, out_dir: str | Pat
     start = time.time()
     for step in range(steps):
         pixels, labels, templates, choice = _crop_batch(rng, data, by_class, len(categories),
-                                                        shape["image_size"], batch_size)
-        tokens = _caption_tokens(tokenizer, names, templates)
+                                                        shape["image_size"], batch_size, distractors)
+        tokens = _caption_tokens(tokenizer, categories, templates, rng)
         text = _embed(model.get_text_features(**tokens)).view(len(templates), k1, -1)
         image = _embed(model.get_image_features(pixel_values=pixels))
         # Each crop against the K+1 captions written with its own template.

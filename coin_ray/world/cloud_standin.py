@@ -8,6 +8,12 @@ Model: torchvision ``FasterRCNN`` on a 4-stage conv backbone (stride 8, 96 chann
 feature map, anchors 12-192 px in five aspect ratios; torchvision labels are 1..K in
 ``categories`` order and 0 is background.
 
+``cloud_confusion`` (rho, default 0) gives it the systematic category confusions of a real
+open-vocabulary cloud: before training, a fraction rho of the source boxes of each category
+in ``CONFUSION`` is relabelled as its partner (rider as person, train as bus, the classes on
+which the paper's Grounding DINO is weak). The pattern is fixed a priori; rho = 0 leaves
+the labels, and so the trained detector, exactly as without the knob.
+
 Checkpoint (``torch.save``): {"state_dict": ..., "meta": {"categories": [...],
 "model": {...builder kwargs...}}}.
 """
@@ -30,6 +36,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from coin_ray.cloud.base import CloudAnswer
 
 ANCHOR_SIZES = (12, 24, 48, 96, 192)
+CONFUSION = {"rider": "person", "train": "bus"}  # true category -> the name the cloud learns for it
 ANCHOR_RATIOS = (0.25, 0.5, 1.0, 2.0, 3.5)  # height / width: trains ... persons
 
 
@@ -155,6 +162,33 @@ def load_coco_split(images_dir: str | Path, coco_json: str | Path) -> list[tuple
     return out
 
 
+def confuse_labels(data: list, categories: list[str], rho: float, seed: int
+                   ) -> tuple[list, dict[str, int]]:
+    """``data`` (from ``load_coco_split``, labels 1..K) with a fraction rho of ``CONFUSION`` relabelled.
+
+    For each confused category with n boxes in the split, exactly floor(rho * n + 1/2) of them,
+    chosen by a generator seeded with (``seed``, 0xC0F), take the partner's label. Returns
+    (new data, {category: boxes relabelled}); rho = 0 returns ``data`` itself.
+    """
+    if not 0.0 <= rho <= 1.0:
+        raise ValueError(f"cloud_confusion must be in [0, 1], got {rho}")
+    pairs = {categories.index(a) + 1: categories.index(b) + 1 for a, b in CONFUSION.items()
+             if a in categories and b in categories}
+    if rho == 0 or not pairs:
+        return data, {categories[a - 1]: 0 for a in pairs}
+    rng = np.random.default_rng([seed, 0xC0F])
+    labels = [lab.copy() for _, _, lab in data]
+    counts = {}
+    for src, dst in pairs.items():
+        where = [(i, j) for i, lab in enumerate(labels) for j in np.flatnonzero(lab == src)]
+        chosen = rng.permutation(len(where))[:int(np.floor(rho * len(where) + 0.5))]
+        for n in chosen:
+            i, j = where[n]
+            labels[i][j] = dst
+        counts[categories[src - 1]] = len(chosen)
+    return [(image, boxes, lab) for (image, boxes, _), lab in zip(data, labels)], counts
+
+
 def _batch(data: list, rng: np.random.Generator, size: int) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
     images, targets = [], []
     for i in rng.choice(len(data), size, replace=len(data) < size):
@@ -185,11 +219,16 @@ def photometric_jitter(x: torch.Tensor, rng: np.random.Generator) -> torch.Tenso
 
 def train_cloud_detector(images_dir: str | Path, coco_json: str | Path, out_path: str | Path,
                          categories: list[str], *, steps: int, batch_size: int = 4, lr: float = 2e-3,
-                         seed: int = 0, log_every: int = 50) -> Path:
-    """Train the stand-in on a labelled (source) split and save its checkpoint to ``out_path``."""
+                         seed: int = 0, log_every: int = 50, cloud_confusion: float = 0.0) -> Path:
+    """Train the stand-in on a labelled (source) split and save its checkpoint to ``out_path``.
+
+    ``cloud_confusion``: rho of ``confuse_labels`` (0 = the split's true labels).
+    """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    data = load_coco_split(images_dir, coco_json)
+    data, confused = confuse_labels(load_coco_split(images_dir, coco_json), categories, cloud_confusion, seed)
+    if cloud_confusion:
+        print(f"[world] cloud_confusion {cloud_confusion:g}: relabelled {confused}", flush=True)
     model_kwargs: dict[str, Any] = {"width": 32}
     model = build_detector(len(categories), **model_kwargs).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -210,5 +249,6 @@ def train_cloud_detector(images_dir: str | Path, coco_json: str | Path, out_path
                   f"({time.time() - start:.0f}s)", flush=True)
     out = Path(out_path)
     torch.save({"state_dict": model.state_dict(),
-                "meta": {"categories": list(categories), "model": model_kwargs}}, out)
+                "meta": {"categories": list(categories), "model": model_kwargs,
+                         **({"cloud_confusion": cloud_confusion} if cloud_confusion else {})}}, out)
     return out
