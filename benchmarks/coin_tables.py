@@ -10,13 +10,19 @@ cloud detections and CLIP detector, is evaluated on the labelled target val spli
 (pycocotools AP50) and cached as JSON under ``<storage>/tables/<world>/<settings>/``, so a re-run only trains
 what is missing.
 
-    Table 1   Cloud det, CLIP, CLIP det (stored detections) and COIN: AP50 per class, mAP50
+    Table 1   Cloud det, CLIP, CLIP det (stored detections), COIN and Oracle (the same
+              target detector and schedule on the target train split's ground truth)
     Table 5   loss ablations: L_align, L_con, L_inc, L_pri switched off (COIN rows)
-    Table 6   fusion of inconsistent detections: cloud probs, CLIP-det probs, avg, s-avg, CKG
+    Table 6   fusion of inconsistent detections: cloud probs, CLIP-det probs, avg, s-avg, CKG,
+              each with the fraction of disagreements passing pi and how often the fused
+              label of those is right (against the train split's ground truth)
 
 COIN rows give the mean over seeds (mAP50 also with its standard deviation). Before the
 tables, the separation statistics on the target train images (CLIP det vs cloud det, the
 teacher before burn-up) with the fraction of right labels per set against ground truth.
+``--rho 0 0.25 0.5`` adds the rho curve: the world rebuilt at each ``data.cloud_confusion``,
+stages 0-2 run again there, and COIN minus the best teacher per seed. Everything measured
+goes to ``--json`` (default benchmarks/results/fidelity.json) in the shape issue 13 asks.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -46,6 +53,9 @@ from coin_ray.train.distill import distill  # noqa: E402
 from coin_ray.schema import SOURCE_COIN, Detections, table_to_records  # noqa: E402
 from coin_ray.separate import SeparationStats, as_source, separate  # noqa: E402
 from coin_ray.train.data import image_tensor  # noqa: E402
+from coin_ray.train.oracle import train_oracle  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 PREPARE = ("collect", "disseminate", "clip_det")
 FULL = "COIN"
@@ -64,6 +74,12 @@ TABLE6 = {
     "COIN w/ s-avg": ["train.distill.fusion=score_avg"],
     "COIN w/ CKG": [],
 }
+# The keys of fidelity.json for the rows above.
+TABLE5_KEYS = {"L_con": "L_con", "L_align + L_con": "L_align+L_con", "L_align + L_con + L_pri": "L_align+L_con+L_pri",
+               "L_align + L_con + L_inc": "L_align+L_con+L_inc", FULL: "L_align+L_con+L_inc+L_pri"}
+TABLE6_KEYS = {"COIN w/ cloud det probs": "cloud", "COIN w/ CLIP det probs": "clip_det", "COIN w/ avg": "avg",
+               "COIN w/ s-avg": "s_avg", "COIN w/ CKG": "ckg"}
+TEACHERS = ("Cloud det", "CLIP", "CLIP det")
 
 
 def prepare_run(cfg: Config, from_run: str = "") -> tuple[Config, RunDir]:
@@ -115,13 +131,40 @@ def detect_split(model: OpenVocabularyRCNN, split: LabelledSplit, batch_size: in
     return records
 
 
+@dataclass
+class Variant:
+    """One distilled (or Oracle) detector, evaluated: its Table 1 row and what it learnt from."""
+
+    result: EvalResult
+    fusion: dict = field(default_factory=dict)  # FusionStats.summary() after burn-up
+    separation: dict = field(default_factory=dict)  # SeparationStats.summary() over training
+
+    def to_json(self) -> dict:
+        return {"eval": self.result.to_json(), "fusion": self.fusion, "separation": self.separation}
+
+
+def load_variant(text: str) -> Variant:
+    data = json.loads(text)
+    if "eval" not in data:  # cached before fusion statistics were recorded
+        return Variant(load_result(text))
+    return Variant(load_result(json.dumps(data["eval"])), data.get("fusion", {}), data.get("separation", {}))
+
+
+def ground_truth_by_uri(split: LabelledSplit) -> dict[str, dict[str, torch.Tensor]]:
+    return {g.uri: {"boxes": torch.as_tensor(g.boxes, dtype=torch.float32).reshape(-1, 4),
+                    "labels": torch.as_tensor(g.labels, dtype=torch.int64)} for g in split.items}
+
+
 def run_variant(cfg: Config, run: RunDir, overrides: list[str], seed: int, split: LabelledSplit,
-                cache: str) -> EvalResult:
-    """Distil one variant with one seed and evaluate it (cached by variant and seed)."""
+                cache: str, train_gt: LabelledSplit | None = None) -> Variant:
+    """Distil one variant with one seed and evaluate it (cached by variant and seed).
+
+    ``train_gt`` (the target train split's labels) only judges the separation and fusion.
+    """
     key = "-".join(o.split(".")[-1].replace("=", "_") for o in overrides) or "full"
     uri = storage.join(cache, f"{key}-seed{seed}.json")
     if storage.exists(uri):
-        return load_result(storage.read_text(uri))
+        return load_variant(storage.read_text(uri))
     vcfg = with_updates(cfg, [*overrides, f"seed={seed}"])
     wanted = set(target_uris(cfg))
     items = [r for r in records_at(run.cloud_detections) if r.uri in wanted]
@@ -132,11 +175,35 @@ def run_variant(cfg: Config, run: RunDir, overrides: list[str], seed: int, split
             print(f"[tables] {key} seed {seed}: step {step} loss {metrics['loss']:.3f} "
                   f"({time.time() - started:.0f} s)", flush=True)
 
-    state = distill(vcfg, run.clip_detector, items, on_step=progress)
-    result = evaluate(split, detect_split(state.detector, split))
-    storage.write_text(uri, json.dumps(result.to_json()))
-    print(f"[tables] {key} seed {seed}: mAP50 {result.map50:.1f}", flush=True)
-    return result
+    state = distill(vcfg, run.clip_detector, items, on_step=progress,
+                    ground_truth=ground_truth_by_uri(train_gt) if train_gt else None)
+    variant = Variant(evaluate(split, detect_split(state.detector, split)), state.fusion_stats.summary(),
+                      state.stats.summary())
+    storage.write_text(uri, json.dumps(variant.to_json()))
+    print(f"[tables] {key} seed {seed}: mAP50 {variant.result.map50:.1f}  fusion {variant.fusion}", flush=True)
+    return variant
+
+
+def run_oracle(cfg: Config, run: RunDir, seed: int, split: LabelledSplit, cache: str,
+               train_gt: LabelledSplit) -> Variant:
+    """The Oracle row for one seed: the target detector trained on ``train_gt`` (cached)."""
+    uri = storage.join(cache, f"oracle-seed{seed}.json")
+    if storage.exists(uri):
+        return load_variant(storage.read_text(uri))
+    detector = train_oracle(with_updates(cfg, [f"seed={seed}"]), run.clip_detector, train_gt)
+    variant = Variant(evaluate(split, detect_split(detector, split)))
+    storage.write_text(uri, json.dumps(variant.to_json()))
+    print(f"[tables] oracle seed {seed}: mAP50 {variant.result.map50:.1f}", flush=True)
+    return variant
+
+
+def row_json(results: list[EvalResult]) -> dict:
+    """{"map50": [per seed], "ap50": {class: [per seed]}} (NaN as null)."""
+    def num(v: float) -> float | None:
+        return None if v != v else round(v, 2)
+
+    return {"map50": [num(r.map50) for r in results],
+            "ap50": {c: [num(r.ap50[c]) for r in results] for c in results[0].ap50}}
 
 
 def load_result(text: str) -> EvalResult:
@@ -162,18 +229,25 @@ def spread(results: list[EvalResult]) -> str:
     return f"{statistics.fmean(maps):.1f} ± {statistics.stdev(maps):.1f}" if len(maps) > 1 else f"{maps[0]:.1f}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--world", default="bench", choices=["tiny", "demo", "bench"])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=0, help="distillation steps (0 = the config's)")
-    parser.add_argument("--tables", default="1,5,6")
-    parser.add_argument("--storage", default="runs-tables")
-    parser.add_argument("--from-run", default="", help="read stages 0-2 from this finished run directory")
-    parser.add_argument("overrides", nargs="*", help="dotted config overrides")
-    args = parser.parse_args()
-    overrides = [f"data.world={args.world}", f"storage={args.storage}", f"run_id=tables-{args.world}",
-                 *([f"train.distill.steps={args.steps}"] if args.steps else []), *args.overrides]
+def without_nan(value: object) -> object:
+    """``value`` with every NaN float as None, so the JSON is strict (null)."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: without_nan(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [without_nan(v) for v in value]
+    return value
+
+
+def teacher_rows(cfg: Config, run: RunDir) -> dict[str, EvalResult]:
+    stored = evaluate_rows(cfg, run)
+    return {m: stored[m] for m in TEACHERS if m in stored}
+
+
+def world_tables(args: argparse.Namespace, overrides: list[str], tables: set[str],
+                 oracle: bool) -> tuple[str, dict]:
+    """The tables of one world (one ``data.cloud_confusion``): Markdown and fidelity.json parts."""
     cfg, run = prepare_run(load_config(None, overrides), args.from_run)
     split = val_split(cfg)
     world = demo_world(cfg)
@@ -181,32 +255,81 @@ def main() -> None:
     # other settings into the same storage never reuses these.
     shared = [*([f"steps={args.steps}"] if args.steps else []), *args.overrides]
     tag = "-".join(o.replace("=", "_").replace("/", "_") for o in shared) or "defaults"
-    cache = storage.join(args.storage, "tables", args.world, tag)
-    tables = set(args.tables.split(","))
+    rho_tag = f"-confusion{cfg.data.cloud_confusion:g}" if cfg.data.cloud_confusion else ""
+    cache = storage.join(args.storage, "tables", args.world + rho_tag, tag)
+    train_gt = None
+    out, data = [], {"separation_teacher_before_burn_up": {}}
     if world is not None:
         train_gt = load_coco(str(world.target_train_json), str(world.target_train_images), cfg.data.categories)
+        data["separation_teacher_before_burn_up"] = separation_summary(cfg, run, train_gt)
         print("separation (target train, CLIP det vs cloud det):",
-              json.dumps(separation_summary(cfg, run, train_gt), indent=1))
+              json.dumps(data["separation_teacher_before_burn_up"], indent=1))
 
-    def rows(variants: dict[str, list[str]]) -> dict[str, list[EvalResult]]:
-        return {name: [run_variant(cfg, run, ov, s, split, cache) for s in args.seeds] for name, ov in variants.items()}
+    def rows(variants: dict[str, list[str]]) -> dict[str, list[Variant]]:
+        return {name: [run_variant(cfg, run, ov, s, split, cache, train_gt) for s in args.seeds]
+                for name, ov in variants.items()}
 
-    stored = evaluate_rows(cfg, run)
-    out = []
+    teachers = teacher_rows(cfg, run)
     if "1" in tables:
-        coin = rows({FULL: []})[FULL]
-        table = {m: stored[m] for m in ("Cloud det", "CLIP", "CLIP det") if m in stored} | {FULL: mean_result(coin)}
-        out.append(f"Table 1 ({args.world} world, target val, COIN mean of seeds {args.seeds}; "
-                   f"COIN mAP50 {spread(coin)})\n\n" + table1_markdown(table, cfg.data.categories))
-    for number, variants in (("5", TABLE5), ("6", TABLE6)):
-        if number in tables:
-            results = rows(variants)
-            table = {"CLIP det": stored["CLIP det"]} if number == "5" and "CLIP det" in stored else {}
-            table |= {f"{name} ({spread(r)})": mean_result(r) for name, r in results.items()}
-            out.append(f"Table {number}\n\n" + table1_markdown(table, cfg.data.categories))
+        coin = [v.result for v in rows({FULL: []})[FULL]]
+        table = dict(teachers) | {FULL: mean_result(coin)}
+        data["table1"] = {m: row_json([r]) for m, r in teachers.items()} | {FULL: row_json(coin)}
+        if oracle and train_gt is not None:
+            oracles = [run_oracle(cfg, run, s, split, cache, train_gt).result for s in args.seeds]
+            table["Oracle"] = mean_result(oracles)
+            data["table1"]["Oracle"] = row_json(oracles)
+        best = max(r.map50 for m, r in teachers.items() if m in ("Cloud det", "CLIP det"))
+        data["coin_minus_best_teacher"] = [round(r.map50 - best, 2) for r in coin]
+        out.append(f"Table 1 ({args.world} world, rho {cfg.data.cloud_confusion:g}, target val, COIN mean of "
+                   f"seeds {args.seeds}; COIN mAP50 {spread(coin)})\n\n" + table1_markdown(table, cfg.data.categories))
+    for number, variants, keys in (("5", TABLE5, TABLE5_KEYS), ("6", TABLE6, TABLE6_KEYS)):
+        if number not in tables:
+            continue
+        results = rows(variants)
+        table = {"CLIP det": teachers["CLIP det"]} if number == "5" and "CLIP det" in teachers else {}
+        table |= {f"{name} ({spread([v.result for v in r])})": mean_result([v.result for v in r])
+                  for name, r in results.items()}
+        data[f"table{number}"] = {keys[name]: [round(v.result.map50, 2) for v in r] for name, r in results.items()}
+        if number == "6":
+            data["table6_fusion"] = {keys[name]: [v.fusion for v in r] for name, r in results.items()}
+        out.append(f"Table {number}\n\n" + table1_markdown(table, cfg.data.categories))
     text = "\n".join(out)
-    print(text)
     storage.write_text(storage.join(cache, "tables.md"), text)
+    data |= {"rho": cfg.data.cloud_confusion, "target_backbone": cfg.model.target_backbone,
+             "steps": cfg.train.distill.steps}
+    return text, data
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world", default="bench", choices=["tiny", "demo", "bench"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=0, help="distillation steps (0 = the config's)")
+    parser.add_argument("--tables", default="1,5,6")
+    parser.add_argument("--rho", type=float, nargs="*", default=[],
+                        help="cloud_confusion values for the rho curve (each builds its own world)")
+    parser.add_argument("--no-oracle", action="store_true", help="leave the Oracle row out of Table 1")
+    parser.add_argument("--storage", default="runs-tables")
+    parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "fidelity.json"))
+    parser.add_argument("--from-run", default="", help="read stages 0-2 from this finished run directory")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides")
+    args = parser.parse_args()
+    base = [f"data.world={args.world}", f"storage={args.storage}",
+            *([f"train.distill.steps={args.steps}"] if args.steps else []), *args.overrides]
+    text, data = world_tables(args, [*base, f"run_id=tables-{args.world}"], set(args.tables.split(",")),
+                              oracle=not args.no_oracle)
+    curve = {}
+    for rho in args.rho:
+        world_overrides = [*base, f"data.cloud_confusion={rho}", f"run_id=tables-{args.world}-confusion{rho:g}"]
+        part_text, part = world_tables(args, world_overrides, {"1"}, oracle=False)
+        text += "\n" + part_text
+        curve[f"{rho:g}"] = {"coin_minus_best_teacher": part["coin_minus_best_teacher"],
+                             "table1": part["table1"]}
+    print(text)
+    result = {"world": args.world, "seeds": args.seeds, **data, "rho_curve": curve}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(without_nan(result), indent=1))
+    print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

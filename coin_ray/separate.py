@@ -25,7 +25,7 @@ rests on: consistent labels should be the most reliable).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -35,8 +35,24 @@ from coin_ray.boxes import MATCH_IOU_THRESHOLD, fuse_boxes, match_one_to_one, pa
 GT_MATCH_IOU = 0.5
 
 
+_Boxes = TypeVar("_Boxes", bound="BoxTensors")
+
+
+class BoxTensors:
+    """Shared by the dataclasses below: one row per box in every field, ``boxes`` first."""
+
+    boxes: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    def to(self: _Boxes, device: torch.device | str) -> _Boxes:
+        """A copy with every field on ``device``."""
+        return type(self)(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+
 @dataclass
-class SourceBoxes:
+class SourceBoxes(BoxTensors):
     """Detections of one image from one source, as tensors (see module docstring)."""
 
     boxes: torch.Tensor
@@ -44,20 +60,9 @@ class SourceBoxes:
     scores: torch.Tensor
     probs: torch.Tensor
 
-    def __len__(self) -> int:
-        return len(self.boxes)
-
     def select(self, index: torch.Tensor) -> "SourceBoxes":
         return SourceBoxes(self.boxes[index], self.labels[index], self.scores[index],
                            self.probs[index])
-
-    def to(self, device: torch.device | str) -> "SourceBoxes":
-        return _moved(self, device)
-
-
-def _moved(obj: Any, device: torch.device | str) -> Any:
-    """A copy of a dataclass of tensors with every field on ``device``."""
-    return type(obj)(**{f.name: getattr(obj, f.name).to(device) for f in fields(obj)})
 
 
 def as_source(detections: Any, min_score: float = 0.0, num_classes: int | None = None) -> SourceBoxes:
@@ -85,7 +90,7 @@ def as_source(detections: Any, min_score: float = 0.0, num_classes: int | None =
 
 
 @dataclass
-class PairedSet:
+class PairedSet(BoxTensors):
     """Matched (cloud, CLIP-det) pairs: the consistent or the inconsistent set (P pairs).
 
     ``boxes`` (P, 4) is the cloud box or the fused box; every other field is kept per
@@ -101,15 +106,9 @@ class PairedSet:
     cloud_probs: torch.Tensor
     clip_probs: torch.Tensor
 
-    def __len__(self) -> int:
-        return len(self.boxes)
-
-    def to(self, device: torch.device | str) -> "PairedSet":
-        return _moved(self, device)
-
 
 @dataclass
-class PrivateSet:
+class PrivateSet(BoxTensors):
     """Boxes only one source found (Q boxes): boxes (Q, 4), labels (Q,), scores (Q,),
     probs (Q, K+1) of that source, and ``from_cloud`` (Q,) bool (False = CLIP detector)."""
 
@@ -118,12 +117,6 @@ class PrivateSet:
     scores: torch.Tensor
     probs: torch.Tensor
     from_cloud: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.boxes)
-
-    def to(self, device: torch.device | str) -> "PrivateSet":
-        return _moved(self, device)
 
 
 @dataclass
@@ -180,7 +173,7 @@ def _cat_probs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cat([a.reshape(len(a), width), b.reshape(len(b), width)])
 
 
-def _label_right(boxes: torch.Tensor, labels: torch.Tensor, gt_boxes: torch.Tensor,
+def label_right(boxes: torch.Tensor, labels: torch.Tensor, gt_boxes: torch.Tensor,
                  gt_labels: torch.Tensor) -> torch.Tensor:
     """(N,) bool: the box overlaps (IoU >= GT_MATCH_IOU) a ground-truth box of its label."""
     iou = pairwise_iou(boxes, gt_boxes)
@@ -220,7 +213,7 @@ class SeparationStats:
             self.counts[name] = self.counts.get(name, 0) + len(boxes)
             if gt_boxes is None or gt_labels is None:
                 continue
-            ok = _label_right(boxes, labels, torch.as_tensor(gt_boxes, dtype=torch.float32).reshape(-1, 4),
+            ok = label_right(boxes, labels, torch.as_tensor(gt_boxes, dtype=torch.float32).reshape(-1, 4),
                               torch.as_tensor(gt_labels, dtype=torch.int64).reshape(-1))
             self.judged[name] = self.judged.get(name, 0) + len(boxes)
             self.right[name] = self.right.get(name, 0) + int(ok.sum())
@@ -231,3 +224,45 @@ class SeparationStats:
 
     def summary(self) -> dict[str, Any]:
         return {"counts": dict(self.counts), "label_accuracy": self.accuracy()}
+
+
+@dataclass
+class FusionStats:
+    """What L_inc learns from, over many steps after burn-up (the paper's Table 6 diagnosis).
+
+    ``pairs`` inconsistent pairs were fused; ``passed`` of them had max(fused) >= pi and so
+    became L_inc targets; of the passed pairs on images with ground truth (``judged``),
+    ``right`` had the fused argmax as their true label.
+    """
+
+    pairs: int = 0
+    passed: int = 0
+    judged: int = 0
+    right: int = 0
+
+    def add(self, fused: torch.Tensor, pi: float, boxes: list[torch.Tensor],
+            gt: list[dict[str, torch.Tensor]] | None = None) -> None:
+        """fused (P, K+1) over the batch's inconsistent pairs, image by image; ``boxes`` the
+        pairs' boxes per image (xyxy pixels, the frame of ``gt``); ``gt`` per image
+        {"boxes" (G, 4), "labels" (G,)} or None."""
+        keep = (fused.detach().max(dim=1).values >= pi).cpu()
+        self.pairs += len(fused)
+        self.passed += int(keep.sum())
+        if not gt:
+            return
+        labels = fused.detach().argmax(dim=1).cpu()
+        for rows, image_boxes, truth in zip(torch.arange(len(fused)).split([len(b) for b in boxes]), boxes, gt):
+            if not truth:
+                continue
+            picked = keep[rows]
+            ok = label_right(image_boxes.cpu()[picked], labels[rows][picked],
+                             torch.as_tensor(truth["boxes"], dtype=torch.float32).reshape(-1, 4),
+                             torch.as_tensor(truth["labels"], dtype=torch.int64).reshape(-1))
+            self.judged += int(picked.sum())
+            self.right += int(ok.sum())
+
+    def summary(self) -> dict[str, Any]:
+        """Counts, the fraction passing pi and the fraction of judged passed pairs that are right."""
+        return {"pairs": self.pairs, "passed": self.passed, "judged": self.judged, "right": self.right,
+                "pass_rate": self.passed / self.pairs if self.pairs else float("nan"),
+                "right_rate": self.right / self.judged if self.judged else float("nan")}

@@ -5,7 +5,7 @@ import torch
 
 from coin_ray.boxes import match_one_to_one
 from coin_ray.schema import Detections
-from coin_ray.separate import SeparationStats, SourceBoxes, as_source, separate
+from coin_ray.separate import FusionStats, SeparationStats, SourceBoxes, as_source, separate
 
 K = 3
 
@@ -153,3 +153,19 @@ def test_stats_count_sets_and_judge_labels_against_ground_truth():
     assert acc["consistent"] == 1.0
     assert acc["inconsistent_cloud"] == 0.0 and acc["inconsistent_clip"] == 1.0
     assert acc["private_cloud"] == 0.0 and acc["private_clip"] == 0.0
+
+
+def test_fusion_stats_count_pairs_passing_pi_and_judge_them_by_ground_truth():
+    fused = torch.tensor([[0.8, 0.1, 0.05, 0.05],   # image 0: passes, label 0
+                          [0.4, 0.3, 0.2, 0.1],     # image 0: below pi
+                          [0.05, 0.05, 0.8, 0.1]])  # image 1: passes, label 2
+    boxes = [torch.tensor([[0, 0, 10, 10], [20, 20, 30, 30]], dtype=torch.float32),
+             torch.tensor([[0, 0, 10, 10]], dtype=torch.float32)]
+    gt = [{"boxes": torch.tensor([[0, 0, 10, 10]]), "labels": torch.tensor([0])},
+          {"boxes": torch.tensor([[0, 0, 10, 10]]), "labels": torch.tensor([1])}]
+    stats = FusionStats()
+    stats.add(fused, 0.7, boxes, gt)
+    assert (stats.pairs, stats.passed, stats.judged, stats.right) == (3, 2, 2, 1)
+    stats.add(fused[:1], 0.7, boxes[:1])  # no ground truth: counted, not judged
+    assert stats.summary() == {"pairs": 4, "passed": 3, "judged": 2, "right": 1, "pass_rate": 0.75,
+                               "right_rate": 0.5}

@@ -59,7 +59,8 @@ def distill_worker(config: dict[str, Any], after_step: AfterStep | None = None) 
                  after_step=None if after_step is None else lambda step: after_step(step, state))
     if w.rank == 0:
         save_detector(state.detector, w.run.target_detector,
-                      {"steps": d.steps, "separation": state.stats.summary()})
+                      {"steps": d.steps, "separation": state.stats.summary(),
+                       "fusion": state.fusion_stats.summary()})
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

@@ -30,7 +30,7 @@ gradients and all prototypes are averaged over ranks here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -47,7 +47,8 @@ from coin_ray.models.roi_heads import MAX_LOGIT_SCALE
 from coin_ray.models.student import DistillStudent, StudentPass
 from coin_ray.models.teacher import ema_update, make_teacher
 from coin_ray.schema import Detections
-from coin_ray.separate import PairedSet, PrivateSet, Separation, SeparationStats, SourceBoxes, as_source, separate
+from coin_ray.separate import (FusionStats, PairedSet, PrivateSet, Separation, SeparationStats, SourceBoxes, as_source,
+                               separate)
 from coin_ray.train.augment import student_views
 from coin_ray.train.data import DetectionDataset, image_tensor, step_indices
 from coin_ray.train.loop import StepHook, step_generator
@@ -77,6 +78,7 @@ class DistillState:
     generator: torch.Generator
     step: int = 0
     stats: SeparationStats = field(default_factory=SeparationStats)
+    fusion_stats: FusionStats = field(default_factory=FusionStats)  # after burn-up only
     teacher_cache: dict[str, SourceBoxes] = field(default_factory=dict)  # before burn-up only
 
     @property
@@ -152,6 +154,7 @@ def distill_step(state: DistillState, batch: Batch, phase: Phase, cfg: DistillCo
     for i, sep in enumerate(seps):
         gt = batch.gt[i] if batch.gt else {}
         state.stats.add(sep, gt.get("boxes"), gt.get("labels"))
+    inc_boxes = [s.inconsistent.boxes for s in seps]  # in the frame of the ground truth
     # The student learns from a weak (flipped) view made strong; the teacher saw the plain image.
     images, seps = student_views(batch.images, seps, state.generator, flip=cfg.flip, strong=cfg.strong_augment)
     out = state.student(images, seps, state.generator)
@@ -163,6 +166,8 @@ def distill_step(state: DistillState, batch: Batch, phase: Phase, cfg: DistillCo
     p_ckg = state.ckg(out.inconsistent.embeddings.detach(), inc.cloud_probs, inc.clip_probs)
     fused = FUSIONS[cfg.fusion](inc.cloud_probs, inc.clip_probs, inc.cloud_scores, inc.clip_scores,
                                 p_ckg.detach())
+    if phase.after_burn_up:
+        state.fusion_stats.add(fused, cfg.pi, inc_boxes, batch.gt)
     losses = student_losses(state.detector, out, inc_fused=fused, private=priv, phase=phase, cfg=cfg)
     total = sum(losses.values())
     # 4. Update the CKG with its own optimizer (gradient direction alignment), once its
@@ -287,18 +292,25 @@ def load_state_dict(state: DistillState, blob: dict[str, Any]) -> None:
     state.generator.set_state(blob["generator"])
 
 
-def load_batch(dataset: DetectionDataset, indices: list[int], device: torch.device) -> Batch:
-    """The images at ``indices`` on ``device`` with their cloud detections (on the CPU)."""
+def load_batch(dataset: DetectionDataset, indices: list[int], device: torch.device,
+               ground_truth: Mapping[str, dict[str, torch.Tensor]] | None = None) -> Batch:
+    """The images at ``indices`` on ``device`` with their cloud detections (on the CPU), and
+    their ground truth by uri when given (statistics only: never a training target)."""
     records = [dataset.records[i] for i in indices]
     images = [image_tensor(dataset.load(r.uri)).to(device) for r in records]
-    return Batch(images, [as_source(r, num_classes=dataset.num_classes) for r in records],
+    gt = [ground_truth.get(r.uri, {}) for r in records] if ground_truth else None
+    return Batch(images, [as_source(r, num_classes=dataset.num_classes) for r in records], gt=gt,
                  image_ids=[r.image_id for r in records])
 
 
 def run_steps(state: DistillState, dataset: DetectionDataset, cfg: DistillConfig, *, seed: int,
               rank: int = 0, world_size: int = 1, device: torch.device = torch.device("cpu"),
-              on_step: StepHook | None = None) -> None:
+              on_step: StepHook | None = None,
+              ground_truth: Mapping[str, dict[str, torch.Tensor]] | None = None) -> None:
     """Steps ``state.step + 1 .. cfg.steps`` (1-based); ``on_step(step, metrics)`` after each.
+
+    ``ground_truth`` (uri -> {"boxes", "labels"}) only feeds ``state.stats`` and
+    ``state.fusion_stats`` (benchmarks judge the sets with it).
 
     Each rank's batch at a step is ``step_indices(...)``, a pure function of (seed, step,
     rank), and the samplers are reseeded per step, so a resumed run repeats the same steps.
@@ -309,7 +321,7 @@ def run_steps(state: DistillState, dataset: DetectionDataset, cfg: DistillConfig
     while state.step < cfg.steps:
         step = state.step + 1
         batch = load_batch(dataset, step_indices(len(dataset), cfg.batch_size, step - 1, seed, rank,
-                                                 world_size), device)
+                                                 world_size), device, ground_truth)
         state.generator = step_generator(seed, rank, step)
         metrics = distill_step(state, batch, phase_at(step - 1, cfg), cfg)
         if on_step is not None:
@@ -356,17 +368,19 @@ def build_run_state(cfg: Config, teacher_uri: str, wrap: Callable[[nn.Module], n
 
 
 def distill(cfg: Config, teacher_uri: str, train_items: list[Detections], *,
-            on_step: StepHook | None = None) -> DistillState:
+            on_step: StepHook | None = None,
+            ground_truth: Mapping[str, dict[str, torch.Tensor]] | None = None) -> DistillState:
     """Distil a target detector in this process (no Ray): tests, sweeps, benchmarks.
 
     Args:
         teacher_uri: the disseminated CLIP detector (``<run>/disseminate/model.pt``).
         train_items: cloud Detections of the target training images (uris readable by
             coin_ray.storage); error records are skipped.
+        ground_truth: optional labels of those images by uri, for the statistics only.
     Returns:
         The final state; ``state.detector`` is the target detector.
     """
     state = build_run_state(cfg, teacher_uri)
     dataset = DetectionDataset(train_items, cfg.num_classes)
-    run_steps(state, dataset, cfg.train.distill, seed=cfg.seed, on_step=on_step)
+    run_steps(state, dataset, cfg.train.distill, seed=cfg.seed, on_step=on_step, ground_truth=ground_truth)
     return state
