@@ -136,3 +136,19 @@ def table1_markdown(results: dict[str, EvalResult], categories: list[str]) -> st
 def table1_json(results: dict[str, EvalResult]) -> str:
     """The same table as JSON: {method: EvalResult fields} (NaN written as null)."""
     return json.dumps({m: r.to_json() for m, r in results.items()}, indent=2)
+
+
+def comparison_line(results: dict[str, EvalResult], ours: str = "COIN", reference: str = "Cloud det") -> str:
+    """One sentence saying what Table 1 means for the user ("" without both rows).
+
+    ``ours`` is the detector the run produced (small, owned, free to run); ``reference`` the
+    cloud detector it learnt from. mAP50 in percent on the labelled target split.
+    """
+    if ours not in results or reference not in results:
+        return ""
+    mine, theirs = results[ours], results[reference]
+    diff = mine.map50 - theirs.map50
+    standing = "level with" if abs(diff) < 0.05 else f"{abs(diff):.1f} mAP50 {'above' if diff > 0 else 'below'}"
+    return (f"Your detector ({ours}, {mine.map50:.1f} mAP50) is {standing} the cloud detector it learnt from "
+            f"({theirs.map50:.1f}) on the {theirs.num_images} labelled target images: "
+            f"{'it can replace the cloud calls on this domain' if diff > 0 else 'keep calling the cloud detector, or train longer (train.distill.steps)'}.")

@@ -27,7 +27,7 @@ from coin_ray.boxes import match_one_to_one, pairwise_iou  # noqa: E402
 from coin_ray.config import Config  # noqa: E402
 from coin_ray.data.datasets import LabelledSplit  # noqa: E402
 from coin_ray.data.images import load_image  # noqa: E402
-from coin_ray.evaluate import EvalResult, table1_json, table1_markdown  # noqa: E402
+from coin_ray.evaluate import EvalResult, comparison_line, table1_json, table1_markdown  # noqa: E402
 from coin_ray.run import RunDir  # noqa: E402
 from coin_ray.schema import Detections, table_to_records  # noqa: E402
 from coin_ray.tensorboard_log import TensorBoardLog  # noqa: E402
@@ -249,6 +249,9 @@ def write_tables(results: dict[str, EvalResult], categories: Sequence[str], repo
                  extra: dict | None = None) -> str:
     """Write table1.md and metrics.json under ``report_uri``; return the Markdown."""
     md = table1_markdown(results, list(categories))
+    line = comparison_line(results)
+    if line:
+        md = f"{md.rstrip()}\n\n{line}\n"
     storage.write_text(storage.join(report_uri, "table1.md"), md)
     metrics = json.loads(table1_json(results))
     if extra:

@@ -8,7 +8,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from coin_ray.data.datasets import GroundTruth, LabelledSplit
-from coin_ray.evaluate import evaluate, table1_json, table1_markdown
+from coin_ray.evaluate import EvalResult, comparison_line, evaluate, table1_json, table1_markdown
 from coin_ray.schema import Detections
 
 CATS = ["car", "traffic light", "bus"]
@@ -91,3 +91,16 @@ def test_records_of_other_images_with_the_same_id_are_not_scored():
                                       np.array([0]), np.array([0.99]), 3, "cloud")
     alone, mixed = evaluate(split, dets), evaluate(split, dets + [twin])
     assert mixed.map50 == alone.map50 and mixed.unmatched_records == 1
+
+
+def test_comparison_line_says_where_coin_stands_against_the_cloud():
+    def row(map50):
+        return EvalResult({"car": map50}, map50, 0.0, 100, 10)
+
+    above = comparison_line({"Cloud det": row(40.6), "COIN": row(43.75)})
+    assert above.startswith("Your detector (COIN, 43.8 mAP50) is 3.1 mAP50 above the cloud detector it learnt "
+                            "from (40.6) on the 100 labelled target images")
+    assert "can replace the cloud calls" in above
+    below = comparison_line({"Cloud det": row(40.6), "COIN": row(12.2)})
+    assert "is 28.4 mAP50 below the cloud detector" in below and "train longer" in below
+    assert comparison_line({"COIN": row(1.0)}) == ""
