@@ -64,6 +64,9 @@ def add_adapt_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config (local or s3://); default: the Foggy-Shapes demo")
     parser.add_argument("--stages", help=f"comma-separated stages to (re-)run, from: {', '.join(STAGE_NAMES)}")
     parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (only without RAY_ADDRESS)")
+    parser.add_argument("--retry-failed", action="store_true",
+                        help="ask the cloud again about images whose task failed or that it refused "
+                             "(same as cloud.retry_failed=true)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.distill.gamma1=0.2")
 
 
@@ -89,7 +92,8 @@ def _collect_pending(cfg, stages: list[str] | None) -> bool:
 def adapt(args: argparse.Namespace) -> int:
     """Check the inputs, then run (or resume) the adaptation; 0 when every stage finished."""
 
-    cfg = resolve_config(load_config(args.config, args.overrides))
+    overrides = [*args.overrides, *(["cloud.retry_failed=true"] if args.retry_failed else [])]
+    cfg = resolve_config(load_config(args.config, overrides))
     stages = _stages(args.stages)
     check_adapt(cfg, collect=_collect_pending(cfg, stages))
 

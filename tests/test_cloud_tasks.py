@@ -217,20 +217,15 @@ def test_task_the_service_lost_is_created_again_with_a_new_key(dds_server, tmp_p
 
 
 def test_adapt_job_retry_failed_flag_sets_cloud_retry_failed(monkeypatch):
-    import importlib.util
     from types import SimpleNamespace
 
-    import coin_ray.ray.pipeline as pipeline
+    from coin_ray import cli, commands
 
-    spec = importlib.util.spec_from_file_location(
-        "adapt_job", Path(__file__).resolve().parents[1] / "jobs" / "adapt.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
     seen = []
-    monkeypatch.setattr(pipeline, "run_adaptation",
-                        lambda cfg, **kw: seen.append(cfg) or SimpleNamespace(ok=True))
-    assert job.main(["--retry-failed", "cloud.max_calls=3"]) == 0
-    assert job.main(["cloud.max_spend=1.5", "cloud.price_per_call=0.5"]) == 0
+    monkeypatch.setattr(commands, "check_adapt", lambda cfg, collect: None)
+    monkeypatch.setattr(commands, "run_adaptation", lambda cfg, **kw: seen.append(cfg) or SimpleNamespace(ok=True))
+    assert cli.main(["adapt", "--retry-failed", "cloud.max_calls=3"]) == 0
+    assert cli.main(["adapt", "cloud.max_spend=1.5", "cloud.price_per_call=0.5"]) == 0
     assert (seen[0].cloud.retry_failed, seen[0].cloud.max_calls) == (True, 3)
     assert (seen[1].cloud.retry_failed, seen[1].cloud.max_spend) == (False, 1.5)
-    assert job.main(["cloud.max_spend=1.5"]) == 2  # a money cap needs a price per call
+    assert cli.main(["adapt", "cloud.max_spend=1.5"]) == 2  # a money cap needs a price per call
