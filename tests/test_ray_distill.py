@@ -93,10 +93,9 @@ def test_two_gloo_workers_agree_on_gradients_checkpoint_get_killed_and_resume(lo
     rows = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
     # Checkpoint at step 2, killed after step 3, resumed at step 3 (not 1, not 4).
     assert [r["step"] for r in rows] == [1, 2, 3, 3, 4]
-    # The second-order loss was active: always with the CLIP student; with the light one at
-    # least before burn-up (after it the teacher is the random student's copy, whose
-    # detections may agree with no cloud box, leaving L_ckg nothing to align).
-    assert all(r["ckg_norm"] > 0 for r in rows if target_backbone == "clip" or r["step"] == 1)
+    # The second-order loss was active at every step: the teacher stays the CLIP detector
+    # (its EMA for the CLIP student), whose detections half agree with the cloud's.
+    assert all(r["ckg_norm"] > 0 for r in rows)
     for r in rows:
         assert r["student_norm"] > 0
         assert r["student_diff"] <= 1e-6 * max(1.0, r["student_norm"])
@@ -107,10 +106,10 @@ def test_two_gloo_workers_agree_on_gradients_checkpoint_get_killed_and_resume(lo
 
     model = load_detector(model_uri)
     counts = model.meta["separation"]["counts"]  # counted since the resume (steps 3-4)
-    assert counts["inconsistent_cloud" if target_backbone == "clip" else "private_cloud"] > 0
+    assert counts["inconsistent_cloud"] > 0
     if target_backbone == "clip":
         fresh = build_detector(cfg)
-    else:  # resumed after burn-up, when the teacher had become the student's copy
+    else:
         fresh = LightRCNN.from_teacher(load_detector(str(run_dir / "disseminate" / "model.pt")), cfg.model,
                                        seed=cfg.seed)
         assert type(model) is LightRCNN

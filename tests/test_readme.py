@@ -5,6 +5,7 @@ working fails here."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shlex
@@ -101,6 +102,8 @@ def check_parses(cmd: str) -> None:
         assert ".venv" in (ROOT / "scripts" / "setup").read_text()
     elif words[0] == "export":
         assert all(re.fullmatch(r"[A-Z_]+=\S*", w) for w in words[1:])
+    elif words[0] == "tensorboard":  # a dependency: its command comes with the install
+        assert importlib.util.find_spec("tensorboard") is not None and words[1:2] == ["--logdir"]
     else:
         assert tuple(words[:2]) in RAY_SUBCOMMANDS, f"README command of an unknown kind: {cmd}"
 
