@@ -88,6 +88,8 @@ def check_parses(cmd: str) -> None:
             load_config(str(ROOT / config) if config and config != EXAMPLE else config, args.overrides)
         return
     words = shlex.split(cmd)
+    while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # VAR=value before a command
+        words = words[1:]
     if words[:3] == ["python", "-m", "coin_ray.serve"]:
         from coin_ray.serve import _parse_args
 
