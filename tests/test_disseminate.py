@@ -107,7 +107,8 @@ def test_dissemination_lowers_the_loss_and_moves_the_foreground_prototypes(tmp_p
     assert {"loss_objectness", "loss_classifier", "loss_align", "loss", "lr"} <= set(history[0])
     first = np.mean([m["loss"] for m in history[:5]])
     last = np.mean([m["loss"] for m in history[-5:]])
-    assert last < 0.7 * first
+    # Measured 0.65x on one thread; the bound keeps a 30 % margin above it.
+    assert last < 0.85 * first
     moved = (model.prototypes.vectors - before).norm(dim=1)
     assert bool((moved[:len(CATEGORIES)] > 1e-3).all())
     assert moved[len(CATEGORIES)] == 0  # background regions do not update a prototype

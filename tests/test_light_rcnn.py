@@ -142,7 +142,8 @@ def test_supervised_steps_lower_the_light_detectors_loss(teacher):
     state = build_state(teacher, LightRCNN.from_teacher(teacher, MODEL, seed=1), cfg)
     batch = _batch(_images())
     losses = [distill_step(state, batch, phase_at(s, cfg), cfg)["loss"] for s in range(15)]
-    assert sum(losses[-3:]) / 3 < 0.6 * sum(losses[:3]) / 3
+    # Measured 0.47x (one or two threads); the bound keeps a 30 % margin above it.
+    assert sum(losses[-3:]) / 3 < 0.65 * sum(losses[:3]) / 3
 
 
 def test_the_light_detector_exports_to_torchscript_and_matches_eager(teacher, tmp_path):
