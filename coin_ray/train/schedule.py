@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from coin_ray.config import DistillConfig
+from coin_ray.train.loop import WARMUP_FRACTION  # the same linear warm-up as dissemination
 
-WARMUP_FRACTION = 0.05  # linear warm-up over the first 5% of steps
 PRE_BURN_UP_DECAY = 5 / 65  # the reference drops to 0.1x this fraction of the run before burn-up
 POST_BURN_UP_HIGH = 0.75  # 0.5x for this share of the phase after burn-up (15k of 20k steps)
 LOW, RAISED = 0.1, 0.5
