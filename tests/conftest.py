@@ -9,6 +9,7 @@ from types import ModuleType
 from typing import Iterator
 
 import pytest
+import torch
 
 from coin_ray.serve import free_port
 
@@ -40,6 +41,16 @@ def local_ray_instance(num_cpus: int, log_to_driver: bool = False,
         ray.shutdown()
         if ship_by_value is not None:
             ray.cloudpickle.unregister_pickle_by_value(ship_by_value)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op torch thread for the test (the result of training must not depend on the
+    CPU's thread count; on a shared 2-core machine more threads only spin and wait)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,8 @@ CATEGORIES = ["car", "traffic light", "person"]
 COLOURS = [(220, 30, 30), (30, 200, 30), (40, 40, 230)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One intra-op thread (tests/conftest.py): learned numbers then match across machines.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_world(root, n_images: int = 4, seed: int = 0) -> list[Detections]:

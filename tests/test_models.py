@@ -24,13 +24,8 @@ WORDS = ["car", "traffic", "light", "person", "a", "photo", "of", "the", "foggy"
 SMALL = ModelConfig(min_size=96, max_size=128, num_extra_context=2, backbone_lr_mult=1.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine more threads only spin and wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One intra-op thread (tests/conftest.py): learned numbers then match across machines.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,8 @@ from coin_ray.train.oracle import ground_truth_records, oracle_schedule, train_o
 CATEGORIES = ["car", "person", "bus"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One intra-op thread (tests/conftest.py): learned numbers then match across machines.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _split(root) -> LabelledSplit:
