@@ -135,9 +135,11 @@ def test_runner_asha_resources_and_resume_after_errors(local_ray, tmp_path):
 
     marker = tmp_path / "fail"
     marker.touch()
+    # One trial at a time: ASHA then always has the earlier trials' rung results to cut the
+    # worse ones against (with all four in lockstep, whether any is cut depends on timing).
     opts = ray_sweep.SweepOptions(name="unit", storage=str(tmp_path / "sweeps"), metric="score",
-                              max_steps=4, num_samples=4, grace_steps=1, seed=3, max_failures=0,
-                              points_to_evaluate=[{"gamma1": 0.1}])
+                                  max_steps=4, num_samples=4, grace_steps=1, seed=3, max_failures=0,
+                                  max_concurrent_trials=1, points_to_evaluate=[{"gamma1": 0.1}])
     space = ray_sweep.param_space(sweep.parse_space({"gamma1": {"loguniform": [0.001, 10.0]}}))
     first = ray_sweep.run_tuner(_quadratic_trainable(marker), space, opts)
     assert first.num_errors == 4
