@@ -23,8 +23,9 @@ The student (``model.target_backbone``) is either
 
 The student sees a weak (flipped) view made strong (``coin_ray.train.augment``); the
 learning rate, the burn-up and the prototypes' warm-up follow the reference's schedule
-(``coin_ray.train.schedule``), whose ``phase_at`` decides the phase once per step. Under torch.distributed the student is DDP-wrapped by the caller; the CKG's
-gradients and all prototypes are averaged over ranks here.
+(``coin_ray.train.schedule``), whose ``phase_at`` decides the phase once per step. Under
+torch.distributed the student is DDP-wrapped by the caller; the CKG's gradients and all
+prototypes are averaged over ranks here.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class DistillState:
     step: int = 0
     stats: SeparationStats = field(default_factory=SeparationStats)
     fusion_stats: FusionStats = field(default_factory=FusionStats)  # after burn-up only
-    teacher_cache: dict[str, SourceBoxes] = field(default_factory=dict)  # before burn-up only
+    teacher_cache: dict[str, SourceBoxes] = field(default_factory=dict)  # while the teacher is frozen
 
     @property
     def detector(self) -> RegionDetector:
