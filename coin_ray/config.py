@@ -100,6 +100,10 @@ class ModelConfig:
     backbone_lr_mult: float = _range(0.0, None, default=1.0)  # CLIP vision layers (see README)
     head_layers: int = _range(0, None, default=1)  # last CLIP vision layers run per region (ViT "C4")
     roi_size: int = _range(1, None, default=4)  # RoIAlign grid side, in patch tokens
+    # CLIP detector regions: "pooled" runs CLIP's last layers on RoI-pooled tokens of the
+    # whole-image trunk (the reference's C4 layout); "crops" embeds each region's own pixels
+    # with CLIP's tower at CLIP's input size (models/clip_backbone.py, README "CLIP detector").
+    region_features: Literal["pooled", "crops"] = "crops"
     target_backbone: Literal["clip", "mobilenet_v3", "resnet18"] = "clip"  # distilled: OV-RCNN | LightRCNN
     min_size: int = _range(32, None, default=160)  # shorter image side fed to the detector
     max_size: int = _range(32, None, default=320)

@@ -105,7 +105,7 @@ class DeployedDetector(nn.Module):
         normed = self.rpn_norm(features.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         proposals, _ = self.rpn(image_list, OrderedDict([("0", normed)]))
         proposals = [self._fixed_count(p) for p in proposals]
-        outputs = self.roi_heads(features, proposals, self.classifier)
+        outputs = self.roi_heads(features, proposals, self.classifier, image_list.tensors)
         results = postprocess_detections(outputs, proposals, image_list.image_sizes, self.roi_heads.box_coder,
                                          score_threshold=self.score_threshold,
                                          detections_per_image=self.detections_per_image)

@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 
 from coin_ray import storage
-from coin_ray.config import Config, with_updates
+from coin_ray.config import Config, to_dict, with_updates
 
 # The stages in run order; coin_ray.ray.pipeline.STAGES maps each to its function.
 STAGE_NAMES = ("collect", "disseminate", "clip_det", "distill", "evaluate", "export")
@@ -118,6 +118,11 @@ class RunDir:
         manifest["stages"][stage] = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **info}
         storage.write_text(self.manifest_uri, json.dumps(manifest, indent=2, default=str))
 
+    def recorded_settings(self, stage: str) -> dict[str, object] | None:
+        """The settings a finished ``stage`` ran with (``stage_settings``); None when the
+        stage is not done or was recorded before settings were."""
+        return self.manifest()["stages"].get(stage, {}).get("settings")
+
     def forget(self, stage: str) -> None:
         """Mark ``stage`` as not done (used by ``--stages`` to force a re-run)."""
         manifest = self.manifest()
@@ -132,3 +137,42 @@ class RunDir:
 def run_dir(cfg: Config) -> RunDir:
     """The run ``cfg`` describes: ``<storage>/<run_id>``."""
     return RunDir(storage.join(cfg.storage, cfg.resolved_run_id()))
+
+
+# -- which settings each stage's outputs depend on -------------------------------------------
+
+# What a finished stage was computed from, beyond the run id (which already hashes data,
+# cloud and seed, i.e. everything collection depends on). Bookkeeping keys (logging,
+# checkpoint cadence) are left out: changing them changes no output.
+_LATER_ONLY = ("model.target_backbone",)
+_BOOKKEEPING = ("checkpoint_every", "log_every", "eval_every")
+STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
+    "collect": (),
+    "disseminate": ("clip", "model", "train.disseminate"),
+    "clip_det": ("clip", "model", "train.disseminate"),
+    "distill": ("clip", "model", "train.disseminate", "train.distill"),
+    "evaluate": ("clip", "model", "train.disseminate", "train.distill"),
+    "export": ("clip", "model", "train.disseminate", "train.distill"),
+}
+
+
+def stage_settings(cfg: Config, stage: str) -> dict[str, object]:
+    """The flat dotted settings ``stage``'s outputs depend on, e.g. {"model.roi_size": 4, ...}."""
+    flat: dict[str, object] = {}
+    for section in STAGE_SETTINGS[stage]:
+        node: object = to_dict(cfg)
+        for part in section.split("."):
+            node = node[part]  # type: ignore[index]
+        for key, value in node.items():  # type: ignore[union-attr]
+            name = f"{section}.{key}"
+            if key in _BOOKKEEPING or (name in _LATER_ONLY and stage in ("disseminate", "clip_det")):
+                continue
+            flat[name] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def changed_settings(recorded: dict[str, object], current: dict[str, object]) -> list[str]:
+    """``"key: old -> new"`` for every setting that differs (keys on one side only included)."""
+    keys = sorted(set(recorded) | set(current))
+    return [f"{k}: {recorded.get(k, '(unset)')} -> {current.get(k, '(unset)')}"
+            for k in keys if recorded.get(k, "(unset)") != current.get(k, "(unset)")]

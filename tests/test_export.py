@@ -21,10 +21,12 @@ from coin_ray.models.ov_rcnn import OpenVocabularyRCNN
 CATEGORIES = ["car", "person", "bus"]
 
 
-def tiny_detector(tmp_path, seed: int = 0) -> OpenVocabularyRCNN:
-    clip = write_clip(tmp_path / f"clip{seed}", CATEGORIES + ["a", "photo", "of"], seed=seed)
-    # A threshold that keeps a varying number of boxes per image, so counts are tested too.
-    cfg = ModelConfig(min_size=64, max_size=96, score_threshold=0.34, detections_per_image=20)
+def tiny_detector(tmp_path, seed: int = 0, region_features: str = "pooled") -> OpenVocabularyRCNN:
+    clip = write_clip(tmp_path / f"clip{seed}{region_features}", CATEGORIES + ["a", "photo", "of"], seed=seed)
+    # A threshold that keeps a varying number of boxes per image (with the pooled head), so
+    # counts are tested too.
+    cfg = ModelConfig(min_size=64, max_size=96, score_threshold=0.34, detections_per_image=20,
+                      region_features=region_features)
     return OpenVocabularyRCNN.from_clip(str(clip), CATEGORIES, cfg, seed=seed)
 
 
@@ -66,6 +68,19 @@ def test_exported_matches_eager_in_odd_batches(exported):
         torch.testing.assert_close(t["boxes"], e["boxes"], atol=BOX_ATOL, rtol=0)
         torch.testing.assert_close(t["probs"], e["probs"], atol=1e-4, rtol=0)
     assert det.detect([]) == []
+
+
+def test_a_crop_head_detector_exports_and_matches_eager(tmp_path):
+    save_detector(tiny_detector(tmp_path, region_features="crops"), str(tmp_path / "model.pt"))
+    export_detector(str(tmp_path / "model.pt"), str(tmp_path / "export"),
+                    example_uri=example_image(tmp_path / "ex.png"), batch_sizes=(1, 2), with_onnx=True)
+    model, det = load_detector(str(tmp_path / "model.pt")), load_exported(str(tmp_path / "export"))
+    assert model.roi_heads.uses_crops
+    images = check_images(image_tensor(np.asarray(Image.open(tmp_path / "ex.png"))), 3, seed=7)
+    for e, t in zip(model.detect(images), det.detect(images)):
+        assert len(e["boxes"]) > 0 and torch.equal(t["labels"], e["labels"])
+        torch.testing.assert_close(t["boxes"], e["boxes"], atol=BOX_ATOL, rtol=0)
+        torch.testing.assert_close(t["probs"], e["probs"], atol=1e-4, rtol=0)
 
 
 def test_other_sizes_are_resized_and_boxes_mapped_back(exported):

@@ -173,3 +173,15 @@ def test_teacher_moves_toward_the_student_by_exactly_the_keep_rate():
     assert teacher[1].num_batches_tracked.item() == 7
     ema_update(teacher, student, 1.0)  # keep rate 1: frozen
     assert torch.allclose(teacher[0].weight, keep * before["0.weight"] + (1 - keep) * student[0].weight)
+
+
+def test_a_tensor_shared_by_two_modules_moves_once():
+    shared = nn.Linear(2, 2)
+    student = nn.ModuleDict({"a": shared, "b": nn.Sequential(shared)})  # one weight, two names
+    teacher = make_teacher(student)
+    assert teacher["a"].weight is teacher["b"][0].weight
+    with torch.no_grad():
+        teacher["a"].weight.fill_(0.0)
+        student["a"].weight.fill_(1.0)
+    ema_update(teacher, student, 0.75)
+    assert torch.allclose(teacher["a"].weight, torch.full((2, 2), 0.25))

@@ -12,7 +12,8 @@ from transformers import AutoTokenizer, CLIPModel
 
 from coin_ray.config import ModelConfig
 from coin_ray.losses import l_align
-from coin_ray.models.build import load_detector, save_detector
+from coin_ray.models.build import load_detector, model_config_from_dict, save_detector
+from coin_ray.models.clip_backbone import centre_squares, crop_regions
 from coin_ray.models.clip_factory import write_clip
 from coin_ray.models.ov_rcnn import OpenVocabularyRCNN
 from coin_ray.models.prompt_learner import PromptLearner, encode_texts, prompt_texts
@@ -21,7 +22,9 @@ from coin_ray.models.roi_heads import RegionOutputs, RegionTargets, fastrcnn_sof
 
 CATEGORIES = ["car", "traffic light", "person"]
 WORDS = ["car", "traffic", "light", "person", "a", "photo", "of", "the", "foggy", "street", "scene"]
-SMALL = ModelConfig(min_size=96, max_size=128, num_extra_context=2, backbone_lr_mult=1.0)
+# The tests above the crop section exercise the pooled (C4) region head.
+SMALL = ModelConfig(min_size=96, max_size=128, num_extra_context=2, backbone_lr_mult=1.0,
+                    region_features="pooled")
 
 
 # One intra-op thread (tests/conftest.py): learned numbers then match across machines.
@@ -251,3 +254,67 @@ def test_overfitting_one_image_finds_its_boxes(model):
         assert bool((iou > 0.5).any()), f"box {box.tolist()} not found"
         best = det["scores"].masked_fill(iou <= 0.5, -1.0).argmax()
         assert int(det["labels"][best]) == int(label), f"box {box.tolist()} has the wrong label"
+
+
+# ---- model.region_features: crops (regions embedded from their own pixels) ----
+
+CROPS = dataclasses.replace(SMALL, region_features="crops")
+
+
+@pytest.fixture
+def crop_model(clip_dir):
+    torch.manual_seed(0)
+    return OpenVocabularyRCNN.from_clip(clip_dir, CATEGORIES, CROPS, "foggy street scene")
+
+
+def test_centre_squares_keep_the_processors_centre_crop():
+    boxes = torch.tensor([[10.0, 20.0, 18.0, 50.0], [0.0, 0.0, 40.0, 10.0], [5.0, 5.0, 9.0, 9.0]])
+    assert torch.equal(centre_squares(boxes), torch.tensor([[10.0, 31.0, 18.0, 39.0],
+                                                            [15.0, 0.0, 25.0, 10.0],
+                                                            [5.0, 5.0, 9.0, 9.0]]))
+
+
+def test_crop_regions_sample_the_centre_square_of_each_box():
+    # Each pixel's value is its column index: a crop's columns then tell which x it read.
+    image = torch.arange(64.0).repeat(1, 3, 32, 1)  # (1,3,32,64)
+    crops = crop_regions(image, [torch.tensor([[8.0, 0.0, 16.0, 32.0], [40.0, 4.0, 64.0, 12.0]])], 4)
+    assert crops.shape == (2, 3, 4, 4)
+    # Tall box: the full width 8..16 (pixel centres 9..15 sampled); wide box: x 48..56.
+    assert torch.allclose(crops[0, 0, 0], torch.tensor([8.5, 10.5, 12.5, 14.5]) + 0.0, atol=1e-4)
+    assert torch.allclose(crops[1, 0, 0], torch.tensor([48.5, 50.5, 52.5, 54.5]), atol=1e-4)
+
+
+def test_a_crop_region_starts_as_clips_embedding_of_its_crop(clip_dir, crop_model):
+    clip = CLIPModel.from_pretrained(clip_dir).eval()
+    head = crop_model.roi_heads.box_head
+    size = head.crop_size
+    crops = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
+    _, embeddings = head(torch.zeros(3, 16, head.out_channels), crops)
+    expected = clip.get_image_features(pixel_values=crops)
+    expected = expected if isinstance(expected, torch.Tensor) else expected.pooler_output
+    assert torch.allclose(embeddings, expected, atol=1e-5)
+
+
+def test_the_crop_head_trains_detects_and_shares_clips_tower(crop_model, tmp_path):
+    crop_model.train()
+    out = crop_model(_images(), _targets())
+    sum(out.losses.values()).backward()
+    head = crop_model.roi_heads.box_head
+    assert head.layers[0] is crop_model.trunk.layers[0], "one CLIP tower, not a copy"
+    assert head.layers[-1].mlp.fc1.weight.grad.abs().sum() > 0, "the classifier's gradient reaches CLIP"
+    assert crop_model.roi_heads.box_predictor.weight.grad.abs().sum() > 0
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in crop_model.param_groups(1e-3)}
+    assert all(id(p) in groups["backbone"] for p in head.layers[-1].parameters())
+    assert id(head.proj.weight) in groups["heads"]
+    save_detector(crop_model, str(tmp_path / "model.pt"))
+    again = load_detector(tmp_path / "model.pt").eval()
+    assert again.roi_heads.uses_crops and again.roi_heads.box_head.layers[0] is again.trunk.layers[0]
+    a, b = crop_model.detect(_images(1)), again.detect(_images(1))
+    assert torch.equal(a[0]["boxes"], b[0]["boxes"]) and torch.equal(a[0]["probs"], b[0]["probs"])
+
+
+def test_a_model_saved_before_region_features_existed_loads_as_pooled():
+    saved = dataclasses.asdict(SMALL)
+    del saved["region_features"]
+    assert model_config_from_dict(saved).region_features == "pooled"
+    assert model_config_from_dict(dataclasses.asdict(CROPS)).region_features == "crops"

@@ -5,7 +5,7 @@ import os
 from coin_ray.config import load_config
 from coin_ray.ray.pipeline import STAGES, stages_to_run
 from coin_ray.location import resolve_config as with_absolute_paths
-from coin_ray.run import STAGE_NAMES, RunDir
+from coin_ray.run import STAGE_NAMES, RunDir, stage_settings
 
 
 def test_local_paths_become_absolute_and_others_stay(tmp_path, monkeypatch):
@@ -32,6 +32,32 @@ def test_requested_stages_are_forced_and_the_rest_resume(tmp_path):
     assert stages_to_run(run, None) == ["clip_det", "distill", "evaluate", "export"]
     assert stages_to_run(run, ["distill", "disseminate"]) == ["disseminate", "distill"]
     assert not run.is_done("disseminate") and run.is_done("collect")
+
+
+def test_a_stage_run_with_other_settings_runs_again_with_every_later_stage(tmp_path, capsys):
+    run = RunDir(str(tmp_path))
+    cfg = load_config(None, ["model.region_features=pooled"])
+    for stage in STAGE_NAMES:
+        run.mark_done(stage, settings=stage_settings(cfg, stage))
+    assert stages_to_run(run, None, cfg) == []
+    # The target's backbone and the logging cadence do not touch the CLIP detector.
+    same_clip_det = load_config(None, ["model.region_features=pooled", "model.target_backbone=resnet18",
+                                       "train.disseminate.log_every=1"])
+    assert stages_to_run(run, None, same_clip_det) == ["distill", "evaluate", "export"]
+    assert "model.target_backbone: clip -> resnet18" in capsys.readouterr().out
+    for stage in ("distill", "evaluate", "export"):
+        run.mark_done(stage, settings=stage_settings(same_clip_det, stage))
+    crops = load_config(None, ["model.region_features=crops", "model.target_backbone=resnet18"])
+    assert stages_to_run(run, None, crops) == ["disseminate", "clip_det", "distill", "evaluate", "export"]
+    assert "model.region_features: pooled -> crops" in capsys.readouterr().out
+    assert run.is_done("collect")
+
+
+def test_a_stage_recorded_without_settings_is_kept(tmp_path):
+    run = RunDir(str(tmp_path))
+    for stage in STAGE_NAMES:
+        run.mark_done(stage)
+    assert stages_to_run(run, None, load_config(None, ["train.distill.steps=5"])) == []
 
 
 def test_the_stage_table_runs_in_the_manifest_order():

@@ -41,10 +41,18 @@ def build_student(cfg: Config, teacher: OpenVocabularyRCNN) -> RegionDetector:
     return build_detector(cfg, clip_path=teacher.meta["clip_path"])
 
 
+# Keys saved models may lack, with the value they were built with before the key existed.
+KEYS_ADDED_LATER = {"region_features": "pooled"}
+
+
 def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
-    """A ModelConfig from ``dataclasses.asdict`` output, ignoring keys this version lacks."""
+    """A ModelConfig from ``dataclasses.asdict`` output, ignoring keys this version lacks.
+
+    A key the saved model predates takes the value it was built with (``KEYS_ADDED_LATER``),
+    not today's default.
+    """
     names = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in data.items() if k in names})
+    return ModelConfig(**{**KEYS_ADDED_LATER, **{k: v for k, v in data.items() if k in names}})
 
 
 def _clip_from_meta(meta: dict[str, Any], model_cfg: ModelConfig, *, seed: int) -> OpenVocabularyRCNN:

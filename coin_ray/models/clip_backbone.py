@@ -13,12 +13,21 @@ joint space. transformers' CLIP is ViT-only (see STYLE.md), so we do the ViT ana
 Shapes (B images, C the vision width, p the patch size, s the RoI grid side, D the joint
 width): pixels (B,3,H,W) normalised with H, W multiples of p -> features (B,C,H/p,W/p);
 region tokens (R,s*s,C) -> box features (R,(s*s+1)*C) and embeddings (R,D) (not normalised).
+
+``ClipCropHead`` (``model.region_features: crops``) instead embeds each region from its own
+pixels, seen the way the collector's CLIP sees a box (``centre_squares``: the processor keeps
+a centre square of side min(w, h), resized to CLIP's input size), through the same CLIP
+tower the trunk uses. A region's embedding is then CLIP's embedding of that crop at CLIP's
+own resolution, whatever the object's size in the image; the trunk's pooled tokens only
+regress the box. Shapes: region tokens (R,s*s,C) and crops (R,3,S,S) -> box features
+(R,s*s*C) and embeddings (R,D).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torchvision.ops import roi_align
 from transformers import CLIPModel
 
 
@@ -110,3 +119,75 @@ class ClipRegionHead(nn.Module):
     def box_feature_size(self, roi_size: int) -> int:
         """Width of the box features for an s x s RoI grid: (s*s + 1) * C."""
         return (roi_size * roi_size + 1) * self.out_channels
+
+    def clip_modules(self) -> list[nn.Module]:
+        """The modules holding CLIP's pretrained vision weights (``proj`` excluded)."""
+        return [*self.layers, self.post_layernorm]
+
+
+def centre_squares(boxes: torch.Tensor) -> torch.Tensor:
+    """(R,4) xyxy -> (R,4) xyxy: the square of side min(w, h) at each box's centre.
+
+    That is the part of a crop CLIP's processor keeps (shortest edge resized to its input
+    size, then a centre crop), so a region is embedded as the collector's CLIP saw it.
+    """
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half = (boxes[:, 2:] - boxes[:, :2]).min(dim=1, keepdim=True).values / 2
+    return torch.cat([centre - half, centre + half], dim=1)
+
+
+def crop_regions(pixels: torch.Tensor, rois: torch.Tensor | list[torch.Tensor], size: int) -> torch.Tensor:
+    """Bilinear crops (R,3,S,S) of the centre squares of ``rois`` from ``pixels`` (B,3,H,W).
+
+    ``rois``: per image (R_i,4) xyxy, or (R,5) rows (image index, x1, y1, x2, y2), in the
+    pixels' frame.
+    """
+    if isinstance(rois, torch.Tensor):
+        squares = torch.cat([rois[:, :1], centre_squares(rois[:, 1:])], dim=1)
+    else:
+        squares = [centre_squares(b) for b in rois]
+    return roi_align(pixels, squares, output_size=size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+
+
+class ClipCropHead(nn.Module):
+    """Regions embedded from their own pixels by CLIP's vision tower (shared with the trunk).
+
+    ``proj`` starts as CLIP's ``visual_projection`` (zero bias): before any training a
+    region's embedding is exactly CLIP's image embedding of its centre-square crop (up to
+    bilinear vs bicubic resizing). Box regression reads the trunk's RoI tokens, normalised.
+    """
+
+    def __init__(self, clip: CLIPModel, trunk_width: int) -> None:
+        super().__init__()
+        vision = clip.vision_model
+        self.embeddings = vision.embeddings
+        self.pre_layrnorm = vision.pre_layrnorm
+        self.layers = nn.ModuleList(list(vision.encoder.layers))
+        self.post_layernorm = vision.post_layernorm
+        self.crop_size = int(vision.config.image_size)
+        self.proj = nn.Linear(int(vision.config.hidden_size), int(clip.config.projection_dim))
+        with torch.no_grad():
+            self.proj.weight.copy_(clip.visual_projection.weight)
+            self.proj.bias.zero_()
+        self.box_norm = nn.LayerNorm(trunk_width)
+        self.out_channels = trunk_width
+
+    def forward(self, region_tokens: torch.Tensor, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """region_tokens (R,T,C), crops (R,3,S,S) CLIP-normalised -> (box features (R,T*C), embeddings (R,D))."""
+        x = self.pre_layrnorm(self.embeddings(crops))
+        for layer in self.layers:
+            x = layer(x, None)
+        pooled = self.post_layernorm(x[:, 0])
+        return self.box_norm(region_tokens).flatten(1), self.proj(pooled)
+
+    def projection_mlp(self) -> nn.Sequential:
+        """``proj`` alone (C -> D), as for ``ClipRegionHead``."""
+        return nn.Sequential(self.proj)
+
+    def box_feature_size(self, roi_size: int) -> int:
+        """Width of the box features for an s x s RoI grid: s*s * C."""
+        return roi_size * roi_size * self.out_channels
+
+    def clip_modules(self) -> list[nn.Module]:
+        """The modules holding CLIP's pretrained vision weights (``proj`` excluded)."""
+        return [self.embeddings, self.pre_layrnorm, *self.layers, self.post_layernorm]

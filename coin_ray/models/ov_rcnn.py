@@ -2,7 +2,8 @@
 
     transform     CLIP's mean/std, padded to the patch size
     trunk         CLIP ViT layers on the whole image -> feature map at stride p
-    roi_heads     RoIAlign -> CLIP's last ViT layers per region -> box_head.proj (joint space)
+    roi_heads     RoIAlign -> CLIP's last ViT layers per region -> box_head.proj (joint space);
+                  or (``model.region_features: crops``) each region's pixels -> CLIP's tower
     prompt_learner   the K+1 text embeddings t (learnable context, frozen text encoder)
     prototypes       e_p (K+1, D) started from CLIP's text prototypes
 
@@ -18,7 +19,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from coin_ray import storage
 from coin_ray.config import DEFAULT_TEMPLATES, ModelConfig
-from coin_ray.models.clip_backbone import ClipRegionHead, ClipTrunk, split_vision_layers
+from coin_ray.models.clip_backbone import ClipCropHead, ClipRegionHead, ClipTrunk, split_vision_layers
 from coin_ray.models.prompt_learner import PromptLearner
 from coin_ray.models.prototypes import Prototypes, text_prototypes
 from coin_ray.models.rcnn import RegionDetector, build_rpn
@@ -48,7 +49,9 @@ class OpenVocabularyRCNN(RegionDetector):
         trunk_layers, head_layers = split_vision_layers(clip, model_cfg.head_layers)
         trunk = ClipTrunk(clip, trunk_layers)
         trunk.freeze(model_cfg.frozen_vision_layers)
-        roi_heads = ClipRoIHeads(ClipRegionHead(clip, head_layers), stride=trunk.patch_size,
+        box_head = (ClipCropHead(clip, trunk.out_channels) if model_cfg.region_features == "crops"
+                    else ClipRegionHead(clip, head_layers))
+        roi_heads = ClipRoIHeads(box_head, stride=trunk.patch_size,
                                  roi_size=model_cfg.roi_size,
                                  logit_scale=logit_scale_init(clip.logit_scale.item()))
         prompt_learner = PromptLearner(clip, tokenizer, categories, context_init=model_cfg.context_init,
@@ -69,8 +72,7 @@ class OpenVocabularyRCNN(RegionDetector):
         Frozen parameters (the text encoder, frozen vision layers) are left out.
         """
         clip_ids = {id(p) for p in self.trunk.parameters()}
-        clip_ids |= {id(p) for m in (*self.roi_heads.box_head.layers, self.roi_heads.box_head.post_layernorm)
-                     for p in m.parameters()}
+        clip_ids |= {id(p) for m in self.roi_heads.box_head.clip_modules() for p in m.parameters()}
         trainable = [p for p in self.parameters() if p.requires_grad]
         backbone = [p for p in trainable if id(p) in clip_ids]
         others = [p for p in trainable if id(p) not in clip_ids]

@@ -118,16 +118,18 @@ class RegionDetector(nn.Module):
 
     def region_outputs(self, features: torch.Tensor, boxes: list[torch.Tensor],
                        image_sizes: list[tuple[int, int]] | None = None,
-                       text_embeddings: torch.Tensor | None = None) -> RegionOutputs:
+                       text_embeddings: torch.Tensor | None = None,
+                       pixels: torch.Tensor | None = None) -> RegionOutputs:
         """Region embeddings (R,D) normalised, logits (R,K+1), class-agnostic deltas (R,4).
 
         Args:
             boxes: per image (R_i,4) xyxy in resized-image pixels; R = sum R_i.
             image_sizes: unused by the head (kept for a torchvision-like signature).
             text_embeddings: (K+1,D) to reuse; computed by the prompt learner when None.
+            pixels: the transformed batch (``ImageList.tensors``), for a head that embeds crops.
         """
         t = self.text_embeddings() if text_embeddings is None else text_embeddings
-        return self.roi_heads(features, boxes, t)
+        return self.roi_heads(features, boxes, t, pixels)
 
     def text_embeddings(self) -> torch.Tensor:
         """(K+1, D) L2-normalised class embeddings t (row K: background)."""
@@ -147,7 +149,8 @@ class RegionDetector(nn.Module):
         regions = assign_targets(proposals, targets_resized, self.num_classes,
                                  self.roi_heads.box_coder, generator)
         t = self.text_embeddings()
-        outputs = self.region_outputs(features, regions.proposals, image_list.image_sizes, t)
+        outputs = self.region_outputs(features, regions.proposals, image_list.image_sizes, t,
+                                      image_list.tensors)
         losses = {**rpn_losses, **fastrcnn_soft_loss(outputs, regions, background_weight)}
         return TrainOutput(losses, regions, outputs, t)
 
@@ -165,7 +168,8 @@ class RegionDetector(nn.Module):
             original_sizes = [tuple(img.shape[-2:]) for img in images]
             features, image_list, _ = self.encode(images)
             proposals, _ = self.propose(features, image_list)
-            outputs = self.region_outputs(features, proposals, image_list.image_sizes)
+            outputs = self.region_outputs(features, proposals, image_list.image_sizes,
+                                          pixels=image_list.tensors)
             results = postprocess_detections(
                 outputs, proposals, image_list.image_sizes, self.roi_heads.box_coder,
                 score_threshold=self.model_cfg.score_threshold,

@@ -23,7 +23,7 @@ from torch import nn
 from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes, roi_align
 
-from coin_ray.models.clip_backbone import ClipRegionHead
+from coin_ray.models.clip_backbone import ClipCropHead, ClipRegionHead, crop_regions
 
 FG_IOU_THRESHOLD = 0.5  # a proposal with IoU >= this to a target box is foreground
 BG_IOU_THRESHOLD = 0.5  # below this it is background
@@ -74,7 +74,7 @@ def pool_regions(features: torch.Tensor, boxes: list[torch.Tensor], output_size:
 class ClipRoIHeads(nn.Module):
     """Region head (``box_head``, last layer ``box_head.proj``), cosine classifier, box regressor."""
 
-    def __init__(self, box_head: ClipRegionHead, *, stride: int, roi_size: int,
+    def __init__(self, box_head: ClipRegionHead | ClipCropHead | nn.Module, *, stride: int, roi_size: int,
                  logit_scale: float) -> None:
         super().__init__()
         self.box_head = box_head
@@ -86,11 +86,22 @@ class ClipRoIHeads(nn.Module):
         self.stride = stride
         self.roi_size = roi_size
 
+    @property
+    def uses_crops(self) -> bool:
+        """True when regions are embedded from their own pixels (``ClipCropHead``)."""
+        return isinstance(self.box_head, ClipCropHead)
+
     def forward(self, features: torch.Tensor, boxes: list[torch.Tensor],
-                text_embeddings: torch.Tensor) -> RegionOutputs:
-        """features (B,C,h,w); boxes per image (R_i,4) resized-image pixels; t (K+1,D) normalised."""
+                text_embeddings: torch.Tensor, pixels: torch.Tensor | None = None) -> RegionOutputs:
+        """features (B,C,h,w); boxes per image (R_i,4) resized-image pixels; t (K+1,D) normalised;
+        pixels (B,3,H,W): the transformed batch, needed when ``uses_crops``."""
         tokens = pool_regions(features, boxes, self.roi_size, self.stride)
-        box_features, embeddings = self.box_head(tokens)
+        if self.uses_crops:
+            if pixels is None:
+                raise ValueError("this region head embeds crops: pass the transformed pixels")
+            box_features, embeddings = self.box_head(tokens, crop_regions(pixels, boxes, self.box_head.crop_size))
+        else:
+            box_features, embeddings = self.box_head(tokens)
         embeddings = F.normalize(embeddings, dim=-1)
         scale = self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
         logits = scale * embeddings @ text_embeddings.to(embeddings.dtype).t()

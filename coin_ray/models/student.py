@@ -109,7 +109,7 @@ class DistillStudent(nn.Module):
         t = det.text_embeddings()
         boxes = [torch.cat([r, *parts]) for r, parts in zip(regions.proposals, split)]
         with capture_input(det.roi_heads.box_head.projection_mlp()[0]) as seen:
-            outputs = det.region_outputs(features, boxes, image_list.image_sizes, t)
+            outputs = det.region_outputs(features, boxes, image_list.image_sizes, t, image_list.tensors)
         rows = [[len(r), *c] for r, c in zip(regions.proposals, counts)]
         kinds = _split_by_kind(outputs, torch.cat(seen), rows)
         return StudentPass(rpn_losses, regions, kinds["proposals"][0], kinds["consistent"][0],

@@ -41,7 +41,13 @@ def ema_update(teacher: nn.Module, student: nn.Module, keep_rate: float) -> None
     missing = set(teacher_state) ^ set(student_state)
     if missing:
         raise KeyError(f"teacher and student differ in entries: {sorted(missing)[:5]}")
+    seen: set[int] = set()
     for name, value in teacher_state.items():
+        # A tensor shared by two modules (the trunk and a crop head share CLIP's tower)
+        # appears under both names: move it once.
+        if value.data_ptr() in seen:
+            continue
+        seen.add(value.data_ptr())
         source = student_state[name].detach()
         if value.is_floating_point():
             value.mul_(keep_rate).add_(source.to(value.dtype), alpha=1.0 - keep_rate)

@@ -30,7 +30,7 @@ from coin_ray.ray.cluster import check_storage, join
 from coin_ray.ray.progress_feed import filter_known_ray_noise
 from coin_ray.ray.stages import (stage_clip_det, stage_collect, stage_disseminate, stage_distill,
                                  stage_evaluate, stage_export)
-from coin_ray.run import STAGE_NAMES, RunDir, run_dir
+from coin_ray.run import STAGE_NAMES, RunDir, changed_settings, run_dir, stage_settings
 
 log = logging.getLogger("coin_ray.pipeline")
 
@@ -63,13 +63,35 @@ def init_ray(num_cpus: int | None = None) -> None:
     filter_known_ray_noise()
 
 
-def stages_to_run(run: RunDir, requested: list[str] | None) -> list[str]:
-    """Requested stages are forced to re-run; otherwise every stage not yet in the manifest."""
+def stages_to_run(run: RunDir, requested: list[str] | None, cfg: Config | None = None) -> list[str]:
+    """Requested stages are forced to re-run; otherwise every stage not yet in the manifest.
+
+    With ``cfg``, the first finished stage whose recorded settings differ from ``cfg``'s
+    (``coin_ray.run.stage_settings``) runs again, and so does every stage after it: a
+    changed model or schedule never reuses a detector trained with the old one.
+    """
     if requested:
         for stage in requested:
             run.forget(stage)
         return [s for s in STAGES if s in requested]
+    if cfg is not None:
+        forget_from_changed_stage(run, cfg)
     return [s for s in STAGES if not run.is_done(s)]
+
+
+def forget_from_changed_stage(run: RunDir, cfg: Config) -> str | None:
+    """Forget the first done stage that ran with other settings and every later stage; its name."""
+    for i, stage in enumerate(STAGES):
+        recorded = run.recorded_settings(stage)
+        changes = changed_settings(recorded, stage_settings(cfg, stage)) if recorded is not None else []
+        if changes:
+            print(f"[coin-ray] {stage} ran with other settings ({'; '.join(changes[:3])}"
+                  f"{'; ...' if len(changes) > 3 else ''}): running it and every later stage again",
+                  flush=True)
+            for later in list(STAGES)[i:]:
+                run.forget(later)
+            return stage
+    return None
 
 
 def run_adaptation(cfg: Config, stages: list[str] | None = None, num_cpus: int | None = None) -> AdaptationResult:
@@ -79,7 +101,7 @@ def run_adaptation(cfg: Config, stages: list[str] | None = None, num_cpus: int |
     run = run_dir(cfg)
     print(describe(cfg, run.root), flush=True)
     result = AdaptationResult(run.root)
-    todo = stages_to_run(run, stages)
+    todo = stages_to_run(run, stages, cfg)
     if todo:
         init_ray(num_cpus or cfg.ray.num_cpus or None)
         check_storage(cfg.storage)
@@ -91,7 +113,8 @@ def run_adaptation(cfg: Config, stages: list[str] | None = None, num_cpus: int |
         start = time.monotonic()
         print(f"[coin-ray] stage {stage} ...", flush=True)
         info = STAGES[stage](cfg, run)
-        run.mark_done(stage, seconds=round(time.monotonic() - start, 1), **(info or {}))
+        run.mark_done(stage, seconds=round(time.monotonic() - start, 1),
+                      settings=stage_settings(cfg, stage), **(info or {}))
         result.stages_run.append(stage)
         print(f"[coin-ray] stage {stage} done in {time.monotonic() - start:.0f} s", flush=True)
     if storage.exists(run.table1):
