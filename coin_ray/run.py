@@ -34,6 +34,8 @@ import os
 import time
 from dataclasses import dataclass
 
+import pyarrow.fs as pafs
+
 from coin_ray import storage
 from coin_ray.config import Config, to_dict, with_updates
 
@@ -41,6 +43,9 @@ from coin_ray.config import Config, to_dict, with_updates
 STAGE_NAMES = ("collect", "disseminate", "clip_det", "distill", "evaluate", "export")
 
 MODEL_FILE = "model.pt"  # what each training stage writes in its folder
+# What Ray Train writes beside it (RunConfig(name=<stage>, storage_path=<run>)).
+CHECKPOINT_PREFIX = "checkpoint_"
+CHECKPOINT_INDEX = "checkpoint_manager_snapshot.json"
 
 
 def _artefact(*parts: str) -> property:
@@ -124,10 +129,25 @@ class RunDir:
         return self.manifest()["stages"].get(stage, {}).get("settings")
 
     def forget(self, stage: str) -> None:
-        """Mark ``stage`` as not done (used by ``--stages`` to force a re-run)."""
+        """Mark ``stage`` as not done, so that it runs again from scratch (``--stages``, or
+        changed settings): a training stage's checkpoints go too, or Ray Train would resume
+        the old training (at its last step: nothing would be trained again)."""
         manifest = self.manifest()
         if manifest["stages"].pop(stage, None) is not None:
             storage.write_text(self.manifest_uri, json.dumps(manifest, indent=2, default=str))
+        for uri in self.checkpoints(stage):
+            storage.delete(uri)
+
+    def checkpoints(self, stage: str) -> list[str]:
+        """Ray Train's checkpoint folders and their index under ``<run>/<stage>`` (sorted)."""
+        folder = self.path(stage)
+        if not storage.exists(folder):
+            return []
+        fs, path = storage.resolve(folder)
+        entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        names = sorted(e.base_name for e in entries)
+        return [self.path(stage, n) for n in names
+                if n.startswith(CHECKPOINT_PREFIX) or n == CHECKPOINT_INDEX]
 
     def first_unfinished(self) -> str | None:
         done = self.manifest()["stages"]

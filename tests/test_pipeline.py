@@ -53,6 +53,19 @@ def test_a_stage_run_with_other_settings_runs_again_with_every_later_stage(tmp_p
     assert run.is_done("collect")
 
 
+def test_a_stage_run_again_starts_fresh_not_from_its_old_checkpoints(tmp_path):
+    run = RunDir(str(tmp_path))
+    for name in ("checkpoint_2026-11-30_17-56-03.656006", "checkpoint_2026-11-30_17-56-50.863277"):
+        (tmp_path / "distill" / name).mkdir(parents=True)
+        (tmp_path / "distill" / name / "state.pt").write_bytes(b"old")
+    (tmp_path / "distill" / "checkpoint_manager_snapshot.json").write_text("{}")
+    (tmp_path / "distill" / "model.pt").write_bytes(b"old model")
+    run.mark_done("distill")
+    assert len(run.checkpoints("distill")) == 3 and run.checkpoints("clip_det") == []
+    assert stages_to_run(run, ["distill"]) == ["distill"]
+    assert sorted(p.name for p in (tmp_path / "distill").iterdir()) == ["model.pt"]
+
+
 def test_a_stage_recorded_without_settings_is_kept(tmp_path):
     run = RunDir(str(tmp_path))
     for stage in STAGE_NAMES:
