@@ -246,9 +246,12 @@ def teacher_rows(cfg: Config, run: RunDir) -> dict[str, EvalResult]:
 
 
 def world_tables(args: argparse.Namespace, overrides: list[str], tables: set[str],
-                 oracle: bool) -> tuple[str, dict]:
-    """The tables of one world (one ``data.cloud_confusion``): Markdown and fidelity.json parts."""
-    cfg, run = prepare_run(load_config(None, overrides), args.from_run)
+                 oracle: bool, from_run: str = "") -> tuple[str, dict]:
+    """The tables of one world (one ``data.cloud_confusion``): Markdown and fidelity.json parts.
+
+    ``from_run``: a finished run of this very world to read stages 0-2 from (else they run).
+    """
+    cfg, run = prepare_run(load_config(None, overrides), from_run)
     split = val_split(cfg)
     world = demo_world(cfg)
     # Results are cached per world and per shared setting (steps, overrides), so a run with
@@ -311,13 +314,14 @@ def main() -> None:
     parser.add_argument("--no-oracle", action="store_true", help="leave the Oracle row out of Table 1")
     parser.add_argument("--storage", default="runs-tables")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "fidelity.json"))
-    parser.add_argument("--from-run", default="", help="read stages 0-2 from this finished run directory")
+    parser.add_argument("--from-run", default="",
+                        help="read stages 0-2 of the rho-0 world from this finished run directory")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides")
     args = parser.parse_args()
     base = [f"data.world={args.world}", f"storage={args.storage}",
             *([f"train.distill.steps={args.steps}"] if args.steps else []), *args.overrides]
     text, data = world_tables(args, [*base, f"run_id=tables-{args.world}"], set(args.tables.split(",")),
-                              oracle=not args.no_oracle)
+                              oracle=not args.no_oracle, from_run=args.from_run)
     curve = {}
     for rho in args.rho:
         world_overrides = [*base, f"data.cloud_confusion={rho}", f"run_id=tables-{args.world}-confusion{rho:g}"]

@@ -36,7 +36,9 @@ def make_run(root: Path, clip_dir: str, steps: int, target_backbone: str = "clip
                   "score_threshold": 0.0, "target_backbone": target_backbone},
         "train": {"distill": {"steps": steps, "batch_size": 1, "burn_up": 0.25, "checkpoint_every": 2,
                               "log_every": 1, "min_score": 0.0, "min_clip_score": 0.0, "pi": 0.0,
-                              "teacher_half_life": 0.5}},
+                              # A long half-life: the EMA path runs, but the teacher stays near
+                              # the CLIP detector, so its boxes keep matching the cloud's.
+                              "teacher_half_life": 100.0}},
         "ray": {"num_workers": 2, "cpus_per_worker": 1.0}})
     teacher = build_detector(cfg).eval()
     save_detector(teacher, str(root / "disseminate" / "model.pt"))
@@ -95,7 +97,7 @@ def test_two_gloo_workers_agree_on_gradients_checkpoint_get_killed_and_resume(lo
     assert [r["step"] for r in rows] == [1, 2, 3, 3, 4]
     # The second-order loss was active at every step: the teacher stays the CLIP detector
     # (its EMA for the CLIP student), whose detections half agree with the cloud's.
-    assert all(r["ckg_norm"] > 0 for r in rows)
+    assert all(r["ckg_norm"] > 0 for r in rows), [r["ckg_norm"] for r in rows]
     for r in rows:
         assert r["student_norm"] > 0
         assert r["student_diff"] <= 1e-6 * max(1.0, r["student_norm"])
