@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import batched_nms, clip_boxes_to_image, roi_align
 
-from coin_ray.models.clip_backbone import crop_regions
 from coin_ray.models.ov_rcnn import OpenVocabularyRCNN
 from coin_ray.models.roi_heads import MAX_LOGIT_SCALE, MIN_BOX_SIZE, NMS_THRESHOLD
 from coin_ray.train.data import resize_to
@@ -113,10 +112,7 @@ class BatchedDetector(nn.Module):
         heads = self.roi_heads
         tokens = roi_align(features, rois, output_size=heads.roi_size, spatial_scale=1.0 / heads.stride,
                            sampling_ratio=1, aligned=True).flatten(2).transpose(1, 2)
-        if heads.uses_crops:
-            box_features, embeddings = heads.box_head(tokens, crop_regions(pixels, rois, heads.box_head.crop_size))
-        else:
-            box_features, embeddings = heads.box_head(tokens)
+        box_features, embeddings = heads.embed(tokens, pixels, rois)
         scale = heads.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
         logits = scale * F.normalize(embeddings, dim=-1) @ self.classifier.t()
         probs = F.softmax(logits, dim=-1)

@@ -140,10 +140,7 @@ class RunDir:
 
     def checkpoints(self, stage: str) -> list[str]:
         """Ray Train's checkpoint folders and their index under ``<run>/<stage>`` (sorted)."""
-        folder = self.path(stage)
-        if not storage.exists(folder):
-            return []
-        fs, path = storage.resolve(folder)
+        fs, path = storage.resolve(self.path(stage))
         entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
         names = sorted(e.base_name for e in entries)
         return [self.path(stage, n) for n in names
@@ -179,8 +176,9 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
 def stage_settings(cfg: Config, stage: str) -> dict[str, object]:
     """The flat dotted settings ``stage``'s outputs depend on, e.g. {"model.roi_size": 4, ...}."""
     flat: dict[str, object] = {}
+    tree = to_dict(cfg)
     for section in STAGE_SETTINGS[stage]:
-        node: object = to_dict(cfg)
+        node: object = tree
         for part in section.split("."):
             node = node[part]  # type: ignore[index]
         for key, value in node.items():  # type: ignore[union-attr]

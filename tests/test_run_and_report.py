@@ -31,6 +31,20 @@ def test_manifest_on_s3(s3_bucket):
     assert RunDir(f"s3://{s3_bucket}/runs/r1").is_done("collect")
 
 
+def test_a_forgotten_stage_loses_its_checkpoints_on_s3(s3_bucket):
+    run = RunDir(f"s3://{s3_bucket}/runs/r2")
+    storage.write_bytes(run.path("distill", "checkpoint_2026-11-30_17-56-03.656006", "state.pt"), b"old")
+    storage.write_text(run.path("distill", "checkpoint_manager_snapshot.json"), "{}")
+    storage.write_bytes(run.model("distill"), b"model")
+    run.mark_done("distill")
+    assert [uri.rsplit("/", 1)[1] for uri in run.checkpoints("distill")] == [
+        "checkpoint_2026-11-30_17-56-03.656006", "checkpoint_manager_snapshot.json"]
+    assert run.checkpoints("evaluate") == []
+    run.forget("distill")
+    assert run.checkpoints("distill") == [] and storage.exists(run.model("distill"))
+    assert not run.is_done("distill")
+
+
 def test_report_files(tmp_path):
     cats = ["car", "bus"]
     split = LabelledSplit(cats, [GroundTruth("a", "a", 64, 48, np.array([[2, 2, 20, 20]], np.float32),

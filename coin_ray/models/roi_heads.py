@@ -91,17 +91,23 @@ class ClipRoIHeads(nn.Module):
         """True when regions are embedded from their own pixels (``ClipCropHead``)."""
         return isinstance(self.box_head, ClipCropHead)
 
+    def embed(self, tokens: torch.Tensor, pixels: torch.Tensor | None,
+              rois: torch.Tensor | list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The box head on RoI tokens (R,s*s,C), and on the regions' crops of ``pixels`` when it
+        embeds crops: (box features, embeddings (R,D) unnormalised). ``rois`` as for
+        ``crop_regions``."""
+        if not self.uses_crops:
+            return self.box_head(tokens)
+        if pixels is None:
+            raise ValueError("this region head embeds crops: pass the transformed pixels")
+        return self.box_head(tokens, crop_regions(pixels, rois, self.box_head.crop_size))
+
     def forward(self, features: torch.Tensor, boxes: list[torch.Tensor],
                 text_embeddings: torch.Tensor, pixels: torch.Tensor | None = None) -> RegionOutputs:
         """features (B,C,h,w); boxes per image (R_i,4) resized-image pixels; t (K+1,D) normalised;
         pixels (B,3,H,W): the transformed batch, needed when ``uses_crops``."""
         tokens = pool_regions(features, boxes, self.roi_size, self.stride)
-        if self.uses_crops:
-            if pixels is None:
-                raise ValueError("this region head embeds crops: pass the transformed pixels")
-            box_features, embeddings = self.box_head(tokens, crop_regions(pixels, boxes, self.box_head.crop_size))
-        else:
-            box_features, embeddings = self.box_head(tokens)
+        box_features, embeddings = self.embed(tokens, pixels, boxes)
         embeddings = F.normalize(embeddings, dim=-1)
         scale = self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
         logits = scale * embeddings @ text_embeddings.to(embeddings.dtype).t()
