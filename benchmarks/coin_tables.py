@@ -20,8 +20,9 @@ what is missing.
 COIN rows give the mean over seeds (mAP50 also with its standard deviation). Before the
 tables, the separation statistics on the target train images (CLIP det vs cloud det, the
 teacher before burn-up) with the fraction of right labels per set against ground truth.
-``--rho 0 0.25 0.5`` adds the rho curve: the world rebuilt at each ``data.cloud_confusion``,
-stages 0-2 run again there, and COIN minus the best teacher per seed. Everything measured
+``--rho 0 0.5 0.8`` adds the rho curve: the world rebuilt at each ``data.cloud_confusion``,
+stages 0-2 run again there (or read with ``--from-run RHO=DIR``, once per world), and COIN minus the best
+teacher per seed; the config's own rho is the main world's Table 1. Everything measured
 goes to ``--json`` (default benchmarks/results/fidelity.json) in the shape issue 13 asks.
 """
 
@@ -303,6 +304,25 @@ def world_tables(args: argparse.Namespace, overrides: list[str], tables: set[str
     return text, data
 
 
+def tables_run_id(world: str, rho: float) -> str:
+    """The run holding stages 0-2 of one world: one per cloud_confusion, so none is reused for another."""
+    return f"tables-{world}" + (f"-confusion{rho:g}" if rho else "")
+
+
+def parse_from_runs(values: list[str], main_rho: float) -> dict[float, str]:
+    """``["0=runs/a", "runs/b"]`` -> {0.0: "runs/a", main_rho: "runs/b"} (a bare DIR is the main world's)."""
+    runs = {}
+    for value in values:
+        rho, sep, path = value.partition("=")
+        if not sep:
+            rho, path = str(main_rho), value
+        try:
+            runs[float(rho)] = path
+        except ValueError:
+            raise SystemExit(f"--from-run: {value!r} is not [RHO=]DIR with RHO a number") from None
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", default="bench", choices=["tiny", "demo", "bench"])
@@ -314,19 +334,26 @@ def main() -> None:
     parser.add_argument("--no-oracle", action="store_true", help="leave the Oracle row out of Table 1")
     parser.add_argument("--storage", default="runs-tables")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "fidelity.json"))
-    parser.add_argument("--from-run", default="",
-                        help="read stages 0-2 of the rho-0 world from this finished run directory")
+    parser.add_argument("--from-run", action="append", default=[], metavar="[RHO=]DIR",
+                        help="read stages 0-2 of the world at this cloud_confusion (default: the "
+                             "config's) from this finished run directory; once per world")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides")
     args = parser.parse_args()
     base = [f"data.world={args.world}", f"storage={args.storage}",
             *([f"train.distill.steps={args.steps}"] if args.steps else []), *args.overrides]
-    text, data = world_tables(args, [*base, f"run_id=tables-{args.world}"], set(args.tables.split(",")),
-                              oracle=not args.no_oracle, from_run=args.from_run)
+    main_rho = load_config(None, base).data.cloud_confusion
+    from_runs = parse_from_runs(args.from_run, main_rho)
+    text, data = world_tables(args, [*base, f"run_id={tables_run_id(args.world, main_rho)}"],
+                              set(args.tables.split(",")), oracle=not args.no_oracle,
+                              from_run=from_runs.pop(main_rho, ""))
     curve = {}
     for rho in args.rho:
-        world_overrides = [*base, f"data.cloud_confusion={rho}", f"run_id=tables-{args.world}-confusion{rho:g}"]
-        part_text, part = world_tables(args, world_overrides, {"1"}, oracle=False)
-        text += "\n" + part_text
+        if rho == main_rho and "table1" in data:  # the main world's Table 1 is this point already
+            part = data
+        else:
+            world_overrides = [*base, f"data.cloud_confusion={rho}", f"run_id={tables_run_id(args.world, rho)}"]
+            part_text, part = world_tables(args, world_overrides, {"1"}, oracle=False, from_run=from_runs.get(rho, ""))
+            text += "\n" + part_text
         curve[f"{rho:g}"] = {"coin_minus_best_teacher": part["coin_minus_best_teacher"],
                              "table1": part["table1"]}
     print(text)

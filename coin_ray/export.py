@@ -209,7 +209,12 @@ def load_exported(export_uri: str, map_location: str = "cpu", runtime: str = "to
 def check_equivalence(model: OpenVocabularyRCNN, exported, images: list[torch.Tensor], *,
                       box_atol: float = BOX_ATOL, prob_atol: float = PROB_ATOL) -> dict[str, float]:
     """Compare exported (anything with ``detect``) and eager detections on ``images``;
-    raise ExportMismatch when counts or labels differ, or values beyond the tolerances.
+    raise ExportMismatch when a detection has no counterpart, or values differ beyond the tolerances.
+
+    Detections are paired per image regardless of order (same label, nearest box): two
+    detections whose scores tie to float precision may come out in either order, and one
+    whose score ties the last kept one (the per-image cap) may be either one; only those
+    may go unpaired.
 
     Returns the largest differences seen: {"max_box_diff" (pixels), "max_prob_diff",
     "images", "detections"}.
@@ -218,18 +223,47 @@ def check_equivalence(model: OpenVocabularyRCNN, exported, images: list[torch.Te
     traced = exported.detect(images)
     box_diff, prob_diff, total = 0.0, 0.0, 0
     for i, (e, t) in enumerate(zip(eager, traced)):
-        if len(e["boxes"]) != len(t["boxes"]) or not torch.equal(e["labels"], t["labels"]):
-            raise ExportMismatch(f"image {i}: eager gives {len(e['boxes'])} detections, "
-                                 f"exported {len(t['boxes'])} (or different labels)")
-        if len(e["boxes"]):
-            box_diff = max(box_diff, float((e["boxes"] - t["boxes"]).abs().max()))
-            prob_diff = max(prob_diff, float((e["probs"] - t["probs"]).abs().max()),
-                            float((e["scores"] - t["scores"]).abs().max()))
+        pairs, unpaired = pair_detections(e, t)
+        if unpaired:
+            raise ExportMismatch(f"image {i}: eager gives {len(e['boxes'])} detections, exported "
+                                 f"{len(t['boxes'])}; {unpaired} without a counterpart of the same label")
+        for a, b in pairs:
+            box_diff = max(box_diff, float((e["boxes"][a] - t["boxes"][b]).abs().max()))
+            prob_diff = max(prob_diff, float((e["probs"][a] - t["probs"][b]).abs().max()),
+                            float((e["scores"][a] - t["scores"][b]).abs()))
         total += len(e["boxes"])
     if box_diff > box_atol or prob_diff > prob_atol:
         raise ExportMismatch(f"exported model differs from eager: boxes by {box_diff:.3g} px "
                              f"(allowed {box_atol}), probs by {prob_diff:.3g} (allowed {prob_atol})")
     return {"max_box_diff": box_diff, "max_prob_diff": prob_diff, "images": len(images), "detections": total}
+
+
+def pair_detections(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tie: float = PROB_ATOL
+                    ) -> tuple[list[tuple[int, int]], int]:
+    """Pair two detectors' detections of one image: (pairs of indices, count left unpaired).
+
+    Each detection of ``a`` in score order takes the unpaired detection of ``b`` with its label
+    and the nearest box (max abs difference, pixels). A detection left over counts as unpaired
+    unless its score is within ``tie`` of the lowest score of its list (a tie at the cap).
+    """
+    pairs, used = [], torch.zeros(len(b["boxes"]), dtype=torch.bool)
+    left_a = []
+    for i in range(len(a["boxes"])):
+        free = (~used) & (b["labels"] == a["labels"][i])
+        if not free.any():
+            left_a.append(i)
+            continue
+        diff = (b["boxes"] - a["boxes"][i]).abs().amax(dim=1).masked_fill(~free, float("inf"))
+        j = int(diff.argmin())
+        used[j] = True
+        pairs.append((i, j))
+    left_b = torch.nonzero(~used).flatten().tolist()
+
+    def not_a_tie(d: dict[str, torch.Tensor], rows: list[int]) -> int:
+        floor = float(d["scores"].min()) if len(d["scores"]) else 0.0
+        return sum(float(d["scores"][r]) > floor + tie for r in rows)
+
+    return pairs, not_a_tie(a, left_a) + not_a_tie(b, left_b)
 
 
 def check_images(example: torch.Tensor, count: int, seed: int = 0) -> list[torch.Tensor]:

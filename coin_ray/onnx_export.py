@@ -120,18 +120,22 @@ class BatchedDetector(nn.Module):
         return self.select(clip_boxes_to_image(boxes.reshape(-1, 4), self.resized), probs, image)
 
     def select(self, boxes: torch.Tensor, probs: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Score threshold, size filter, NMS per (image, label), the best per image; sorted."""
-        scores, labels = probs[:, :-1].max(dim=1)
-        sizes = boxes[:, 2:] - boxes[:, :2]
-        keep = torch.nonzero((scores > self.score_threshold) & (sizes >= MIN_BOX_SIZE).all(-1)).flatten()
-        groups = image[keep] * probs.shape[1] + labels[keep]
-        keep = keep[batched_nms(boxes[keep], scores[keep], groups, NMS_THRESHOLD)]
+        """One candidate per (box, class) above the score threshold (as ``postprocess_detections``),
+        size filter, NMS per (image, label), the best per image; sorted."""
+        above = torch.nonzero(probs[:, :-1] > self.score_threshold)  # (M, 2): box row, label
+        rows, labels = above[:, 0], above[:, 1]
+        scores = probs[rows, labels]
+        sizes = boxes[rows, 2:] - boxes[rows, :2]
+        keep = torch.nonzero((sizes >= MIN_BOX_SIZE).all(-1)).flatten()
+        groups = image[rows[keep]] * probs.shape[1] + labels[keep]
+        keep = keep[batched_nms(boxes[rows[keep]], scores[keep], groups, NMS_THRESHOLD)]
         # Image-major, score-descending order: scores lie in [0,1], so one key sorts both.
-        keep = keep[torch.argsort(image[keep].to(scores.dtype) * 2.0 + (1.0 - scores[keep]))]
-        img = image[keep]
+        keep = keep[torch.argsort(image[rows[keep]].to(scores.dtype) * 2.0 + (1.0 - scores[keep]))]
+        img = image[rows[keep]]
         first = (img[None, :] < img[:, None]).sum(dim=1)  # rows of earlier images
         keep = keep[(torch.arange(keep.shape[0], device=keep.device) - first) < self.detections_per_image]
-        return boxes[keep] * self.box_scale, labels[keep], scores[keep], probs[keep], image[keep]
+        box = rows[keep]
+        return boxes[box] * self.box_scale, labels[keep], scores[keep], probs[box], image[box]
 
 
 def _deltas_per_anchor(deltas: torch.Tensor, b: int) -> torch.Tensor:

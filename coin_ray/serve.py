@@ -45,7 +45,7 @@ from coin_ray.cloud import dds_serve
 from coin_ray.cloud.backends import build_backend
 from coin_ray.cloud.base import DetectorBackend
 from coin_ray.cloud.http_backend import answer_to_json
-from coin_ray.config import CloudConfig
+from coin_ray.config import FOGGY_SHAPES_CLOUD_CONFUSION, CloudConfig
 from coin_ray.data.images import ImageDecodeError, decode_image
 
 log = logging.getLogger("coin_ray.serve")
@@ -387,8 +387,9 @@ def main(argv: list[str] | None = None) -> None:
     """Parse arguments, build the backend and serve until interrupted."""
     args = _parse_args(argv)
     if args.checkpoint and not storage.exists(args.checkpoint):
+        demo = f"~/.cache/coin_ray/world/demo-0-confusion{FOGGY_SHAPES_CLOUD_CONFUSION:g}/cloud_detector.pt"
         raise SystemExit(f"--checkpoint {args.checkpoint}: no such file (the demo's stand-in is "
-                         "~/.cache/coin_ray/world/demo-0/cloud_detector.pt once the demo world is built)")
+                         f"{demo} once the demo world is built)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     token = os.environ.get(args.require_token_env, "") if args.require_token_env else ""
     knobs = Knobs(latency_s=args.latency_ms / 1000.0, rps_limit=args.rps, fail_500=args.fail_500,

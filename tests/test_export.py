@@ -187,3 +187,21 @@ def test_predict_uses_the_annotation_files_ids(exported, local_ray, image_folder
     assert results and {r["image_id"] for r in results} <= {101, 205}
     assert {r["category_id"] for r in results} <= {7, 3}  # "bus" is not in the file: left out
     assert not (tmp_path / "results.images.json").exists()
+
+
+def test_pairing_is_order_free_and_forgives_only_ties_at_the_cap():
+    from coin_ray.export import pair_detections
+
+    def dets(boxes, labels, scores):
+        return {"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.tensor(labels),
+                "scores": torch.tensor(scores)}
+
+    a = dets([[0, 0, 10, 10], [20, 20, 30, 30], [5, 5, 9, 9]], [1, 1, 2], [0.5, 0.5, 0.3])
+    b = dets([[20, 20, 30, 30], [0, 0, 10, 10], [5, 5, 9, 9]], [1, 1, 2], [0.5, 0.5, 0.3])
+    assert pair_detections(a, b) == ([(0, 1), (1, 0), (2, 2)], 0)
+    # The last kept detection differs, but its score ties the list's lowest: forgiven.
+    c = dets([[20, 20, 30, 30], [0, 0, 10, 10], [40, 40, 60, 60]], [1, 1, 3], [0.5, 0.5, 0.3])
+    assert pair_detections(a, c)[1] == 0
+    # A confident detection without a counterpart of its label is not.
+    d = dets([[20, 20, 30, 30], [0, 0, 10, 10], [5, 5, 9, 9]], [1, 3, 2], [0.5, 0.5, 0.3])
+    assert pair_detections(a, d)[1] == 2

@@ -18,7 +18,7 @@ from coin_ray.models.clip_factory import write_clip
 from coin_ray.models.ov_rcnn import OpenVocabularyRCNN
 from coin_ray.models.prompt_learner import PromptLearner, encode_texts, prompt_texts
 from coin_ray.models.prototypes import Prototypes
-from coin_ray.models.roi_heads import RegionOutputs, RegionTargets, fastrcnn_soft_loss
+from coin_ray.models.roi_heads import RegionOutputs, RegionTargets, fastrcnn_soft_loss, postprocess_detections
 
 CATEGORIES = ["car", "traffic light", "person"]
 WORDS = ["car", "traffic", "light", "person", "a", "photo", "of", "the", "foggy", "street", "scene"]
@@ -318,3 +318,23 @@ def test_a_model_saved_before_region_features_existed_loads_as_pooled():
     del saved["region_features"]
     assert model_config_from_dict(saved).region_features == "pooled"
     assert model_config_from_dict(dataclasses.asdict(CROPS)).region_features == "crops"
+
+
+def test_postprocess_reports_every_class_above_the_threshold_as_its_own_detection():
+    """detectron2 / torchvision inference: a box 0.6 person / 0.3 rider is both a person and a rider."""
+    from torchvision.models.detection import _utils as det_utils
+
+    probs = torch.tensor([[0.10, 0.60, 0.30, 0.00],   # car, person, rider(=2), bg: two classes pass 0.2
+                          [0.05, 0.05, 0.10, 0.80],   # mostly background: nothing passes
+                          [0.70, 0.10, 0.00, 0.20]])  # car only
+    proposals = [torch.tensor([[10.0, 10.0, 50.0, 60.0], [0.0, 0.0, 30.0, 30.0], [60.0, 5.0, 90.0, 40.0]])]
+    outputs = RegionOutputs(torch.zeros(3, 4), probs.log(), torch.zeros(3, 4))
+    found = postprocess_detections(outputs, proposals, [(100, 100)], det_utils.BoxCoder((10.0, 10.0, 5.0, 5.0)),
+                                   score_threshold=0.2, detections_per_image=10)[0]
+    assert found["labels"].tolist() == [0, 1, 2]  # by decreasing score: car 0.7, person 0.6, rider 0.3
+    assert torch.allclose(found["scores"], torch.tensor([0.7, 0.6, 0.3]), atol=1e-6)
+    assert torch.equal(found["boxes"][1], found["boxes"][2]) and torch.equal(found["boxes"][1], proposals[0][0])
+    assert torch.allclose(found["probs"][2], probs[0], atol=1e-6)  # each detection keeps its box's K+1 row
+    capped = postprocess_detections(outputs, proposals, [(100, 100)], det_utils.BoxCoder((10.0, 10.0, 5.0, 5.0)),
+                                    score_threshold=0.2, detections_per_image=2)[0]
+    assert capped["labels"].tolist() == [0, 1]

@@ -162,8 +162,8 @@ def test_cache_dir_comes_from_the_environment(tmp_path, monkeypatch):
     from coin_ray.world.build import world_root
 
     monkeypatch.setenv("COIN_RAY_CACHE", str(tmp_path))
-    assert world_root("demo", 2) == tmp_path / "world" / "demo-2"
-    assert world_root("demo", 2, tmp_path / "x") == tmp_path / "x" / "world" / "demo-2"
+    assert world_root("demo", 2, cloud_confusion=0.0) == tmp_path / "world" / "demo-2"
+    assert world_root("demo", 2, tmp_path / "x", 0.0) == tmp_path / "x" / "world" / "demo-2"
 
 
 def test_standin_cloud_detector_answers_like_a_backend(tiny):

@@ -10,6 +10,7 @@ import torch
 
 from coin_ray.boxes import pairwise_iou
 from coin_ray.config import FOGGY_SHAPES_CATEGORIES as CATS
+from coin_ray.config import FOGGY_SHAPES_CLOUD_CONFUSION, Config
 from coin_ray.world.build import build_world, check_world, world_root
 from coin_ray.world.clip_standin import (PARTIAL_MAX_IOU, TEMPLATES, _background_box, _caption_tokens,
                                          caption_words, load_distractors, template_style)
@@ -55,11 +56,18 @@ def test_confusion_is_recorded_in_the_checkpoint_only_when_on(tiny, tmp_path):
 
 
 def test_confusion_is_part_of_the_cache_key(tiny, tmp_path):
-    assert world_root("demo", 0, tmp_path) == tmp_path / "world" / "demo-0"
+    assert world_root("demo", 0, tmp_path, 0.0) == tmp_path / "world" / "demo-0"
     assert world_root("demo", 0, tmp_path, 0.25) == tmp_path / "world" / "demo-0-confusion0.25"
     assert check_world(tiny.root, "tiny", 3) == ""
     assert "cloud_confusion" in check_world(tiny.root, "tiny", 3, 0.5)
-    assert json.loads((tiny.root / "manifest.json").read_text())["cloud_confusion"] == 0.0
+    assert json.loads((tiny.root / "manifest.json").read_text())["cloud_confusion"] == FOGGY_SHAPES_CLOUD_CONFUSION
+
+
+def test_the_world_and_the_config_share_one_default_rho(tmp_path):
+    """A run with default settings uses the world build_world makes by default (no second build)."""
+    rho = Config().data.cloud_confusion
+    assert rho == FOGGY_SHAPES_CLOUD_CONFUSION > 0
+    assert world_root("demo", 0, tmp_path) == tmp_path / "world" / f"demo-0-confusion{rho:g}"
     with pytest.raises(ValueError, match="cloud_confusion"):
         build_world("tiny", cache_dir=tmp_path, seed=3, cloud_confusion=-0.1)
 

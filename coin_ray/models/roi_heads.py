@@ -216,14 +216,17 @@ def postprocess_detections(outputs: RegionOutputs, proposals: list[torch.Tensor]
                            image_sizes: list[tuple[int, int]], box_coder: det_utils.BoxCoder, *,
                            score_threshold: float, detections_per_image: int
                            ) -> list[dict[str, torch.Tensor]]:
-    """Decode, score and NMS per image; one label per kept box.
+    """Decode, score and NMS per image; one detection per (box, class) above the threshold.
 
-    Each box keeps the foreground class of highest probability as its label, that
-    probability as its score and its full K+1 probability row; NMS runs per label.
+    As detectron2's and torchvision's Fast R-CNN inference: every foreground class whose
+    probability exceeds ``score_threshold`` makes a detection of that box with that label
+    and score, so a box that is 0.6 person and 0.3 rider is reported as both (mAP ranks
+    each class on its own); NMS runs per label, then the best ``detections_per_image``
+    over all labels are kept. Each detection carries its box's full K+1 probability row.
 
     Returns:
         per image {"boxes": (N,4) resized-image pixels, "labels": (N,) int64 in [0,K),
-        "scores": (N,), "probs": (N,K+1)}.
+        "scores": (N,), "probs": (N,K+1)}, sorted by decreasing score.
     """
     probs = F.softmax(outputs.logits.float(), dim=-1)
     boxes = box_coder.decode_single(outputs.box_deltas.float(), torch.cat(proposals).float())
@@ -231,13 +234,13 @@ def postprocess_detections(outputs: RegionOutputs, proposals: list[torch.Tensor]
     for props, size, p, b in zip(proposals, image_sizes, probs.split([len(x) for x in proposals]),
                                  boxes.split([len(x) for x in proposals])):
         b = clip_boxes_to_image(b, size)
-        scores, labels = p[:, :-1].max(dim=1)
-        keep = torch.nonzero(scores > score_threshold).flatten()
-        keep = keep[remove_small_boxes(b[keep], MIN_BOX_SIZE)]
-        keep = keep[batched_nms(b[keep], scores[keep], labels[keep], NMS_THRESHOLD)]
+        rows, labels = torch.nonzero(p[:, :-1] > score_threshold, as_tuple=True)
+        scores = p[rows, labels]
+        keep = remove_small_boxes(b[rows], MIN_BOX_SIZE)
+        keep = keep[batched_nms(b[rows[keep]], scores[keep], labels[keep], NMS_THRESHOLD)]
         keep = keep[:detections_per_image]
-        results.append({"boxes": b[keep], "labels": labels[keep], "scores": scores[keep],
-                        "probs": p[keep]})
+        results.append({"boxes": b[rows[keep]], "labels": labels[keep], "scores": scores[keep],
+                        "probs": p[rows[keep]]})
     return results
 
 

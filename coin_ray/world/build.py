@@ -1,6 +1,6 @@
 """Build (once) and cache a Foggy-Shapes world: splits, the stand-in cloud detector, the stand-in CLIP.
 
-    world = build_world("demo")          # ~/.cache/coin_ray/world/demo-0, built on first use
+    world = build_world("demo")          # ~/.cache/coin_ray/world/demo-0-confusion0.9, built on first use
     world.target_train_images, world.cloud_detector, world.clip_dir, ...
 
 Cache layout under ``<cache>/world/<size>-<seed>/`` (``<size>-<seed>-confusion<rho>/`` when
@@ -34,7 +34,7 @@ from typing import Iterator
 
 import torch
 
-from coin_ray.config import FOGGY_SHAPES_CATEGORIES
+from coin_ray.config import FOGGY_SHAPES_CATEGORIES, FOGGY_SHAPES_CLOUD_CONFUSION
 from coin_ray.world.clip_standin import train_clip
 from coin_ray.world.cloud_standin import train_cloud_detector
 from coin_ray.world.dataset import SplitSpec, default_workers, write_split
@@ -86,18 +86,18 @@ class World:
     clip_dir: Path
     categories: list[str] = field(default_factory=lambda: list(FOGGY_SHAPES_CATEGORIES))
     style: str = STYLE
-    cloud_confusion: float = 0.0  # rho: see coin_ray.world.cloud_standin.confuse_labels
+    cloud_confusion: float = FOGGY_SHAPES_CLOUD_CONFUSION  # rho: see coin_ray.world.cloud_standin.confuse_labels
 
 
 def world_root(size: str, seed: int = 0, cache_dir: str | Path | None = None,
-               cloud_confusion: float = 0.0) -> Path:
+               cloud_confusion: float = FOGGY_SHAPES_CLOUD_CONFUSION) -> Path:
     """Where the world of this size, seed and ``cloud_confusion`` is cached."""
     base = Path(cache_dir or os.environ.get("COIN_RAY_CACHE") or Path.home() / ".cache" / "coin_ray")
     suffix = f"-confusion{cloud_confusion:g}" if cloud_confusion else ""
     return base.expanduser() / "world" / f"{size}-{seed}{suffix}"
 
 
-def world_at(root: Path, size: str, seed: int, cloud_confusion: float = 0.0) -> World:
+def world_at(root: Path, size: str, seed: int, cloud_confusion: float = FOGGY_SHAPES_CLOUD_CONFUSION) -> World:
     """The ``World`` whose files live under ``root`` (no checks)."""
     return World(root, size, seed,
                  root / "target_train" / "images", root / "target_train" / "annotations.json",
@@ -108,12 +108,13 @@ def world_at(root: Path, size: str, seed: int, cloud_confusion: float = 0.0) -> 
 
 
 def build_world(size: str = "demo", cache_dir: str | Path | None = None, seed: int = 0,
-                cloud_confusion: float = 0.0) -> World:
+                cloud_confusion: float = FOGGY_SHAPES_CLOUD_CONFUSION) -> World:
     """Return the cached world, building it first when missing, partial or corrupt.
 
     ``cloud_confusion`` (rho in [0, 1]): the fraction of rider and train boxes the stand-in
     cloud is trained to call person and bus (``cloud_standin.confuse_labels``); part of
-    the cache key, and 0 builds the world without confusion.
+    the cache key, and 0 builds the world without confusion. The default is the documented
+    Foggy-Shapes world (``config.FOGGY_SHAPES_CLOUD_CONFUSION``).
     """
     if size not in SIZES:
         raise ValueError(f"unknown world size {size!r}; known: {', '.join(SIZES)}")
@@ -158,7 +159,7 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _build(root: Path, size: str, seed: int, cloud_confusion: float = 0.0) -> None:
+def _build(root: Path, size: str, seed: int, cloud_confusion: float = FOGGY_SHAPES_CLOUD_CONFUSION) -> None:
     spec, start = SIZES[size], time.time()
     world = world_at(root, size, seed, cloud_confusion)
     print(f"[world] building the {size} Foggy-Shapes world (seed {seed}, cloud_confusion {cloud_confusion:g}) "
@@ -209,7 +210,7 @@ def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def write_manifest(root: Path, size: str, seed: int, cloud_confusion: float = 0.0) -> Path:
+def write_manifest(root: Path, size: str, seed: int, cloud_confusion: float = FOGGY_SHAPES_CLOUD_CONFUSION) -> Path:
     """Record every file of the world (size; sha256 unless a JPEG); written last."""
     files = {str(p.relative_to(root)): p.stat().st_size for p in _files(root)}
     hashes = {rel: _sha256(root / rel) for rel in files if not rel.endswith(".jpg")}
@@ -222,7 +223,7 @@ def write_manifest(root: Path, size: str, seed: int, cloud_confusion: float = 0.
     return path
 
 
-def check_world(root: Path, size: str, seed: int, cloud_confusion: float = 0.0) -> str:
+def check_world(root: Path, size: str, seed: int, cloud_confusion: float = FOGGY_SHAPES_CLOUD_CONFUSION) -> str:
     """Why the world at ``root`` cannot be used, or "" when it is complete and intact."""
     path = root / MANIFEST
     if not path.is_file():
