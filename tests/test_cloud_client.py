@@ -50,6 +50,20 @@ def test_http_round_trip_maps_labels_and_counts_dropped(served):
     assert server.stats()["detect_requests"] == 1
 
 
+def test_a_named_phrase_keeps_its_category_when_full_probs_rank_it_second():
+    from coin_ray.cloud.base import CloudAnswer
+
+    # One box reported twice (per-class output): car 0.7 and bus 0.2, with the box's
+    # distribution; a compound phrase naming no category takes the most probable one.
+    row = [0.7, 0.2, 0.1]
+    answer = CloudAnswer(np.array([[1, 1, 9, 9]] * 3, np.float32), ["car", "bus", "red thing"],
+                         np.array([0.7, 0.2, 0.6], np.float32), np.array([row] * 3, np.float32))
+    rec, dropped = answer_to_detections(answer, CategoryMap.build(["car", "bus"]), "x", "x.png", 32, 24)
+    assert rec.labels.tolist() == [0, 1, 0] and not dropped
+    np.testing.assert_allclose(rec.scores, [0.7, 0.2, 0.6])
+    np.testing.assert_allclose(rec.probs, [row] * 3)
+
+
 def test_cache_identity_is_the_served_model_not_the_port():
     from coin_ray.cloud.backends import model_id
     from coin_ray.config import CloudConfig

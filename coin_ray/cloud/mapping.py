@@ -89,7 +89,10 @@ def answer_to_detections(answer: CloudAnswer, cmap: CategoryMap, image_id: str, 
     keep, labels = [], []
     for i, phrase in enumerate(answer.phrases):
         category = cmap.category_of(phrase)
-        if answer.probs is not None:
+        if category is None and answer.probs is not None:
+            # A phrase naming no category (a compound like "person rider") takes its
+            # most probable one; a named phrase keeps its category even when it is the
+            # box's second choice (per-class outputs: car 0.8 / truck 0.35 on one box).
             category = int(np.argmax(answer.probs[i][:k]))
         if category is None:
             dropped[normalise(phrase)] += 1
