@@ -95,10 +95,11 @@ def test_whole_pipeline_with_every_path_on_s3(world, cloud, s3_bucket, s3_endpoi
     assert not any(Path(str(tmp_path)).iterdir())  # nothing written locally instead
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float, log: Path) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
-        assert proc.poll() is None, "the run ended before distillation started"
+        assert proc.poll() is None, (f"the run ended (exit {proc.returncode}) before distillation started:\n"
+                                     + log.read_text(errors="replace")[-3000:])
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.5)
 
@@ -107,10 +108,12 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
 def test_killed_during_distillation_resumes_without_recollecting(world, cloud, tmp_path):
     runs = tmp_path / "runs"
     args = adapt_args(world, cloud.url, str(runs), "train.distill.steps=400")
-    proc = subprocess.Popen(args, cwd=ROOT, env=job_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    log = tmp_path / "killed-run.log"
+    with log.open("wb") as out:  # the run's own words, should it end before it is killed
+        proc = subprocess.Popen(args, cwd=ROOT, env=job_env(), stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     try:
-        _wait_for(runs / "t" / "distill" / "metrics.jsonl", proc, 600)
+        _wait_for(runs / "t" / "distill" / "metrics.jsonl", proc, 600, log)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
