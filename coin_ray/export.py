@@ -242,8 +242,9 @@ def pair_detections(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], tie:
                     ) -> tuple[list[tuple[int, int]], int]:
     """Pair two detectors' detections of one image: (pairs of indices, count left unpaired).
 
-    Each detection of ``a`` in score order takes the unpaired detection of ``b`` with its label
-    and the nearest box (max abs difference, pixels). A detection left over counts as unpaired
+    Each detection of ``a``, in the order given (detectors list them by decreasing score),
+    takes the unpaired detection of ``b`` with its label and the nearest box (max abs
+    difference, pixels). A detection left over counts as unpaired
     unless its score is within ``tie`` of the lowest score of its list (a tie at the cap).
     """
     pairs, used = [], torch.zeros(len(b["boxes"]), dtype=torch.bool)

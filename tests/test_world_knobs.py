@@ -61,6 +61,8 @@ def test_confusion_is_part_of_the_cache_key(tiny, tmp_path):
     assert check_world(tiny.root, "tiny", 3) == ""
     assert "cloud_confusion" in check_world(tiny.root, "tiny", 3, 0.5)
     assert json.loads((tiny.root / "manifest.json").read_text())["cloud_confusion"] == FOGGY_SHAPES_CLOUD_CONFUSION
+    with pytest.raises(ValueError, match="cloud_confusion"):
+        build_world("tiny", cache_dir=tmp_path, seed=3, cloud_confusion=-0.1)
 
 
 def test_the_world_and_the_config_share_one_default_rho(tmp_path):
@@ -68,8 +70,6 @@ def test_the_world_and_the_config_share_one_default_rho(tmp_path):
     rho = Config().data.cloud_confusion
     assert rho == FOGGY_SHAPES_CLOUD_CONFUSION > 0
     assert world_root("demo", 0, tmp_path) == tmp_path / "world" / f"demo-0-confusion{rho:g}"
-    with pytest.raises(ValueError, match="cloud_confusion"):
-        build_world("tiny", cache_dir=tmp_path, seed=3, cloud_confusion=-0.1)
 
 
 def test_distractor_boxes_come_from_the_instance_map():
