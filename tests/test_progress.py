@@ -64,3 +64,35 @@ def test_known_ray_noise_is_dropped_and_everything_else_kept():
     assert _keep(controller)["lines"] == ["Started training worker group of size 1:",
                                           "Traceback (most recent call last):", "ValueError: a real error"]
     assert _keep({"actor_name": "PlacementGroupCleaner", "lines": ["Traceback (most recent call last):"]}) is None
+
+
+class CountingTraining:
+    """A ``Training`` whose steps only count (loss = the step), resumable from ``step``."""
+
+    def __init__(self, steps: int) -> None:
+        self.step, self.steps = 0, steps
+
+    def run_steps(self, on_step=None) -> None:
+        while self.step < self.steps:
+            self.step += 1
+            on_step(self.step, {"loss": float(self.step)})
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, blob: dict) -> None:
+        self.step = blob["step"]
+
+
+def test_every_logged_step_feeds_the_progress_line_and_checkpoints_keep_their_schedule():
+    # The feed is the only per-step channel to the driver (Ray Train sees checkpoints alone),
+    # so it must also carry the checkpointed and the last steps.
+    from coin_ray.ray.train import Checkpoints, run_training
+
+    fed, saved = [], []
+    checkpoints = Checkpoints(load=lambda where: {"step": 20},
+                              save=lambda state, metrics: saved.append((state["step"], metrics["step"])))
+    run_training(CountingTraining(55), steps=55, checkpoint_every=20, log_every=10,
+                 feed=lambda step, metrics: fed.append((step, metrics["loss"])), checkpoints=checkpoints)
+    assert fed == [(30, 30.0), (40, 40.0), (50, 50.0), (55, 55.0)]  # resumed at 20
+    assert saved == [(40, 40), (55, 55)]

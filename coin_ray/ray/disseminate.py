@@ -19,7 +19,6 @@ from typing import Callable
 
 from coin_ray.config import Config
 from coin_ray.models.build import build_detector, save_detector
-from coin_ray.ray.progress_feed import report_metrics
 from coin_ray.ray.train import prepare, run_stage, run_training, worker_setup
 from coin_ray.run import RunDir
 from coin_ray.tensorboard_log import TensorBoardLog
@@ -31,7 +30,7 @@ STAGE = "disseminate"
 
 
 def disseminate_worker(config: dict, after_step: Callable[[int], None] | None = None) -> None:
-    """The Ray Train loop. config: {"cfg": Config as a dict, "run_dir": str, "uris": list | None}.
+    """The Ray Train loop. config: ``run_stage``'s loop config (cfg, run_dir, uris, progress).
 
     ``after_step(step)`` runs after each step's checkpoint (tests use it to kill a worker).
     """
@@ -50,7 +49,7 @@ def disseminate_worker(config: dict, after_step: Callable[[int], None] | None = 
         return [MetricsLog(w.run.metrics(STAGE), start), TensorBoardLog(w.run.tensorboard_dir(STAGE), STAGE)]
 
     run_training(training, steps=d.steps, checkpoint_every=d.checkpoint_every, log_every=d.log_every,
-                 logs=logs, feed=report_metrics, after_step=after_step, map_location=w.device)
+                 logs=logs, feed=w.feed, after_step=after_step, map_location=w.device)
     if w.rank == 0:
         save_detector(detector, w.run.clip_detector, {"steps": d.steps})
 

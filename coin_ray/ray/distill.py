@@ -24,7 +24,6 @@ from typing import Any, Callable
 
 from coin_ray.config import Config
 from coin_ray.models.build import save_detector
-from coin_ray.ray.progress_feed import report_metrics
 from coin_ray.ray.train import prepare, run_stage, run_training, worker_setup
 from coin_ray.run import RunDir
 from coin_ray.tensorboard_log import TensorBoardLog
@@ -38,7 +37,7 @@ AfterStep = Callable[[int, DistillState], None]
 
 
 def distill_worker(config: dict[str, Any], after_step: AfterStep | None = None) -> None:
-    """The Ray Train loop. config: {"cfg": Config as a dict, "run_dir": str, "uris": list | None}.
+    """The Ray Train loop. config: ``run_stage``'s loop config (cfg, run_dir, uris, progress).
 
     ``after_step(step, state)`` runs after each step's checkpoint (tests use it to compare
     gradients across ranks and to kill a worker).
@@ -55,7 +54,7 @@ def distill_worker(config: dict[str, Any], after_step: AfterStep | None = None) 
         return [MetricsLog(w.run.metrics(STAGE), start), TensorBoardLog(w.run.tensorboard_dir(STAGE), STAGE)]
 
     run_training(training, steps=d.steps, checkpoint_every=d.checkpoint_every, log_every=d.log_every,
-                 logs=logs, feed=report_metrics,
+                 logs=logs, feed=w.feed,
                  after_step=None if after_step is None else lambda step: after_step(step, state))
     if w.rank == 0:
         save_detector(state.detector, w.run.target_detector,

@@ -10,9 +10,9 @@ re-submission alike. storage_path may be local or s3:// (the endpoint in AWS_END
 is honoured through coin_ray.storage's filesystem).
 
 Worker side (inside ``loop(config)``), for any ``coin_ray.train.loop.Training``:
-    worker = worker_setup(config)             # cfg, run, uris, rank, world size, device
+    worker = worker_setup(config)             # cfg, run, uris, rank, world size, device, feed
     training = ...(wrap=prepare)              # DDP when world_size > 1
-    run_training(training, steps=..., checkpoint_every=..., log_every=..., logs=...)
+    run_training(training, steps=..., checkpoint_every=..., log_every=..., logs=..., feed=worker.feed)
       = load_checkpoint() -> training.load_state_dict(...) -> training.run_steps(on_step),
         on_step logging, then save_checkpoint(training.state_dict(), metrics) on schedule
 
@@ -36,7 +36,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from coin_ray import storage
 from coin_ray.config import Config, from_dict, to_dict
 from coin_ray.data.datasets import target_uris
-from coin_ray.ray.progress_feed import quiet_train_reports, training_progress
+from coin_ray.ray.progress_feed import ProgressFeed, quiet_train_reports, training_progress
 from coin_ray.run import RunDir
 from coin_ray.train.loop import StepLog, Training
 
@@ -60,10 +60,10 @@ def scaling_config(cfg: Config) -> ScalingConfig:
 
 
 def fit(loop: Callable[[dict], None], loop_config: dict, cfg: Config, *, name: str, storage_path: str,
-        max_failures: int = MAX_FAILURES, callbacks: list | None = None) -> ray.train.Result:
+        max_failures: int = MAX_FAILURES) -> ray.train.Result:
     """Run ``loop`` under a TorchTrainer (gloo on CPU, nccl on GPU); raises if training fails."""
     path, filesystem = storage_target(storage_path)
-    run_config = RunConfig(name=name, storage_path=path, storage_filesystem=filesystem, callbacks=callbacks,
+    run_config = RunConfig(name=name, storage_path=path, storage_filesystem=filesystem,
                            failure_config=FailureConfig(max_failures=max_failures),
                            checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT))
     trainer = TorchTrainer(loop, train_loop_config=loop_config, scaling_config=scaling_config(cfg),
@@ -76,8 +76,8 @@ def run_stage(stage: str, loop: Callable[[dict], None], cfg: Config, run: RunDir
               uris: list[str] | None = None) -> str:
     """Run training stage ``stage`` under Ray Train; returns the uri of ``run.model(stage)``.
 
-    Every worker runs ``loop({"cfg": cfg as a dict, "run_dir": run.root, "uris": uris})``;
-    the loop writes ``run.model(stage)`` from rank 0. Checkpoints go under
+    Every worker runs ``loop({"cfg": cfg as a dict, "run_dir": run.root, "uris": uris,
+    "progress": a ProgressFeed for the driver's progress line})``; the loop writes ``run.model(stage)`` from rank 0. Checkpoints go under
     ``<run>/<stage>``, so running the stage again on the same run resumes it.
 
     Args:
@@ -87,9 +87,9 @@ def run_stage(stage: str, loop: Callable[[dict], None], cfg: Config, run: RunDir
     """
     if uris is None and cfg.data.target_images:
         uris = target_uris(cfg)
-    with training_progress(stage, getattr(cfg.train, stage).steps) as progress:
-        fit(loop, {"cfg": to_dict(cfg), "run_dir": run.root, "uris": uris}, cfg, name=stage,
-            storage_path=run.root, callbacks=[progress])
+    with training_progress(stage, getattr(cfg.train, stage).steps) as feed:
+        fit(loop, {"cfg": to_dict(cfg), "run_dir": run.root, "uris": uris, "progress": feed}, cfg, name=stage,
+            storage_path=run.root)
     return run.model(stage)
 
 
@@ -103,6 +103,7 @@ class Worker:
     rank: int
     world_size: int
     device: torch.device
+    feed: ProgressFeed | None  # rank 0's progress line on the driver; None on the other ranks
 
 
 def worker_setup(config: dict) -> Worker:
@@ -110,7 +111,8 @@ def worker_setup(config: dict) -> Worker:
     cfg = from_dict(config["cfg"])
     rank, world_size, device = worker_context()
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
-    return Worker(cfg, RunDir(config["run_dir"]), config.get("uris"), rank, world_size, device)
+    feed = config.get("progress") if rank == 0 else None
+    return Worker(cfg, RunDir(config["run_dir"]), config.get("uris"), rank, world_size, device, feed)
 
 
 def worker_context() -> tuple[int, int, torch.device]:
@@ -177,11 +179,10 @@ def run_training(training: Training, *, steps: int, checkpoint_every: int, log_e
                  map_location: str | torch.device = "cpu") -> None:
     """Resume ``training`` from its newest checkpoint and run it to ``steps``.
 
-    After each step: metrics go to ``logs(resume step)`` every ``log_every`` steps; every
-    ``checkpoint_every`` steps the state is checkpointed with ``report(step, metrics)``, and
-    on the other logged steps ``feed(step, metrics)`` reports them alone (the driver's
-    progress line); then ``after_step(step)`` (tests use it to kill a worker). The last step
-    always logs and checkpoints.
+    After each step: every ``log_every`` steps the metrics go to ``logs(resume step)`` and to
+    ``feed(step, metrics)`` (the driver's progress line); every ``checkpoint_every`` steps
+    the state is checkpointed with ``report(step, metrics)``; then ``after_step(step)``
+    (tests use it to kill a worker). The last step always logs and checkpoints.
     """
     blob = checkpoints.load(map_location)
     if blob is not None:
@@ -193,11 +194,10 @@ def run_training(training: Training, *, steps: int, checkpoint_every: int, log_e
             for log in sinks:
                 log.add(step, metrics)
                 log.flush()
+            if feed is not None:
+                feed(step, metrics)
         if step % checkpoint_every == 0 or step == steps:
-            reported = report(step, metrics)
-            checkpoints.save(training.state_dict(), reported)
-        elif feed is not None and step % log_every == 0:
-            feed(step, metrics)
+            checkpoints.save(training.state_dict(), report(step, metrics))
         if after_step is not None:
             after_step(step)
 
