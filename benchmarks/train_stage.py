@@ -26,13 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from coin_ray import storage  # noqa: E402
 from coin_ray.config import load_config, with_updates  # noqa: E402
 from coin_ray.data.datasets import target_uris  # noqa: E402
 from coin_ray.demo import with_demo_world  # noqa: E402
 from coin_ray.ray.pipeline import run_adaptation  # noqa: E402
 from coin_ray.run import RunDir  # noqa: E402
-from coin_ray.schema import table_to_records  # noqa: E402
+from coin_ray.train.data import cloud_records  # noqa: E402
 from coin_ray.train.distill import distill  # noqa: E402
 
 PREPARED = ("collect", "disseminate", "clip_det")
@@ -40,8 +39,7 @@ PREPARED = ("collect", "disseminate", "clip_det")
 
 def in_process(cfg, run: RunDir) -> tuple[float, float]:
     """(wall seconds, final loss) of ``distill`` in this process."""
-    wanted = set(target_uris(cfg))
-    items = [r for r in table_to_records(storage.read_parquet(run.cloud_detections)) if r.ok and r.uri in wanted]
+    items = cloud_records(run, target_uris(cfg))  # what the Ray stage's workers train on
     last: dict[str, float] = {}
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     started = time.perf_counter()
@@ -50,12 +48,10 @@ def in_process(cfg, run: RunDir) -> tuple[float, float]:
 
 
 def through_ray(cfg, run: RunDir, workdir: Path) -> tuple[float, float]:
-    """(wall seconds, final loss) of the distill stage under Ray Train, on a copy of ``run``."""
+    """(wall seconds, final loss) of the distill stage under Ray Train, on a copy of ``run``
+    (a requested stage is forgotten and trained from scratch, so its old folder is not copied)."""
     copy = workdir / Path(run.root).name
-    shutil.copytree(run.root, copy, ignore=shutil.ignore_patterns("distill", "eval", "export", "report"))
-    manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["stages"] = {k: v for k, v in manifest["stages"].items() if k in PREPARED}
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    shutil.copytree(run.root, copy, ignore=shutil.ignore_patterns("distill"))
     cfg = with_updates(cfg, [f"storage={workdir}", f"run_id={copy.name}"])
     started = time.perf_counter()
     run_adaptation(cfg, stages=["distill"], num_cpus=max(2, int(cfg.ray.cpus_per_worker)))

@@ -77,8 +77,9 @@ def run_stage(stage: str, loop: Callable[[dict], None], cfg: Config, run: RunDir
     """Run training stage ``stage`` under Ray Train; returns the uri of ``run.model(stage)``.
 
     Every worker runs ``loop({"cfg": cfg as a dict, "run_dir": run.root, "uris": uris,
-    "progress": a ProgressFeed for the driver's progress line})``; the loop writes ``run.model(stage)`` from rank 0. Checkpoints go under
-    ``<run>/<stage>``, so running the stage again on the same run resumes it.
+    "progress": a ProgressFeed for the driver's progress line})``; the loop writes
+    ``run.model(stage)`` from rank 0. Checkpoints go under ``<run>/<stage>``, so running the
+    stage again on the same run resumes it.
 
     Args:
         uris: target training images to use; by default the images under
