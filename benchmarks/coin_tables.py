@@ -19,7 +19,9 @@ what is missing.
 
 COIN rows give the mean over seeds (mAP50 also with its standard deviation). Before the
 tables, the separation statistics on the target train images (CLIP det vs cloud det, the
-teacher before burn-up) with the fraction of right labels per set against ground truth.
+teacher before burn-up) with the fraction of right labels per set against ground truth, and on
+the disagreements which source is more confident (gives its own label the higher
+probability) and how often that source is right.
 ``--rho 0 0.5 0.8`` adds the rho curve: the world rebuilt at each ``data.cloud_confusion``,
 stages 0-2 run again there (or read with ``--from-run RHO=DIR``, once per world), and COIN minus the best
 teacher per seed; the config's own rho is the main world's Table 1. Everything measured
@@ -53,6 +55,7 @@ from coin_ray.run import RunDir, run_dir  # noqa: E402
 from coin_ray.train.distill import distill  # noqa: E402
 from coin_ray.schema import SOURCE_COIN, Detections, table_to_records  # noqa: E402
 from coin_ray.separate import SeparationStats, as_source, separate  # noqa: E402
+from coin_ray.source_agreement import hit_labels  # noqa: E402
 from coin_ray.train.data import image_tensor  # noqa: E402
 from coin_ray.train.oracle import train_oracle  # noqa: E402
 
@@ -115,6 +118,41 @@ def separation_summary(cfg: Config, run: RunDir, train_gt: LabelledSplit) -> dic
                            iou_threshold=d.match_iou)
             stats.add(sep, torch.as_tensor(gt.boxes), torch.as_tensor(gt.labels))
     return stats.summary()
+
+
+def disagreement_confidence(cfg: Config, run: RunDir, train_gt: LabelledSplit) -> dict:
+    """On the inconsistent pairs (CLIP det vs cloud det, target train): which source gives its
+    own label the higher probability, and how often each source, and the more confident
+    one, is right against ground truth. Any fusion that weighs the two by confidence
+    follows the more confident source."""
+    d, k = cfg.train.distill, cfg.num_classes
+    cloud = {r.uri: r for r in records_at(run.cloud_detections)}
+    clip_det = {r.uri: r for r in records_at(run.clip_detections)}
+    own_cloud, own_clip, cloud_right, clip_right = [], [], [], []
+    for gt in train_gt.items:
+        if gt.uri not in cloud or gt.uri not in clip_det:
+            continue
+        inc = separate(as_source(cloud[gt.uri], d.min_score, k), as_source(clip_det[gt.uri], d.min_clip_score, k),
+                       iou_threshold=d.match_iou).inconsistent
+        truth = torch.as_tensor(hit_labels(gt, inc.boxes.numpy()))
+        own_cloud += inc.cloud_probs.gather(1, inc.cloud_labels[:, None])[:, 0].tolist()
+        own_clip += inc.clip_probs.gather(1, inc.clip_labels[:, None])[:, 0].tolist()
+        cloud_right += (inc.cloud_labels == truth).tolist()
+        clip_right += (inc.clip_labels == truth).tolist()
+    if not own_cloud:
+        return {"pairs": 0}
+    cloud_surer = torch.tensor(own_cloud) > torch.tensor(own_clip)
+    right = {"cloud": torch.tensor(cloud_right), "clip_det": torch.tensor(clip_right)}
+    surer_right = torch.where(cloud_surer, right["cloud"], right["clip_det"])
+    only_clip = right["clip_det"] & ~right["cloud"]
+    return {"pairs": len(own_cloud), "cloud_more_confident": round(cloud_surer.float().mean().item(), 3),
+            "median_own_label_prob": {"cloud": round(statistics.median(own_cloud), 3),
+                                      "clip_det": round(statistics.median(own_clip), 3)},
+            "right": {name: round(r.float().mean().item(), 3) for name, r in right.items()},
+            "more_confident_right": round(surer_right.float().mean().item(), 3),
+            "clip_det_only_right": int(only_clip.sum()),
+            "cloud_more_confident_where_clip_det_only_right":
+                round(cloud_surer[only_clip].float().mean().item(), 3) if bool(only_clip.any()) else None}
 
 
 @torch.no_grad()
@@ -268,6 +306,9 @@ def world_tables(args: argparse.Namespace, overrides: list[str], tables: set[str
         data["separation_teacher_before_burn_up"] = separation_summary(cfg, run, train_gt)
         print("separation (target train, CLIP det vs cloud det):",
               json.dumps(data["separation_teacher_before_burn_up"], indent=1))
+        data["disagreement_confidence"] = disagreement_confidence(cfg, run, train_gt)
+        print("disagreements (target train): who is more confident, who is right:",
+              json.dumps(data["disagreement_confidence"], indent=1))
 
     def rows(variants: dict[str, list[str]]) -> dict[str, list[Variant]]:
         return {name: [run_variant(cfg, run, ov, s, split, cache, train_gt) for s in args.seeds]
@@ -355,7 +396,8 @@ def main() -> None:
             part_text, part = world_tables(args, world_overrides, {"1"}, oracle=False, from_run=from_runs.get(rho, ""))
             text += "\n" + part_text
         curve[f"{rho:g}"] = {"coin_minus_best_teacher": part["coin_minus_best_teacher"],
-                             "table1": part["table1"]}
+                             "table1": part["table1"],
+                             "disagreement_confidence": part.get("disagreement_confidence", {})}
     print(text)
     result = {"world": args.world, "seeds": args.seeds, **data, "rho_curve": curve}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

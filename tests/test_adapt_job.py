@@ -12,10 +12,12 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import boto3
 import pytest
+from ray._common.utils import get_ray_address_file
 
 from coin_ray import storage
 from coin_ray.serve import Knobs, checkpoint_model_name, start_server
@@ -130,6 +132,55 @@ def test_killed_during_distillation_resumes_without_recollecting(world, cloud, t
     assert "stage collect" not in proc.stdout
 
 
+@dataclass
+class RayHead:
+    """A ``ray start --head --block`` cluster of this test: its process, GCS port and dashboard."""
+
+    process: subprocess.Popen
+    port: int
+    dashboard: int
+
+
+def start_head(env: dict[str, str]) -> RayHead:
+    """Start a 4-CPU head on free ports and wait until its dashboard answers."""
+    port, dash = free_port(), free_port()
+    # --block keeps the head in this process group, so stopping it cannot touch other Ray instances.
+    # Every port free, so a Ray instance already on this machine cannot block the job agent.
+    ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                    "metrics-export-port", "runtime-env-agent-port")]
+    process = subprocess.Popen([RAY, "start", "--head", "--block", "--num-cpus=4", f"--port={port}", *ports,
+                                "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true"],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    head = RayHead(process, port, dash)
+    try:
+        _wait_http(f"http://127.0.0.1:{dash}/api/version", process, 180)
+    except BaseException:
+        stop_head(head)
+        raise
+    return head
+
+
+def stop_head(head: RayHead) -> None:
+    """Stop the head and forget the machine-wide record ``ray start`` left of it.
+
+    ``ray start`` writes its address to /tmp/ray/ray_current_cluster and only ``ray stop``
+    removes it; a head stopped by a signal leaves it pointing at a dead cluster, and every
+    later Ray Train run on the machine then waits ~10 s per stage for its
+    PlacementGroupCleaner to time out on that address. Only a record naming this head goes.
+    """
+    os.killpg(head.process.pid, signal.SIGTERM)
+    try:
+        head.process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.process.pid, signal.SIGKILL)
+    record = Path(get_ray_address_file(None))
+    try:
+        if record.read_text().strip().endswith(f":{head.port}"):
+            record.unlink()
+    except OSError:
+        pass
+
+
 def _wait_http(url: str, head: subprocess.Popen, timeout: float) -> None:
     import urllib.request
 
@@ -146,20 +197,12 @@ def _wait_http(url: str, head: subprocess.Popen, timeout: float) -> None:
 
 @pytest.mark.timeout(900)
 def test_ray_job_submit_on_a_local_cluster(world, cloud, tmp_path):
-    port, dash = free_port(), free_port()
     env = job_env()
-    # --block keeps the head in this process group, so stopping it cannot touch other Ray instances.
-    # Every port free, so a Ray instance already on this machine cannot block the job agent.
-    ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                    "metrics-export-port", "runtime-env-agent-port")]
-    head = subprocess.Popen([RAY, "start", "--head", "--block", "--num-cpus=4", f"--port={port}", *ports,
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    head = start_head(env)
     try:
-        _wait_http(f"http://127.0.0.1:{dash}/api/version", head, 180)
         args = [a for a in adapt_args(world, cloud.url, str(tmp_path / "runs"))[2:] if a not in ("--num-cpus", "4")]
         for _ in range(20):  # the dashboard answers before its job agent is up
-            submit = subprocess.run([RAY, "job", "submit", f"--address=http://127.0.0.1:{dash}",
+            submit = subprocess.run([RAY, "job", "submit", f"--address=http://127.0.0.1:{head.dashboard}",
                                      "--working-dir", ".", "--", "python", "jobs/adapt.py", *args],
                                     cwd=ROOT, env=env, capture_output=True, text=True, timeout=840)
             if "No available agent" not in submit.stderr + submit.stdout:
@@ -170,8 +213,4 @@ def test_ray_job_submit_on_a_local_cluster(world, cloud, tmp_path):
         assert "| COIN |" in submit.stdout
         assert (tmp_path / "runs" / "t" / "report" / "table1.md").exists()
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        stop_head(head)

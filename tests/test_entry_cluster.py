@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -22,8 +21,7 @@ from coin_ray.serve import Knobs, checkpoint_model_name, start_server
 from coin_ray.world.build import build_world
 from coin_ray.world.cloud_standin import StandInCloudDetector
 
-from conftest import free_port
-from test_adapt_job import RAY, _wait_http, job_env
+from test_adapt_job import RAY, RayHead, job_env, start_head, stop_head
 from test_entry import assert_one_line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,28 +47,9 @@ def cloud(world):
     server.stop()
 
 
-def _start_head(env: dict[str, str]) -> tuple[subprocess.Popen, int]:
-    dash = free_port()
-    ports = [f"--{name}={free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                    "metrics-export-port", "runtime-env-agent-port")]
-    head = subprocess.Popen([RAY, "start", "--head", "--block", "--num-cpus=4", f"--port={free_port()}", *ports,
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    _wait_http(f"http://127.0.0.1:{dash}/api/version", head, 180)
-    return head, dash
-
-
-def _stop_head(head: subprocess.Popen) -> None:
-    os.killpg(head.pid, signal.SIGTERM)
-    try:
-        head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
-
-
-def _submit(dash: int, env: dict[str, str], args: list[str]) -> subprocess.CompletedProcess:
+def _submit(head: RayHead, env: dict[str, str], args: list[str]) -> subprocess.CompletedProcess:
     for _ in range(20):  # the dashboard answers before its job agent is up
-        proc = subprocess.run([RAY, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".",
+        proc = subprocess.run([RAY, "job", "submit", f"--address=http://127.0.0.1:{head.dashboard}", "--working-dir", ".",
                                "--", "python", "jobs/adapt.py", *args],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=840)
         if "No available agent" not in proc.stderr + proc.stdout:
@@ -85,10 +64,10 @@ def test_job_submit_with_working_dir_twice_keeps_results_and_never_pays_twice(wo
     _, cache = world
     home = tmp_path / "home"
     env = job_env(COIN_RAY_HOME=str(home))  # the cluster's setting: drivers inherit it
-    head, dash = _start_head(env)
+    head = start_head(env)
     args = ["--stages", "collect", f"data.world_cache={cache}", f"cloud.url={cloud.url}", *FAST]
     try:
-        first = _submit(dash, env, args)
+        first = _submit(head, env, args)
         assert first.returncode == 0 and "succeeded" in first.stdout.lower(), first.stdout[-3000:] + first.stderr[-3000:]
         calls = cloud.stats()["detect_requests"]
         assert calls > 0
@@ -97,13 +76,13 @@ def test_job_submit_with_working_dir_twice_keeps_results_and_never_pays_twice(wo
         for rel in ("manifest.json", "config.yaml", "collect/cloud.parquet", "collect/summary.json"):
             assert (Path(run) / rel).exists(), rel  # after the job ended, where it said
         assert list(Path(answers).rglob("*.json"))
-        second = _submit(dash, env, args)
+        second = _submit(head, env, args)
         assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
         assert cloud.stats()["detect_requests"] == calls, "the second submission must be all cache hits"
         assert LOCATION.search(second.stdout).groups() == (run, answers)
         assert f"[coin-ray] run: {run}" in second.stdout.split("stage collect done")[-1]  # at the end too
     finally:
-        _stop_head(head)
+        stop_head(head)
 
 
 def local_env() -> dict[str, str]:
