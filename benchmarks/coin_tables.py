@@ -19,7 +19,8 @@ what is missing.
 
 COIN rows give the mean over seeds (mAP50 also with its standard deviation). Before the
 tables, the separation statistics on the target train images (CLIP det vs cloud det, the
-teacher before burn-up) with the fraction of right labels per set against ground truth, and on
+teacher before burn-up) with the fraction of right labels per set against ground truth, where
+each class's objects land (consistent right or wrong, inconsistent and who is right), and on
 the disagreements which source is more confident (gives its own label the higher
 probability) and how often that source is right.
 ``--rho 0 0.5 0.8`` adds the rho curve: the world rebuilt at each ``data.cloud_confusion``,
@@ -153,6 +154,33 @@ def disagreement_confidence(cfg: Config, run: RunDir, train_gt: LabelledSplit) -
             "clip_det_only_right": int(only_clip.sum()),
             "cloud_more_confident_where_clip_det_only_right":
                 round(cloud_surer[only_clip].float().mean().item(), 3) if bool(only_clip.any()) else None}
+
+
+def separation_by_class(cfg: Config, run: RunDir, train_gt: LabelledSplit) -> dict:
+    """Where each class's ground-truth objects land in the separation (CLIP det vs cloud det,
+    target train): consistent with the right label or a wrong one, or inconsistent with the
+    CLIP detector right, the cloud right, or neither. The CKG learns only from consistent
+    boxes, so a class that is never consistent-right is one it has never seen agreed."""
+    d, k, names = cfg.train.distill, cfg.num_classes, list(cfg.data.categories)
+    cloud = {r.uri: r for r in records_at(run.cloud_detections)}
+    clip_det = {r.uri: r for r in records_at(run.clip_detections)}
+    out = {name: dict.fromkeys(("consistent_right", "consistent_wrong", "inconsistent_clip_det_right",
+                                "inconsistent_cloud_right", "inconsistent_neither"), 0) for name in names}
+    for gt in train_gt.items:
+        if gt.uri not in cloud or gt.uri not in clip_det:
+            continue
+        sep = separate(as_source(cloud[gt.uri], d.min_score, k), as_source(clip_det[gt.uri], d.min_clip_score, k),
+                       iou_threshold=d.match_iou)
+        for truth, pair in zip(hit_labels(gt, sep.consistent.boxes.numpy()), sep.consistent.cloud_labels.tolist()):
+            if truth >= 0:
+                out[names[truth]]["consistent_right" if pair == truth else "consistent_wrong"] += 1
+        inc = sep.inconsistent
+        for truth, a, b in zip(hit_labels(gt, inc.boxes.numpy()), inc.cloud_labels.tolist(), inc.clip_labels.tolist()):
+            if truth >= 0:
+                key = ("inconsistent_cloud_right" if a == truth else
+                       "inconsistent_clip_det_right" if b == truth else "inconsistent_neither")
+                out[names[truth]][key] += 1
+    return out
 
 
 @torch.no_grad()
@@ -306,6 +334,8 @@ def world_tables(args: argparse.Namespace, overrides: list[str], tables: set[str
         data["separation_teacher_before_burn_up"] = separation_summary(cfg, run, train_gt)
         print("separation (target train, CLIP det vs cloud det):",
               json.dumps(data["separation_teacher_before_burn_up"], indent=1))
+        data["separation_by_class"] = separation_by_class(cfg, run, train_gt)
+        print("where each class's objects land (target train):", json.dumps(data["separation_by_class"], indent=1))
         data["disagreement_confidence"] = disagreement_confidence(cfg, run, train_gt)
         print("disagreements (target train): who is more confident, who is right:",
               json.dumps(data["disagreement_confidence"], indent=1))
