@@ -45,7 +45,7 @@ import torch  # noqa: E402
 
 from coin_ray import storage  # noqa: E402
 from coin_ray.config import Config, load_config, with_updates  # noqa: E402
-from coin_ray.data.datasets import LabelledSplit, load_coco, target_uris, val_split  # noqa: E402
+from coin_ray.data.datasets import GroundTruth, LabelledSplit, load_coco, target_uris, val_split  # noqa: E402
 from coin_ray.data.images import read_image_record  # noqa: E402
 from coin_ray.evaluate import EvalResult, evaluate, table1_markdown  # noqa: E402
 from coin_ray.models.ov_rcnn import OpenVocabularyRCNN  # noqa: E402
@@ -55,7 +55,7 @@ from coin_ray.ray.stages import evaluate_rows  # noqa: E402
 from coin_ray.run import RunDir, run_dir  # noqa: E402
 from coin_ray.train.distill import distill  # noqa: E402
 from coin_ray.schema import SOURCE_COIN, Detections, table_to_records  # noqa: E402
-from coin_ray.separate import SeparationStats, as_source, separate  # noqa: E402
+from coin_ray.separate import Separation, SeparationStats, as_source, separate  # noqa: E402
 from coin_ray.source_agreement import hit_labels  # noqa: E402
 from coin_ray.train.data import image_tensor  # noqa: E402
 from coin_ray.train.oracle import train_oracle  # noqa: E402
@@ -106,35 +106,33 @@ def records_at(uri: str) -> list[Detections]:
     return [r for r in table_to_records(storage.read_parquet(uri)) if r.ok]
 
 
-def separation_summary(cfg: Config, run: RunDir, train_gt: LabelledSplit) -> dict:
-    """Sets of CLIP det vs cloud det on the target train images, judged against ground truth."""
-    d = cfg.train.distill
-    clip_det = {r.uri: r for r in records_at(run.clip_detections)}
-    stats = SeparationStats()
+def teacher_separations(cfg: Config, run: RunDir, train_gt: LabelledSplit) -> list[tuple[GroundTruth, Separation]]:
+    """The separation of the stored CLIP det vs cloud det detections (the teacher before
+    burn-up) on every target train image that has both, with that image's ground truth."""
+    d, k = cfg.train.distill, cfg.num_classes
     cloud = {r.uri: r for r in records_at(run.cloud_detections)}
-    for gt in train_gt.items:
-        if gt.uri in cloud and gt.uri in clip_det:
-            k = cfg.num_classes
-            sep = separate(as_source(cloud[gt.uri], d.min_score, k), as_source(clip_det[gt.uri], d.min_clip_score, k),
-                           iou_threshold=d.match_iou)
-            stats.add(sep, torch.as_tensor(gt.boxes), torch.as_tensor(gt.labels))
+    clip_det = {r.uri: r for r in records_at(run.clip_detections)}
+    return [(gt, separate(as_source(cloud[gt.uri], d.min_score, k), as_source(clip_det[gt.uri], d.min_clip_score, k),
+                          iou_threshold=d.match_iou))
+            for gt in train_gt.items if gt.uri in cloud and gt.uri in clip_det]
+
+
+def separation_summary(separations: list[tuple[GroundTruth, Separation]]) -> dict:
+    """Sets of CLIP det vs cloud det on the target train images, judged against ground truth."""
+    stats = SeparationStats()
+    for gt, sep in separations:
+        stats.add(sep, torch.as_tensor(gt.boxes), torch.as_tensor(gt.labels))
     return stats.summary()
 
 
-def disagreement_confidence(cfg: Config, run: RunDir, train_gt: LabelledSplit) -> dict:
+def disagreement_confidence(separations: list[tuple[GroundTruth, Separation]]) -> dict:
     """On the inconsistent pairs (CLIP det vs cloud det, target train): which source gives its
     own label the higher probability, and how often each source, and the more confident
     one, is right against ground truth. Any fusion that weighs the two by confidence
     follows the more confident source."""
-    d, k = cfg.train.distill, cfg.num_classes
-    cloud = {r.uri: r for r in records_at(run.cloud_detections)}
-    clip_det = {r.uri: r for r in records_at(run.clip_detections)}
     own_cloud, own_clip, cloud_right, clip_right = [], [], [], []
-    for gt in train_gt.items:
-        if gt.uri not in cloud or gt.uri not in clip_det:
-            continue
-        inc = separate(as_source(cloud[gt.uri], d.min_score, k), as_source(clip_det[gt.uri], d.min_clip_score, k),
-                       iou_threshold=d.match_iou).inconsistent
+    for gt, sep in separations:
+        inc = sep.inconsistent
         truth = torch.as_tensor(hit_labels(gt, inc.boxes.numpy()))
         own_cloud += inc.cloud_probs.gather(1, inc.cloud_labels[:, None])[:, 0].tolist()
         own_clip += inc.clip_probs.gather(1, inc.clip_labels[:, None])[:, 0].tolist()
@@ -156,30 +154,23 @@ def disagreement_confidence(cfg: Config, run: RunDir, train_gt: LabelledSplit) -
                 round(cloud_surer[only_clip].float().mean().item(), 3) if bool(only_clip.any()) else None}
 
 
-def separation_by_class(cfg: Config, run: RunDir, train_gt: LabelledSplit) -> dict:
+def separation_by_class(separations: list[tuple[GroundTruth, Separation]], categories: list[str]) -> dict:
     """Where each class's ground-truth objects land in the separation (CLIP det vs cloud det,
     target train): consistent with the right label or a wrong one, or inconsistent with the
     CLIP detector right, the cloud right, or neither. The CKG learns only from consistent
     boxes, so a class that is never consistent-right is one it has never seen agreed."""
-    d, k, names = cfg.train.distill, cfg.num_classes, list(cfg.data.categories)
-    cloud = {r.uri: r for r in records_at(run.cloud_detections)}
-    clip_det = {r.uri: r for r in records_at(run.clip_detections)}
     out = {name: dict.fromkeys(("consistent_right", "consistent_wrong", "inconsistent_clip_det_right",
-                                "inconsistent_cloud_right", "inconsistent_neither"), 0) for name in names}
-    for gt in train_gt.items:
-        if gt.uri not in cloud or gt.uri not in clip_det:
-            continue
-        sep = separate(as_source(cloud[gt.uri], d.min_score, k), as_source(clip_det[gt.uri], d.min_clip_score, k),
-                       iou_threshold=d.match_iou)
+                                "inconsistent_cloud_right", "inconsistent_neither"), 0) for name in categories}
+    for gt, sep in separations:
         for truth, pair in zip(hit_labels(gt, sep.consistent.boxes.numpy()), sep.consistent.cloud_labels.tolist()):
             if truth >= 0:
-                out[names[truth]]["consistent_right" if pair == truth else "consistent_wrong"] += 1
+                out[categories[truth]]["consistent_right" if pair == truth else "consistent_wrong"] += 1
         inc = sep.inconsistent
         for truth, a, b in zip(hit_labels(gt, inc.boxes.numpy()), inc.cloud_labels.tolist(), inc.clip_labels.tolist()):
             if truth >= 0:
                 key = ("inconsistent_cloud_right" if a == truth else
                        "inconsistent_clip_det_right" if b == truth else "inconsistent_neither")
-                out[names[truth]][key] += 1
+                out[categories[truth]][key] += 1
     return out
 
 
@@ -331,12 +322,13 @@ def world_tables(args: argparse.Namespace, overrides: list[str], tables: set[str
     out, data = [], {"separation_teacher_before_burn_up": {}}
     if world is not None:
         train_gt = load_coco(str(world.target_train_json), str(world.target_train_images), cfg.data.categories)
-        data["separation_teacher_before_burn_up"] = separation_summary(cfg, run, train_gt)
+        separations = teacher_separations(cfg, run, train_gt)
+        data["separation_teacher_before_burn_up"] = separation_summary(separations)
         print("separation (target train, CLIP det vs cloud det):",
               json.dumps(data["separation_teacher_before_burn_up"], indent=1))
-        data["separation_by_class"] = separation_by_class(cfg, run, train_gt)
+        data["separation_by_class"] = separation_by_class(separations, list(cfg.data.categories))
         print("where each class's objects land (target train):", json.dumps(data["separation_by_class"], indent=1))
-        data["disagreement_confidence"] = disagreement_confidence(cfg, run, train_gt)
+        data["disagreement_confidence"] = disagreement_confidence(separations)
         print("disagreements (target train): who is more confident, who is right:",
               json.dumps(data["disagreement_confidence"], indent=1))
 
