@@ -57,7 +57,7 @@ from coin_ray.train.distill import distill  # noqa: E402
 from coin_ray.schema import SOURCE_COIN, Detections, table_to_records  # noqa: E402
 from coin_ray.separate import Separation, SeparationStats, as_source, separate  # noqa: E402
 from coin_ray.source_agreement import hit_labels  # noqa: E402
-from coin_ray.train.data import image_tensor  # noqa: E402
+from coin_ray.train.data import clip_det_records, image_tensor  # noqa: E402
 from coin_ray.train.oracle import train_oracle  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -234,7 +234,8 @@ def run_variant(cfg: Config, run: RunDir, overrides: list[str], seed: int, split
                   f"({time.time() - started:.0f} s)", flush=True)
 
     state = distill(vcfg, run.clip_detector, items, on_step=progress,
-                    ground_truth=ground_truth_by_uri(train_gt) if train_gt else None)
+                    ground_truth=ground_truth_by_uri(train_gt) if train_gt else None,
+                    teacher_records=clip_det_records(run))
     variant = Variant(evaluate(split, detect_split(state.detector, split)), state.fusion_stats.summary(),
                       state.stats.summary())
     storage.write_text(uri, json.dumps(variant.to_json()))

@@ -24,7 +24,7 @@ from coin_ray.ray.pipeline import init_ray
 from coin_ray.ray.sweep import sweep_distill
 from coin_ray.search_space import apply_params, load_space
 from coin_ray.sweep import collected_run, student_map50
-from coin_ray.train.data import cloud_records
+from coin_ray.train.data import clip_det_records, cloud_records
 from coin_ray.train.distill import distill
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +34,7 @@ PAPER_FIVE = ("gamma1", "gamma2", "lambda", "eta_half_life", "pi")
 def final_map50(cfg, run, split) -> tuple[float, float]:
     """(val mAP50, seconds) of a full in-process distillation with ``cfg``."""
     start = time.monotonic()
-    state = distill(cfg, run.clip_detector, cloud_records(run, target_uris(cfg)))
+    state = distill(cfg, run.clip_detector, cloud_records(run, target_uris(cfg)), teacher_records=clip_det_records(run))
     return student_map50(state.detector, split), time.monotonic() - start
 
 

@@ -31,7 +31,7 @@ from coin_ray.data.datasets import target_uris  # noqa: E402
 from coin_ray.demo import with_demo_world  # noqa: E402
 from coin_ray.ray.pipeline import run_adaptation  # noqa: E402
 from coin_ray.run import RunDir  # noqa: E402
-from coin_ray.train.data import cloud_records  # noqa: E402
+from coin_ray.train.data import clip_det_records, cloud_records  # noqa: E402
 from coin_ray.train.distill import distill  # noqa: E402
 
 PREPARED = ("collect", "disseminate", "clip_det")
@@ -43,7 +43,8 @@ def in_process(cfg, run: RunDir) -> tuple[float, float]:
     last: dict[str, float] = {}
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     started = time.perf_counter()
-    distill(cfg, run.clip_detector, items, on_step=lambda step, metrics: last.update(metrics))
+    distill(cfg, run.clip_detector, items, on_step=lambda step, metrics: last.update(metrics),
+            teacher_records=clip_det_records(run))  # as the Ray stage's workers do
     return time.perf_counter() - started, last["loss"]
 
 

@@ -1,18 +1,24 @@
 """The distillation step on a tiny real CLIP detector: phases, CKG isolation, EMA, resume."""
 
 import copy
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from coin_ray.config import DistillConfig, ModelConfig
 from coin_ray.models.clip_factory import write_clip
 from coin_ray.models.ov_rcnn import OpenVocabularyRCNN
+from coin_ray.run import RunDir
+from coin_ray.schema import SOURCE_CLIP_DET, Detections, records_to_table
 from coin_ray.separate import SourceBoxes, as_source
+from coin_ray.storage import write_parquet
+from coin_ray.train.data import DetectionDataset, clip_det_records
 from coin_ray.train.distill import (Batch, Phase, build_state, concat_paired, detect_and_separate,
-                                    distill_step, load_state_dict, phase_at, state_dict, teacher_detections,
-                                    update_ckg)
+                                    distill_step, load_state_dict, phase_at, remember_teacher_detections,
+                                    state_dict, teacher_detections, update_ckg)
 
 CATEGORIES = ["car", "person", "bus"]
 K = len(CATEGORIES)
@@ -161,6 +167,53 @@ def test_frozen_teacher_detections_are_reused_until_burn_up(clip_dir):
     assert all(x is y for x, y in zip(first, again))
     teacher_detections(state, batch, Phase(after_burn_up=True), cfg)
     assert state.teacher_cache == {}
+
+
+def _stored(image_id: str, det: dict[str, torch.Tensor]) -> Detections:
+    """A clip_det stage record of ``det`` (a ``detect`` output) for image ``image_id``."""
+    return Detections(image_id, f"/data/{image_id}.jpg", 80, 64, det["boxes"].numpy(), det["labels"].numpy(),
+                      det["scores"].numpy(), det["probs"].numpy(), SOURCE_CLIP_DET)
+
+
+def test_stored_teacher_detections_are_used_instead_of_detecting_again(clip_dir):
+    torch.manual_seed(0)
+    teacher, student = _models(clip_dir)
+    cfg = _cfg(min_clip_score=0.2)
+    state = build_state(teacher, student, cfg)
+    batch = _batch(state.teacher)
+    batch.image_ids = ["a", "b"]
+    found = state.teacher.detect(batch.images)
+    stored = [_stored("a", found[0]), _stored("b", found[1]), _stored("elsewhere", found[0]),
+              Detections.empty("broken", "/data/broken.jpg", 0, 0, SOURCE_CLIP_DET, K, error="unreadable")]
+    cloud = [Detections(i, f"/data/{i}.jpg", 80, 64, np.zeros((0, 4)), [], [], [], "cloud") for i in ("a", "b", "broken")]
+    dataset = DetectionDataset(cloud, K)
+    assert remember_teacher_detections(state, dataset, stored, cfg.min_clip_score) == 2
+    assert set(state.teacher_cache) == {"a", "b"}
+
+    def no_detecting(images):
+        raise AssertionError("the teacher detected an image whose detections were stored")
+
+    state.teacher.detect = no_detecting
+    reused = teacher_detections(state, batch, Phase(after_burn_up=False), cfg)
+    for got, det in zip(reused, found):
+        want = as_source(det, cfg.min_clip_score)
+        assert torch.equal(got.boxes, want.boxes) and torch.equal(got.probs, want.probs)
+        assert (got.scores >= 0.2).all()
+
+
+def test_clip_det_records_are_read_only_when_newer_than_the_clip_detector(tmp_path):
+    run = RunDir(str(tmp_path))
+    record = Detections("a", "/data/a.jpg", 8, 8, [[0, 0, 4, 4]], [1], [0.9], [[0.0, 0.9, 0.0, 0.1]],
+                        SOURCE_CLIP_DET)
+    write_parquet(records_to_table([record]), run.clip_detections)
+    assert clip_det_records(run) == []  # neither stage recorded as done
+    manifest = {"stages": {"disseminate": {"finished_at": "2026-12-01T10:00:00Z"},
+                           "clip_det": {"finished_at": "2026-12-01T10:00:30Z"}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert [r.image_id for r in clip_det_records(run)] == ["a"]
+    manifest["stages"]["disseminate"]["finished_at"] = "2026-12-01T11:00:00Z"  # re-disseminated alone
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert clip_det_records(run) == []
 
 
 def test_a_batch_with_no_boxes_at_all_still_steps(clip_dir):

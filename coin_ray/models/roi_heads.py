@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection import _utils as det_utils
-from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes, roi_align
+from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
 
 from coin_ray.models.clip_backbone import ClipCropHead, ClipRegionHead, crop_regions
+from coin_ray.models.roi_align import roi_align_rows
 
 FG_IOU_THRESHOLD = 0.5  # a proposal with IoU >= this to a target box is foreground
 BG_IOU_THRESHOLD = 0.5  # below this it is background
@@ -65,9 +66,12 @@ class RegionTargets:
 
 def pool_regions(features: torch.Tensor, boxes: list[torch.Tensor], output_size: int,
                  stride: int) -> torch.Tensor:
-    """RoIAlign of a (B,C,h,w) feature map at stride ``stride``: (R, s*s, C) region tokens."""
-    pooled = roi_align(features, boxes, output_size=output_size, spatial_scale=1.0 / stride,
-                       sampling_ratio=1, aligned=True)
+    """RoIAlign of a (B,C,h,w) feature map at stride ``stride``: (R, s*s, C) region tokens.
+
+    One sample per bin (torchvision's ``sampling_ratio=1``, aligned), through
+    ``roi_align_rows``: the same values, a several times faster backward on CPU.
+    """
+    pooled = roi_align_rows(features, boxes, output_size, spatial_scale=1.0 / stride)
     return pooled.flatten(2).transpose(1, 2)
 
 

@@ -6,9 +6,11 @@ Each worker loads the disseminated CLIP detector (``run.clip_detector``) as the 
 builds a fresh student from the same CLIP checkpoint, reads the run's cloud detections and
 the images by uri (local or s3://), and runs ``DistillTraining``
 (``coin_ray.train.distill``) with the student under DDP in the shell of
-``coin_ray.ray.train.run_training``. Separation is online in the workers: the teacher
-detects on each worker's own batch inside the step (see ``coin_ray.train.distill``), so no
-stage re-writes detections while training.
+``coin_ray.ray.train.run_training``. Separation is online in the workers, inside the step
+(see ``coin_ray.train.distill``). While the teacher is frozen it answers each image once:
+the clip_det stage already ran that same detector on every target image, so its stored
+detections fill the teacher's cache (``remember_teacher_detections``) and the workers detect
+only on images it lacks; a teacher that tracks the student detects on every batch.
 
 Every ``checkpoint_every`` steps (and at the end) one checkpoint holds the student (with
 its prototypes), the EMA teacher, the CKG (with its two prototype matrices), both
@@ -27,8 +29,8 @@ from coin_ray.models.build import save_detector
 from coin_ray.ray.train import prepare, run_stage, run_training, worker_setup
 from coin_ray.run import RunDir
 from coin_ray.tensorboard_log import TensorBoardLog
-from coin_ray.train.data import DetectionDataset, cloud_records
-from coin_ray.train.distill import DistillState, DistillTraining, build_run_state
+from coin_ray.train.data import DetectionDataset, clip_det_records, cloud_records
+from coin_ray.train.distill import DistillState, DistillTraining, build_run_state, remember_teacher_detections
 from coin_ray.train.loop import MetricsLog, StepLog
 
 STAGE = "distill"
@@ -46,6 +48,7 @@ def distill_worker(config: dict[str, Any], after_step: AfterStep | None = None) 
     d = w.cfg.train.distill
     dataset = DetectionDataset(cloud_records(w.run, w.uris), w.cfg.num_classes)
     state = build_run_state(w.cfg, w.run.clip_detector, wrap=prepare, device=w.device)
+    remember_teacher_detections(state, dataset, clip_det_records(w.run), d.min_clip_score)
     training = DistillTraining(state, dataset, d, w.cfg.seed, w.rank, w.world_size, w.device)
 
     def logs(start: int) -> list[StepLog]:

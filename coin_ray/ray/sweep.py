@@ -35,8 +35,8 @@ from coin_ray.ray.train import STATE_FILE, Checkpoints, run_training
 from coin_ray.run import RunDir
 from coin_ray.search_space import Dimension, apply_params, is_finite_number, plain
 from coin_ray.sweep import SweepReport, Validation, collected_run, student_map50, sweep_name, validation, write_outputs
-from coin_ray.train.data import DetectionDataset, cloud_records
-from coin_ray.train.distill import DistillTraining, build_run_state
+from coin_ray.train.data import DetectionDataset, clip_det_records, cloud_records
+from coin_ray.train.distill import DistillTraining, build_run_state, remember_teacher_detections
 
 EVALS_PER_TRIAL = 4  # default number of reports (ASHA rungs are placed on them)
 
@@ -89,8 +89,9 @@ def distill_trial(params: dict[str, Any], *, base: dict[str, Any], run_root: str
     d = cfg.train.distill
     run = RunDir(run_root)
     state = build_run_state(cfg, run.clip_detector)
-    training = DistillTraining(state, DetectionDataset(cloud_records(run, val.train_uris), cfg.num_classes),
-                               d, cfg.seed)
+    dataset = DetectionDataset(cloud_records(run, val.train_uris), cfg.num_classes)
+    remember_teacher_detections(state, dataset, clip_det_records(run), d.min_clip_score)
+    training = DistillTraining(state, dataset, d, cfg.seed)
 
     def report(step: int, metrics: dict[str, float]) -> dict[str, Any]:
         return {"step": step, val.metric: student_map50(state.detector, val.split), "loss": metrics["loss"]}

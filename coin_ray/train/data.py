@@ -193,3 +193,18 @@ def cloud_records(run: RunDir, uris: list[str] | None = None) -> list[Detections
     records = table_to_records(storage.read_parquet(run.cloud_detections, DETECTION_SCHEMA))
     wanted = set(uris) if uris is not None else None
     return [r for r in records if r.ok and (wanted is None or r.uri in wanted)]
+
+
+def clip_det_records(run: RunDir) -> list[Detections]:
+    """The clip_det stage's detections (every target image, error records kept), when they
+    come from the run's current CLIP detector; otherwise [].
+
+    They are current when clip_det finished no earlier than disseminate: re-running
+    disseminate alone (``--stages disseminate``) leaves older detections behind.
+    """
+    done = run.manifest()["stages"]
+    if "clip_det" not in done or "disseminate" not in done or not storage.exists(run.clip_detections):
+        return []
+    if str(done["clip_det"].get("finished_at", "")) < str(done["disseminate"].get("finished_at", "")):
+        return []
+    return table_to_records(storage.read_parquet(run.clip_detections, DETECTION_SCHEMA))

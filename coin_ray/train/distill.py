@@ -126,6 +126,25 @@ def teacher_detections(state: DistillState, batch: Batch, phase: Phase, cfg: Dis
     return [state.teacher_cache[key] for key in batch.image_ids]
 
 
+def remember_teacher_detections(state: DistillState, dataset: DetectionDataset, stored: list[Detections],
+                                min_clip_score: float) -> int:
+    """Fill the frozen teacher's per-image cache with detections it has already made.
+
+    ``stored`` are the clip_det stage's records (``coin_ray.train.data.clip_det_records``):
+    the same CLIP detector on the same plain images, so the first pass of the teacher over
+    the training set is not run a second time. Records are matched to the dataset by uri;
+    error records and images outside the dataset are skipped. Returns how many images were
+    cached. A teacher that tracks the student drops the cache at burn-up as before.
+    """
+    image_ids = {r.uri: r.image_id for r in dataset.records}
+    cached = 0
+    for record in stored:
+        if record.ok and record.uri in image_ids:
+            state.teacher_cache[image_ids[record.uri]] = as_source(record, min_clip_score, dataset.num_classes)
+            cached += 1
+    return cached
+
+
 def detect_and_separate(state: DistillState, batch: Batch, phase: Phase,
                         cfg: DistillConfig) -> list[Separation]:
     """The teacher's detections on the batch, separated against the cloud's, per image.
@@ -370,7 +389,8 @@ def build_run_state(cfg: Config, teacher_uri: str, wrap: Callable[[nn.Module], n
 
 def distill(cfg: Config, teacher_uri: str, train_items: list[Detections], *,
             on_step: StepHook | None = None,
-            ground_truth: Mapping[str, dict[str, torch.Tensor]] | None = None) -> DistillState:
+            ground_truth: Mapping[str, dict[str, torch.Tensor]] | None = None,
+            teacher_records: list[Detections] | None = None) -> DistillState:
     """Distil a target detector in this process (no Ray): tests, sweeps, benchmarks.
 
     Args:
@@ -378,10 +398,13 @@ def distill(cfg: Config, teacher_uri: str, train_items: list[Detections], *,
         train_items: cloud Detections of the target training images (uris readable by
             coin_ray.storage); error records are skipped.
         ground_truth: optional labels of those images by uri, for the statistics only.
+        teacher_records: that detector's stored detections of the images
+            (``clip_det_records``), reused instead of detecting again while it is frozen.
     Returns:
         The final state; ``state.detector`` is the target detector.
     """
     state = build_run_state(cfg, teacher_uri)
     dataset = DetectionDataset(train_items, cfg.num_classes)
+    remember_teacher_detections(state, dataset, teacher_records or [], cfg.train.distill.min_clip_score)
     run_steps(state, dataset, cfg.train.distill, seed=cfg.seed, on_step=on_step, ground_truth=ground_truth)
     return state
