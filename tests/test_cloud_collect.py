@@ -50,7 +50,14 @@ def test_shared_rate_limit_outputs_and_cache_rerun(local_ray_with_s3, served, tm
     out = str(tmp_path / "collect")
     summary = run_collection(cfg, uris, RunDir(str(tmp_path)))
     stats = server.stats(arrivals=True)
-    assert max_in_one_second(stats["arrivals"]) <= 11
+    # One limit for the 4 actors: 30 requests at 10 req/s span about 2.9 s, where 4 actors
+    # with a limit each (40 req/s) would send them all within a second. The limiter spaces
+    # send times exactly (test_cloud_client); the server sees them later, by the image
+    # encoding and connection set-up done after each slot, which a loaded 2-core machine
+    # stretches by up to ~0.5 s (14 arrivals in one second seen in CI). So the margins
+    # here are wide both ways: at most 20 in any second, and a span over 2 s.
+    arrivals = sorted(stats["arrivals"])
+    assert max_in_one_second(arrivals) <= 20 and arrivals[-1] - arrivals[0] >= 2.0
     assert summary["calls"] == stats["detect_requests"] == 30 and summary["errors"] == 0
     assert summary["money_spent"] == pytest.approx(0.06)
     assert summary["dropped_labels"]["tree"] > 0
