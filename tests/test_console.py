@@ -1,20 +1,15 @@
-"""What a person sees: a tiny run's console has one progress line with an ETA per stage,
-Ray Train's raw report lines stay out of it, and a successful run shows no traceback and
-no error-level core-worker line."""
+"""What a person sees: the README's tiny try (conftest.tiny_try, one whole adaptation run as a
+user pastes it) shows one progress line with an ETA per stage, Ray Train's raw report lines stay
+out of it, and a successful run shows no traceback and no error-level core-worker line."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from coin_ray.ray.progress_feed import QUIET_LINE
 
-ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("collect", "disseminate", "clip_det", "distill", "evaluate", "export")
 PROGRESS = re.compile(r"^\[(?P<stage>\w+)\] \w+ \d+/\d+ \(\d+%\)  \S+ \w+/s  ETA \S+", re.M)
 ERROR_LINE = re.compile(r"\bE \d+ \d+\] \w+\.cc:\d+")
@@ -22,17 +17,9 @@ ERROR_LINE = re.compile(r"\bE \d+ \d+\] \w+\.cc:\d+")
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_a_tiny_runs_console_shows_progress_and_no_errors(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "COIN_RAY_VERBOSE")}
-    env.update(RAY_AUTH_MODE="disabled", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(
-        [sys.executable, "jobs/adapt.py", "--num-cpus", "4", f"storage={tmp_path / 'runs'}", "data.world=tiny",
-         "train.disseminate.steps=20", "train.distill.steps=20", "train.disseminate.batch_size=2",
-         "train.distill.batch_size=2", "train.disseminate.checkpoint_every=20", "train.distill.checkpoint_every=20"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=880)
-    console = proc.stdout + proc.stderr
-    (tmp_path / "console.txt").write_text(console)
-    assert proc.returncode == 0, console[-3000:]
+def test_a_tiny_runs_console_shows_progress_and_no_errors(tiny_try):
+    console = tiny_try.console
+    assert tiny_try.proc.returncode == 0, console[-3000:]
     with_eta = {m["stage"] for m in PROGRESS.finditer(console)}
     assert set(STAGES) <= with_eta, f"no progress line for {set(STAGES) - with_eta}"
     assert "Traceback" not in console
