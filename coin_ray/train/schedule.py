@@ -66,11 +66,12 @@ class StageLength:
 
     def describe(self) -> str:
         """One line, e.g. "[distill] 65 epochs (the default) = 4875 steps of 4 images over 300 images"."""
+        batch = f"{self.batch_size} image{'' if self.batch_size == 1 else 's'}"
         if self.source.endswith(".steps"):
-            return (f"[{self.stage}] {self.steps} steps ({self.source}) of {self.batch_size} images over "
-                    f"{self.images} images = {self.epochs:.3g} epochs")
-        return (f"[{self.stage}] {self.epochs:g} epochs ({self.source}) = {self.steps} steps of "
-                f"{self.batch_size} images over {self.images} images")
+            return (f"[{self.stage}] {self.steps} steps ({self.source}) of {batch} over {self.images} images "
+                    f"= {self.epochs:.3g} epochs")
+        return (f"[{self.stage}] {self.epochs:g} epochs ({self.source}) = {self.steps} steps of {batch} "
+                f"over {self.images} images")
 
 
 def resolve_length(cfg: Config, stage: Stage, images: int, world_size: int = 1) -> tuple[Config, StageLength]:
