@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 
 from coin_ray import storage
-from coin_ray.config import Config, to_dict, with_updates
+from coin_ray.config import DEFAULT_EPOCHS, Config, to_dict, with_updates
 
 # The stages in run order; coin_ray.ray.pipeline.STAGES maps each to its function.
 STAGE_NAMES = ("collect", "disseminate", "clip_det", "distill", "evaluate", "export")
@@ -174,7 +174,14 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
 
 
 def stage_settings(cfg: Config, stage: str) -> dict[str, object]:
-    """The flat dotted settings ``stage``'s outputs depend on, e.g. {"model.roi_size": 4, ...}."""
+    """The flat dotted settings ``stage``'s outputs depend on, e.g. {"model.roi_size": 4, ...}.
+
+    A training length is recorded as written (``epochs``, or ``steps``; the default epochs
+    when neither is set), not as the steps it resolves to from the run's images: a change
+    of epochs (or of the default) runs the stage again, and so does a switch between
+    epochs and steps, even to the same number of steps. Other keys left unset (None) are
+    left out, so a stage recorded before such a key existed is not re-run for it.
+    """
     flat: dict[str, object] = {}
     tree = to_dict(cfg)
     for section in STAGE_SETTINGS[stage]:
@@ -183,9 +190,13 @@ def stage_settings(cfg: Config, stage: str) -> dict[str, object]:
             node = node[part]  # type: ignore[index]
         for key, value in node.items():  # type: ignore[union-attr]
             name = f"{section}.{key}"
-            if key in _BOOKKEEPING or (name in _LATER_ONLY and stage in ("disseminate", "clip_det")):
+            if key in _BOOKKEEPING or value is None or (name in _LATER_ONLY and stage in ("disseminate", "clip_det")):
                 continue
             flat[name] = list(value) if isinstance(value, tuple) else value
+    for name, epochs in DEFAULT_EPOCHS.items():
+        section = f"train.{name}"
+        if section in STAGE_SETTINGS[stage] and f"{section}.steps" not in flat and f"{section}.epochs" not in flat:
+            flat[f"{section}.epochs"] = epochs
     return flat
 
 

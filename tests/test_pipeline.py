@@ -2,7 +2,7 @@
 
 import os
 
-from coin_ray.config import load_config
+from coin_ray.config import Config, load_config
 from coin_ray.ray.pipeline import STAGES, stages_to_run
 from coin_ray.location import resolve_config as with_absolute_paths
 from coin_ray.run import STAGE_NAMES, RunDir, stage_settings
@@ -76,3 +76,18 @@ def test_a_stage_recorded_without_settings_is_kept(tmp_path):
 def test_the_stage_table_runs_in_the_manifest_order():
     assert tuple(STAGES) == STAGE_NAMES
     assert all(fn.__name__ == f"stage_{name}" for name, fn in STAGES.items())
+
+
+def test_a_change_of_epochs_runs_the_training_stages_again_and_unset_keys_are_not_settings(tmp_path, capsys):
+    run = RunDir(str(tmp_path))
+    cfg = load_config(None, ["train.distill.epochs=20"])
+    for stage in STAGE_NAMES:
+        run.mark_done(stage, settings=stage_settings(cfg, stage))
+    assert stage_settings(cfg, "distill")["train.distill.epochs"] == 20.0
+    assert "train.distill.steps" not in stage_settings(cfg, "distill")
+    assert stages_to_run(run, None, cfg) == []
+    assert stages_to_run(run, None, load_config(None, ["train.distill.epochs=30"])) == ["distill", "evaluate", "export"]
+    assert "train.distill.epochs: 20.0 -> 30.0" in capsys.readouterr().out
+    # The defaults are recorded as the epochs they stand for, so a changed default re-runs too.
+    assert stage_settings(Config(), "disseminate")["train.disseminate.epochs"] == 50.0
+    assert stage_settings(Config(), "distill")["train.distill.epochs"] == 65.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from coin_ray.progress import ProgressLine, format_duration, sig3
+from coin_ray.progress import DurationEstimate, ProgressLine, format_duration, sig3
 
 
 class Clock:
@@ -96,3 +96,24 @@ def test_every_logged_step_feeds_the_progress_line_and_checkpoints_keep_their_sc
                  feed=lambda step, metrics: fed.append((step, metrics["loss"])), checkpoints=checkpoints)
     assert fed == [(30, 30.0), (40, 40.0), (50, 50.0), (55, 55.0)]  # resumed at 20
     assert saved == [(40, 40), (55, 55)]
+
+
+def test_the_duration_estimate_is_timed_between_the_first_two_logged_steps_and_printed_once():
+    clock, out = Clock(), io.StringIO()
+    estimate = DurationEstimate("distill", total=4875, out=out, clock=clock)
+    clock.t += 60.0  # start-up and the first steps' one-off costs: not in the rate
+    assert estimate.update(10) is None
+    clock.t += 1.5
+    line = estimate.update(20)
+    assert line == ("[distill] about 12m11s for 4875 steps at the rate of steps 11-20 (0.15 s/step); "
+                    "12m08s left")
+    clock.t += 1.5
+    assert estimate.update(30) is None and out.getvalue() == line + "\n"
+
+
+def test_no_estimate_for_a_stage_that_ends_before_it_is_measured():
+    clock, out = Clock(), io.StringIO()
+    estimate = DurationEstimate("disseminate", total=20, out=out, clock=clock)
+    assert estimate.update(10) is None
+    clock.t += 1.0
+    assert estimate.update(20) is None and out.getvalue() == ""

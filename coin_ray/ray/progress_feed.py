@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import ray.exceptions
 from ray.util.queue import Empty, Queue
 
-from coin_ray.progress import ProgressLine
+from coin_ray.progress import DurationEstimate, ProgressLine
 
 POLL_S = 0.5
 
@@ -54,7 +54,8 @@ class ProgressFeed:
             self.closed = True
 
 
-def _show(queue: Queue, progress: ProgressLine, stop: threading.Event) -> None:
+def _show(queue: Queue, progress: ProgressLine, stop: threading.Event,
+          estimate: DurationEstimate | None = None) -> None:
     last: dict[str, Any] = {}
     while not stop.is_set() or not queue.empty():
         try:
@@ -64,16 +65,20 @@ def _show(queue: Queue, progress: ProgressLine, stop: threading.Event) -> None:
         except Exception:  # the queue actor is gone (cluster shutting down): nothing left to show
             return
         if "step" in last:
+            if estimate is not None:
+                estimate.update(int(last["step"]))
             progress.update(int(last["step"]), last)
 
 
 @contextmanager
 def training_progress(stage: str, total_steps: int) -> Iterator[ProgressFeed]:
-    """A feed for rank 0 of a training loop whose metrics print progress on the driver."""
+    """A feed for rank 0 of a training loop whose metrics print progress on the driver,
+    with one estimate of the stage's duration once its first logged steps are timed."""
     queue = Queue(actor_options={"num_cpus": 0})
     progress = ProgressLine(stage, total_steps)
     stop = threading.Event()
-    thread = threading.Thread(target=_show, args=(queue, progress, stop), daemon=True)
+    thread = threading.Thread(target=_show, args=(queue, progress, stop, DurationEstimate(stage, total_steps)),
+                              daemon=True)
     thread.start()
     try:
         yield ProgressFeed(queue)

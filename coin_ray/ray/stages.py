@@ -19,10 +19,12 @@ from coin_ray.export import export_detector
 from coin_ray.ray.collect import run_collection
 from coin_ray.ray.detect import run_detection
 from coin_ray.ray.disseminate import run_disseminate
-from coin_ray.ray.distill import run_distill
+from coin_ray.ray.distill import distill_images, run_distill
+from coin_ray.ray.train import stage_uris
 from coin_ray.report import write_report
 from coin_ray.run import RunDir
 from coin_ray.schema import Detections, table_to_records
+from coin_ray.train.schedule import resolve_length
 
 
 def table1_rows(run: RunDir) -> dict[str, str]:
@@ -93,7 +95,9 @@ def stage_evaluate(cfg: Config, run: RunDir) -> dict[str, Any]:
         return {"skipped": "no labelled split"}
     run_detection(cfg, run.target_detector, split.uris(), run.eval("coin"), source="coin")
     results = evaluate_rows(cfg, run)
-    write_report(cfg, run, split, results)
+    # The report marks burn-up on the loss curves: at the step the distill stage resolved.
+    trained, _ = resolve_length(cfg, "distill", distill_images(run, stage_uris(cfg)), cfg.ray.num_workers)
+    write_report(trained, run, split, results)
     return {"map50": {m: round(r.map50, 2) for m, r in results.items()}}
 
 
