@@ -171,6 +171,15 @@ def test_cloud_url_nothing_answers(images, tmp_path):
     assert_one_line(proc, EXIT_BAD_INPUT, f"nothing answers at {url}")
 
 
+def test_a_clip_model_that_cannot_load_stops_before_any_paid_call(images, tmp_path, served):
+    """Issue 27, 4.1: the cloud answered every image before a hub id failed to load."""
+    server = served()
+    proc = run_cli("adapt", f"data.target_images={images}", f"storage={tmp_path}", f"cloud.url={server.url}",
+                   "clip.model=coin-test/no-such-clip", env={"HF_HUB_OFFLINE": "1"})
+    assert_one_line(proc, EXIT_BAD_INPUT, "clip.model: coin-test/no-such-clip is not in the local Hugging Face cache")
+    assert server.stats()["requests"] == 0 and not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("args, needle", [
     (["adapt", "--stages", "collekt"], "--stages: unknown stage 'collekt'"),
     (["adapt", "train.distill.pi=1.5"], "train.distill.pi: 1.5 is out of range"),
