@@ -205,3 +205,14 @@ def test_pairing_is_order_free_and_forgives_only_ties_at_the_cap():
     # A confident detection without a counterpart of its label is not.
     d = dets([[20, 20, 30, 30], [0, 0, 10, 10], [5, 5, 9, 9]], [1, 3, 2], [0.5, 0.5, 0.3])
     assert pair_detections(a, d)[1] == 2
+
+
+def test_a_check_with_no_detections_says_it_compared_nothing(tmp_path):
+    """Issue 27, 4.3: export.json recorded 0 detections and the check passed on nothing."""
+    model = tiny_detector(tmp_path)
+    model.model_cfg.score_threshold = 1.0  # no probability exceeds it: nothing is detected
+    images = check_images(torch.full((3, 72, 100), 0.5), 2)
+    check = check_equivalence(model, model, images)
+    assert check["detections"] == 0 and check["status"].startswith("nothing compared")
+    model.model_cfg.score_threshold = 0.0
+    assert check_equivalence(model, model, images)["status"] == "passed"

@@ -13,6 +13,8 @@ from coin_ray.cloud.clip_score import clip_baseline
 from coin_ray.config import Config
 from coin_ray.data.datasets import target_uris, val_split
 from coin_ray.data.images import load_image
+from coin_ray.data_check import (MIN_BOXES_PER_CATEGORY, MIN_CONSISTENT_PAIRS, category_counts,
+                                 consistent_counts, require_some, too_few)
 from coin_ray.demo import demo_cloud
 from coin_ray.evaluate import EvalResult, evaluate
 from coin_ray.export import export_detector
@@ -23,6 +25,7 @@ from coin_ray.ray.distill import run_distill
 from coin_ray.report import write_report
 from coin_ray.run import RunDir
 from coin_ray.schema import Detections, table_to_records
+from coin_ray.train.data import clip_det_records, cloud_records
 
 
 def table1_rows(run: RunDir) -> dict[str, str]:
@@ -49,8 +52,15 @@ def stage_collect(cfg: Config, run: RunDir) -> dict[str, Any]:
 
 
 def stage_disseminate(cfg: Config, run: RunDir) -> dict[str, Any]:
-    """Pre-train the CLIP detector on the cloud's boxes (CLIP's or the cloud's labels; Ray Train)."""
-    return {"model": run_disseminate(cfg, run)}
+    """Pre-train the CLIP detector on the cloud's boxes (CLIP's or the cloud's labels; Ray Train).
+
+    Stops (NothingToTrainOn) when the training images hold no cloud box above
+    ``train.disseminate.min_cloud_score``, and warns when a category has only a few."""
+    records = cloud_records(run, target_uris(cfg) if cfg.data.target_images else None)
+    counts = category_counts(records, cfg.data.categories, cfg.train.disseminate.min_cloud_score)
+    require_some(f"cloud boxes on {len(records)} training images", counts)
+    _warn(too_few("cloud boxes to train on", counts, MIN_BOXES_PER_CATEGORY))
+    return {"model": run_disseminate(cfg, run), "boxes": counts}
 
 
 def stage_clip_det(cfg: Config, run: RunDir) -> dict[str, Any]:
@@ -61,8 +71,21 @@ def stage_clip_det(cfg: Config, run: RunDir) -> dict[str, Any]:
 
 
 def stage_distill(cfg: Config, run: RunDir) -> dict[str, Any]:
-    """Distil the target detector with the COIN losses and the CKG (Ray Train)."""
-    return {"model": run_distill(cfg, run)}
+    """Distil the target detector with the COIN losses and the CKG (Ray Train); warns first
+    when the consistent set (cloud and CLIP detector agree) is small in some category."""
+    d = cfg.train.distill
+    teacher = clip_det_records(run)  # [] when clip_det is older than the CLIP detector: not counted
+    counts = consistent_counts(cloud_records(run, target_uris(cfg) if cfg.data.target_images else None),
+                               teacher, cfg.data.categories, min_score=d.min_score,
+                               min_clip_score=d.min_clip_score, iou=d.match_iou) if teacher else None
+    if counts is not None:
+        _warn(too_few("consistent boxes (cloud and CLIP detector agree)", counts, MIN_CONSISTENT_PAIRS))
+    return {"model": run_distill(cfg, run), **({"consistent_at_start": counts} if counts else {})}
+
+
+def _warn(line: str | None) -> None:
+    if line:
+        print(line, flush=True)
 
 
 def _records(uri: str) -> list[Detections] | None:
