@@ -78,10 +78,24 @@ def run_guarded(command: Callable[[argparse.Namespace], int], args: argparse.Nam
                 raise SystemExit(EXIT_FAILED) from None
             if args.debug:
                 traceback.print_exc(file=verdict)
+            stop_ray()
             print(f"error: {one_line(err)}", file=verdict, flush=True)
             return code
         finally:
             verdict.close()
+
+
+def stop_ray() -> None:
+    """Shut down this process's Ray, if it started one, before the verdict is printed.
+
+    Workers still finishing (callers stopped by a refused token) send their last log lines
+    to the driver late; shut down now, they reach stdout before the verdict, which is then
+    the last line a user sees, not followed by lines about images nobody asked for.
+    """
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+        sys.stdout.flush()
 
 
 class _Parser(argparse.ArgumentParser):

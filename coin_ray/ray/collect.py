@@ -29,7 +29,7 @@ from coin_ray.cloud.backends import NEEDS_TOKEN, build_backend, client_for
 from coin_ray.cloud.budget import SpendLedger, budget_line, budget_summary, call_cap
 from coin_ray.cloud.cache import AnswerCache
 from coin_ray.cloud.clip_score import ClipBoxScorer
-from coin_ray.cloud.errors import Secret, read_token
+from coin_ray.cloud.errors import AuthError, Secret, read_token
 from coin_ray.cloud.export_coco import export_coco
 from coin_ray.cloud.label import RunTally, label_image
 from coin_ray.cloud.mapping import CategoryMap
@@ -37,7 +37,7 @@ from coin_ray.config import Config, from_dict, to_dict
 from coin_ray.data.images import decode_image, image_id_from_uri
 from coin_ray.preflight import stop_if_unreachable
 from coin_ray.progress import ProgressLine
-from coin_ray.ray.limiter import ClusterLimiter
+from coin_ray.ray.limiter import COLLECTION_OVER, ClusterLimiter
 from coin_ray.run import RunDir
 from coin_ray.schema import Detections, records_to_table
 
@@ -91,7 +91,10 @@ class _ClusterBudget:
         self.actor = actor
 
     def charge(self) -> bool:
-        return ray.get(self.actor.charge.remote())
+        try:
+            return ray.get(self.actor.charge.remote())
+        except ray.exceptions.RayActorError:  # the driver killed the ledger: the collection is over
+            raise AuthError("stopped", COLLECTION_OVER) from None
 
 
 class _ClipScorer:
