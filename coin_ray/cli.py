@@ -111,7 +111,7 @@ def print_config(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    serve_main(args.serve_args)
+    serve_main(args.serve_args, prog="coin-ray serve")
     return EXIT_OK
 
 
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=text.splitlines()[0], description=text, formatter_class=fmt)
         add(p)
         p.set_defaults(fn=fn)
-    sub.add_parser("serve", help="serve a detector over HTTP (python -m coin_ray.serve; see coin-ray serve --help)")
+    sub.add_parser("serve", help="serve a detector over HTTP (= python -m coin_ray.serve; see coin-ray serve --help)")
     p = sub.add_parser("config", parents=[common], help="print the default config as commented YAML")
     p.set_defaults(fn=print_config)
     return parser

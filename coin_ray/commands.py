@@ -15,13 +15,12 @@ from coin_ray.config import ConfigError, load_config
 from coin_ray.errors import EXIT_FAILED, EXIT_OK
 from coin_ray.location import resolve_config, resolve_input, resolve_output
 from coin_ray.preflight import check_adapt, check_exists, count_images
-from coin_ray.ray.cluster import check_storage
-from coin_ray.ray.pipeline import init_ray, run_adaptation
-from coin_ray.ray.predict import predict as run_predict
-from coin_ray.ray.sweep import sweep_distill
 from coin_ray.run import STAGE_NAMES, RunDir
 from coin_ray.search_space import load_space
-from coin_ray.sweep import collected_run
+
+# Ray, torch and transformers are imported inside the functions that need them, after the
+# arguments and the config are checked: `coin-ray --help` and a config error take well under
+# a second instead of the tens of seconds those imports cost on a busy machine.
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_SPACE = os.path.join(ROOT, "tune_spaces", "demo.yaml")
@@ -101,6 +100,20 @@ def adapt(args: argparse.Namespace) -> int:
     return EXIT_OK if result.ok else EXIT_FAILED
 
 
+def run_adaptation(cfg, **kwargs):
+    """``coin_ray.ray.pipeline.run_adaptation``, imported (with Ray and torch) only now."""
+    from coin_ray.ray.pipeline import run_adaptation as run
+
+    return run(cfg, **kwargs)
+
+
+def init_ray(num_cpus: int | None) -> None:
+    """``coin_ray.ray.pipeline.init_ray``, imported (with Ray) only now."""
+    from coin_ray.ray.pipeline import init_ray as init
+
+    init(num_cpus)
+
+
 def add_tune_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="the run's YAML config (local or s3://); default: the Foggy-Shapes demo")
     parser.add_argument("--space", default=DEFAULT_SPACE, help="search-space YAML (default: tune_spaces/demo.yaml)")
@@ -124,6 +137,10 @@ def tune(args: argparse.Namespace) -> int:
 
     cfg = resolve_config(load_config(args.config, args.overrides))
     space = load_space(args.space)
+    from coin_ray.ray.cluster import check_storage
+    from coin_ray.ray.sweep import sweep_distill
+    from coin_ray.sweep import collected_run
+
     _, run = collected_run(cfg)  # before starting Ray: a sweep never collects
     sweeps = resolve_output(args.storage) or run.path("tune")
     print(f"[coin-ray] run: {run.root}  sweeps: {sweeps}", flush=True)
@@ -166,6 +183,7 @@ def predict(args: argparse.Namespace) -> int:
         check_exists("--annotations", annotations)
 
     init_ray(args.num_cpus)  # before importing the model code: a dead cluster fails fast
+    from coin_ray.ray.predict import predict as run_predict
 
     summary = run_predict(model, images, out, annotations_uri=annotations, batch_size=args.batch_size,
                           num_actors=args.num_actors, cpus_per_actor=args.cpus_per_actor, runtime=args.runtime)

@@ -191,6 +191,17 @@ def test_bad_input_is_one_line(args, needle):
     assert_one_line(run_cli(*args), EXIT_BAD_INPUT, needle)
 
 
+def test_help_and_a_config_error_import_neither_ray_nor_torch():
+    """Issue 27, 4.9: `coin-ray --help` took 7-9 s and a config error 12-35 s (Ray and torch
+    were imported before the arguments were read). Now the config is checked first."""
+    code = ("import sys\nfrom coin_ray.cli import main\nrc = main(['adapt', 'train.distill.pi=1.5'])\n"
+            "try:\n    main(['adapt', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print('RC', rc, 'HEAVY', [m for m in ('ray', 'torch', 'transformers') if m in sys.modules])")
+    proc = subprocess.run([PY, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=120)
+    assert "RC 2 HEAVY []" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
 def test_dead_ray_address_fails_fast_naming_it(images):
     address = f"127.0.0.1:{free_port()}"
     start = time.monotonic()
