@@ -24,8 +24,12 @@ MAX_LOSSES = 5
 
 
 def sig3(value: float) -> str:
-    """``value`` to 3 significant digits, e.g. 1.2345 -> "1.23", 0.00012345 -> "0.000123"."""
-    return f"{value:.3g}"
+    """``value`` to 3 significant digits, e.g. 1.2345 -> "1.23", 0.00012345 -> "0.000123".
+
+    Never "-0": a loss that is 0 up to rounding (-1e-9 after a subtraction) reads as 0.
+    """
+    text = f"{value:.3g}"
+    return text[1:] if text.startswith("-") and float(text) == 0.0 else text
 
 
 def format_duration(seconds: float) -> str:

@@ -264,7 +264,7 @@ def test_serve_foggy_shapes_standin_checkpoint(tmp_path):
     assert 0 < len(answer.phrases) == len(answer.boxes) and set(answer.phrases) <= set(CATEGORIES)
 
 
-def test_run_that_labels_nothing_says_so_loudly(capsys):
+def test_run_that_labels_nothing_says_so_loudly_once(capsys, caplog):
     from coin_ray.cloud.label import RunTally
     from coin_ray.ray.collect import _warn_if_nothing
 
@@ -277,4 +277,6 @@ def test_run_that_labels_nothing_says_so_loudly(capsys):
     assert summary["errors_by_reason"] == {"http 500": 1} and summary["money_spent"] == 0.05
     _warn_if_nothing(summary)
     assert "NOTHING WAS LABELLED" in summary["warning"] and "3 labels" in summary["warning"]
-    assert "NOTHING WAS LABELLED" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "NOTHING WAS LABELLED" in err
+    assert (out + err + caplog.text).count("NOTHING WAS LABELLED") == 1  # it was printed and logged

@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import time
+from typing import MutableMapping, TextIO
 
 import ray
 
@@ -68,6 +69,19 @@ def _watchdog(address: str, timeout_s: float) -> threading.Timer:
     return timer
 
 
+def plain_log_prefixes(stream: TextIO | None = None, env: MutableMapping[str, str] | None = None) -> None:
+    """No colour codes in worker lines when the console is a file or a pipe.
+
+    Ray wraps the "(pid=...)" prefix of every worker line it forwards to the driver in ANSI
+    colour codes, a terminal or not; in a redirected log they are noise. It reads
+    RAY_COLOR_PREFIX when it prints, so setting it to 0 here (unless the user set it) is enough.
+    """
+    env = os.environ if env is None else env
+    stream = sys.stdout if stream is None else stream
+    if "RAY_COLOR_PREFIX" not in env and (not stream.isatty() or "NO_COLOR" in env):
+        env["RAY_COLOR_PREFIX"] = "0"
+
+
 def join(num_cpus: int | None = None, timeout_s: float = JOIN_TIMEOUT_S) -> None:
     """Join the cluster named by RAY_ADDRESS, or start a fresh local Ray instance.
 
@@ -79,6 +93,7 @@ def join(num_cpus: int | None = None, timeout_s: float = JOIN_TIMEOUT_S) -> None
     """
     if ray.is_initialized():
         return
+    plain_log_prefixes()
     address = os.environ.get("RAY_ADDRESS", "")
     if address in ("", "local"):  # "local": a fresh instance even when a cluster runs here
         ray.init(address="local", num_cpus=num_cpus or None)

@@ -221,9 +221,9 @@ def run_collection(cfg: Config, image_uris: list[str], run: RunDir, *,
     if spent:
         summary["budget"] = budget_summary(spent, c.price_per_call, c.max_spend)
         print(budget_line(summary["budget"], tally.not_asked_budget), file=sys.stderr, flush=True)
-    _warn_if_nothing(summary)
-    storage.write_text(run.collect_summary, json.dumps(summary, indent=2))
     log.info("collection: %s", json.dumps(summary))
+    _warn_if_nothing(summary)  # after the log line: the console shows the warning once
+    storage.write_text(run.collect_summary, json.dumps(summary, indent=2))
     return summary
 
 
@@ -250,5 +250,4 @@ def _warn_if_nothing(summary: dict[str, Any]) -> None:
         summary["warning"] = (f"NOTHING WAS LABELLED: 0 boxes on {summary['images']} images "
                               f"({summary['errors']} errors, {summary['dropped_total']} labels "
                               "dropped as unmapped). Check prompts, label_map and threshold.")
-        log.warning(summary["warning"])
         print("!" * 72 + f"\n{summary['warning']}\n" + "!" * 72, file=sys.stderr, flush=True)
