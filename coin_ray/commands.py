@@ -15,6 +15,7 @@ from coin_ray.config import ConfigError, load_config
 from coin_ray.errors import EXIT_FAILED, EXIT_OK
 from coin_ray.location import resolve_config, resolve_input, resolve_output
 from coin_ray.preflight import check_adapt, check_exists, count_images
+from coin_ray.progress import failure_lines
 from coin_ray.run import STAGE_NAMES, RunDir
 from coin_ray.search_space import load_space
 
@@ -53,6 +54,10 @@ PREDICT_HELP = """Run the exported target detector over a folder or bucket of im
         --out s3://bucket/out/results.json --num-actors 4
     coin-ray predict ... --annotations val.json     # use its ids and print mAP50
     coin-ray predict ... --runtime onnx             # model.onnx in onnxruntime (.[onnx] extra)
+
+Without --annotations, image ids are 1..N in sorted file order and category ids label + 1;
+<out>.images.json (results.json -> results.images.json) maps them back: COCO "images" (id,
+file_name, width, height) and "categories" (id, name).
 
 The model is the folder ``coin-ray adapt`` writes in its export stage (TorchScript, and ONNX
 with the ``.[onnx]`` extra; see coin_ray/export.py). Works unchanged under ``ray job submit`` (jobs/predict.py)."""
@@ -187,8 +192,12 @@ def predict(args: argparse.Namespace) -> int:
 
     summary = run_predict(model, images, out, annotations_uri=annotations, batch_size=args.batch_size,
                           num_actors=args.num_actors, cpus_per_actor=args.cpus_per_actor, runtime=args.runtime)
+    for line in failure_lines("predict", summary.failures, summary.errors):
+        print(line)
     print(f"{summary.images} images ({summary.errors} unreadable), {summary.detections} detections "
           f"in {summary.seconds:.1f} s -> {summary.out}")
+    if summary.index:
+        print(f"image and category ids -> files and names: {summary.index}")
     if annotations:
         print(f"mAP50 = {coco_map50(annotations, summary.out):.1f}")
     return EXIT_OK

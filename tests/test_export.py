@@ -156,6 +156,8 @@ def test_predict_writes_coco_results_equal_to_eager(exported, local_ray, image_f
     out = tmp_path / "out" / "results.json"
     summary = predict(str(tmp / "export"), str(image_folder), str(out), batch_size=2, runtime=runtime)
     assert (summary.images, summary.errors) == (4, 1)
+    assert [Path(u).name for u, _ in summary.failures] == ["bad.png"] and summary.failures[0][1]
+    assert summary.index == str(tmp_path / "out" / "results.images.json")
     results = json.loads(out.read_text())
     index = json.loads((tmp_path / "out" / "results.images.json").read_text())
     files = {img["id"]: img["file_name"] for img in index["images"]}

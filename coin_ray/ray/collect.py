@@ -36,7 +36,7 @@ from coin_ray.cloud.mapping import CategoryMap
 from coin_ray.config import Config, from_dict, to_dict
 from coin_ray.data.images import decode_image, image_id_from_uri
 from coin_ray.preflight import stop_if_unreachable
-from coin_ray.progress import ProgressLine
+from coin_ray.progress import ProgressLine, failure_lines
 from coin_ray.ray.limiter import COLLECTION_OVER, ClusterLimiter
 from coin_ray.run import RunDir
 from coin_ray.schema import Detections, records_to_table
@@ -221,6 +221,8 @@ def run_collection(cfg: Config, image_uris: list[str], run: RunDir, *,
     if spent:
         summary["budget"] = budget_summary(spent, c.price_per_call, c.max_spend)
         print(budget_line(summary["budget"], tally.not_asked_budget), file=sys.stderr, flush=True)
+    for line in failure_lines("collect", tally.failures, tally.failed, run.cloud_detections):
+        print(line, file=sys.stderr, flush=True)
     log.info("collection: %s", json.dumps(summary))
     _warn_if_nothing(summary)  # after the log line: the console shows the warning once
     storage.write_text(run.collect_summary, json.dumps(summary, indent=2))
