@@ -15,14 +15,14 @@ from coin_ray.data.datasets import target_uris, val_split
 from coin_ray.data.images import load_image
 from coin_ray.data_check import (MIN_BOXES_PER_CATEGORY, MIN_CONSISTENT_PAIRS, category_counts,
                                  consistent_counts, require_some, too_few)
-from coin_ray.demo import demo_cloud
+from coin_ray.demo import PLUMBING_NOTE, demo_cloud, is_plumbing_check
 from coin_ray.evaluate import EvalResult, evaluate
 from coin_ray.export import export_detector
 from coin_ray.ray.collect import run_collection
 from coin_ray.ray.detect import run_detection
 from coin_ray.ray.disseminate import run_disseminate
 from coin_ray.ray.distill import run_distill
-from coin_ray.report import write_report
+from coin_ray.report import write_report, write_training_plots
 from coin_ray.run import RunDir
 from coin_ray.schema import Detections, table_to_records
 from coin_ray.train.data import clip_det_records, cloud_records
@@ -112,11 +112,13 @@ def stage_evaluate(cfg: Config, run: RunDir) -> dict[str, Any]:
     """Detect with the target detector on the val split, then Table 1 and the report."""
     split = val_split(cfg)
     if split is None:
-        print("[coin-ray] no labelled target split (data.val_annotations): skipping Table 1")
-        return {"skipped": "no labelled split"}
+        plots = write_training_plots(cfg, run)  # the training curves need no labels
+        print("[coin-ray] no labelled target split (data.val_annotations): skipping Table 1"
+              + (f"; training plots in {run.report_dir}" if plots else ""))
+        return {"skipped": "no labelled split", "plots": len(plots)}
     run_detection(cfg, run.target_detector, split.uris(), run.eval("coin"), source="coin")
     results = evaluate_rows(cfg, run)
-    write_report(cfg, run, split, results)
+    write_report(cfg, run, split, results, note=PLUMBING_NOTE if is_plumbing_check(cfg) else "")
     return {"map50": {m: round(r.map50, 2) for m, r in results.items()}}
 
 
