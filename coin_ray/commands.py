@@ -113,8 +113,9 @@ def run_adaptation(cfg, **kwargs):
 
 
 def init_ray(num_cpus: int | None) -> None:
-    """``coin_ray.ray.pipeline.init_ray``, imported (with Ray) only now."""
-    from coin_ray.ray.pipeline import init_ray as init
+    """``coin_ray.ray.cluster.init_ray``, importing Ray only now and none of the model code,
+    so a dead cluster is reported before torch is loaded."""
+    from coin_ray.ray.cluster import init_ray as init
 
     init(num_cpus)
 

@@ -116,6 +116,15 @@ def join(num_cpus: int | None = None, timeout_s: float = JOIN_TIMEOUT_S) -> None
         timer.cancel()
 
 
+def init_ray(num_cpus: int | None = None) -> None:
+    """``join`` (failing fast when RAY_ADDRESS is dead, else a local instance); Ray's
+    known-harmless noise then stays off the console. Imports no model code."""
+    from coin_ray.ray.progress_feed import filter_known_ray_noise
+
+    join(num_cpus)
+    filter_known_ray_noise()
+
+
 def alive_nodes() -> int:
     """Nodes of the joined cluster that are alive."""
     return sum(1 for n in ray.nodes() if n.get("Alive"))

@@ -26,8 +26,7 @@ from coin_ray import storage
 from coin_ray.config import Config, to_yaml
 from coin_ray.demo import PLUMBING_NOTE, is_plumbing_check, with_demo_world
 from coin_ray.location import describe, resolve_config
-from coin_ray.ray.cluster import check_storage, join
-from coin_ray.ray.progress_feed import filter_known_ray_noise
+from coin_ray.ray.cluster import check_storage, init_ray
 from coin_ray.ray.stages import (stage_clip_det, stage_collect, stage_disseminate, stage_distill,
                                  stage_evaluate, stage_export)
 from coin_ray.run import STAGE_NAMES, RunDir, changed_settings, run_dir, stage_settings
@@ -53,14 +52,6 @@ class AdaptationResult:
     stages_run: list[str] = field(default_factory=list)
     table_markdown: str = ""
     ok: bool = True
-
-
-def init_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster named by RAY_ADDRESS (failing fast when it is dead), or start a
-    local Ray instance (see ``coin_ray.ray.cluster.join``); Ray's known-harmless noise then
-    stays off the console."""
-    join(num_cpus)
-    filter_known_ray_noise()
 
 
 def stages_to_run(run: RunDir, requested: list[str] | None, cfg: Config | None = None) -> list[str]:
