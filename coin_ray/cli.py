@@ -18,7 +18,7 @@ import sys
 import traceback
 from typing import Callable, Iterator, TextIO
 
-from coin_ray import errors
+from coin_ray import commands, errors
 from coin_ray.config_doc import default_config_yaml
 from coin_ray.errors import EXIT_BAD_INPUT, EXIT_CREDENTIAL, EXIT_FAILED, EXIT_OK, UserError, one_line
 from coin_ray.preflight import probe_ray_address
@@ -116,9 +116,6 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # Ray and torch load only here: `coin-ray config` and `coin-ray serve` stay light.
-    from coin_ray import commands
-
     common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of a user error too")
     parser = _Parser(prog="coin-ray", description=__doc__.split("\n\n")[0],

@@ -106,15 +106,21 @@ def adapt(args: argparse.Namespace) -> int:
 
 
 def run_adaptation(cfg, **kwargs):
-    """``coin_ray.ray.pipeline.run_adaptation``, imported (with Ray and torch) only now."""
-    from coin_ray.ray.pipeline import run_adaptation as run
+    """``coin_ray.ray.pipeline.run_adaptation`` (see ``ray_side``)."""
+    return ray_side().run_adaptation(cfg, **kwargs)
 
-    return run(cfg, **kwargs)
+
+def ray_side():
+    """``coin_ray.ray.runners``: Ray, torch and transformers, loaded once the inputs are checked."""
+    # Imported here, not at the top: `coin-ray --help` and a config error must not load them.
+    from coin_ray.ray import runners
+
+    return runners
 
 
 def init_ray(num_cpus: int | None) -> None:
-    """``coin_ray.ray.cluster.init_ray``, importing Ray only now and none of the model code,
-    so a dead cluster is reported before torch is loaded."""
+    """``coin_ray.ray.cluster.init_ray``: Ray only, none of the model code."""
+    # Imported here: a dead or hung RAY_ADDRESS is reported before torch loads (ray_side).
     from coin_ray.ray.cluster import init_ray as init
 
     init(num_cpus)
@@ -143,17 +149,14 @@ def tune(args: argparse.Namespace) -> int:
 
     cfg = resolve_config(load_config(args.config, args.overrides))
     space = load_space(args.space)
-    from coin_ray.ray.cluster import check_storage
-    from coin_ray.ray.sweep import sweep_distill
-    from coin_ray.sweep import collected_run
-
-    _, run = collected_run(cfg)  # before starting Ray: a sweep never collects
+    side = ray_side()
+    _, run = side.collected_run(cfg)  # before starting Ray: a sweep never collects
     sweeps = resolve_output(args.storage) or run.path("tune")
     print(f"[coin-ray] run: {run.root}  sweeps: {sweeps}", flush=True)
 
     init_ray(args.num_cpus)
-    check_storage(sweeps)
-    report = sweep_distill(cfg, space, num_samples=args.num_samples, storage_uri=sweeps,
+    side.check_storage(sweeps)
+    report = side.sweep_distill(cfg, space, num_samples=args.num_samples, storage_uri=sweeps,
                            name=args.name, eval_every=args.eval_every,
                            cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
                            max_concurrent_trials=args.max_concurrent_trials, proxy=args.proxy,
@@ -189,9 +192,8 @@ def predict(args: argparse.Namespace) -> int:
         check_exists("--annotations", annotations)
 
     init_ray(args.num_cpus)  # before importing the model code: a dead cluster fails fast
-    from coin_ray.ray.predict import predict as run_predict
 
-    summary = run_predict(model, images, out, annotations_uri=annotations, batch_size=args.batch_size,
+    summary = ray_side().predict(model, images, out, annotations_uri=annotations, batch_size=args.batch_size,
                           num_actors=args.num_actors, cpus_per_actor=args.cpus_per_actor, runtime=args.runtime)
     for line in failure_lines("predict", summary.failures, summary.errors):
         print(line)

@@ -22,6 +22,7 @@ from coin_ray import errors
 from coin_ray.errors import EXIT_BAD_INPUT, Unreachable, one_line
 from coin_ray.location import refuse_unshared
 from coin_ray.preflight import probe_ray_address
+from coin_ray.ray.progress_feed import filter_known_ray_noise
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +120,6 @@ def join(num_cpus: int | None = None, timeout_s: float = JOIN_TIMEOUT_S) -> None
 def init_ray(num_cpus: int | None = None) -> None:
     """``join`` (failing fast when RAY_ADDRESS is dead, else a local instance); Ray's
     known-harmless noise then stays off the console. Imports no model code."""
-    from coin_ray.ray.progress_feed import filter_known_ray_noise
-
     join(num_cpus)
     filter_known_ray_noise()
 
