@@ -43,3 +43,21 @@ def test_the_consistent_set_is_counted_as_separation_makes_it():
             record("b", [[0, 0, 10, 10]], [2], [0.05], "clip_det")]  # below min_clip_score
     counts = consistent_counts(cloud, clip, CATS, min_score=0.3, min_clip_score=0.1, iou=0.5)
     assert counts == {"car": 1, "person": 0, "traffic light": 0}
+
+
+def test_the_disseminate_stage_checks_the_collected_boxes_first(tmp_path, capsys):
+    from coin_ray import storage
+    from coin_ray.config import load_config
+    from coin_ray.ray.stages import check_cloud_boxes
+    from coin_ray.run import RunDir
+    from coin_ray.schema import records_to_table
+
+    run = RunDir(str(tmp_path / "run"))
+    cfg = load_config(None, ["data.categories=[car,person,traffic light]"])
+    one_box = [record("a.png", [[0, 0, 10, 10]], [0], [0.9]), record("b.png", [], [], [])]
+    storage.write_parquet(records_to_table(one_box), run.cloud_detections)
+    assert check_cloud_boxes(cfg, run) == {"car": 1, "person": 0, "traffic light": 0}
+    assert "few cloud boxes to train on: car 1, person 0, traffic light 0" in capsys.readouterr().out
+    storage.write_parquet(records_to_table([record("b.png", [], [], [])]), run.cloud_detections)
+    with pytest.raises(NothingToTrainOn, match="0 cloud boxes on 1 training images"):
+        check_cloud_boxes(cfg, run)

@@ -56,11 +56,18 @@ def stage_disseminate(cfg: Config, run: RunDir) -> dict[str, Any]:
 
     Stops (NothingToTrainOn) when the training images hold no cloud box above
     ``train.disseminate.min_cloud_score``, and warns when a category has only a few."""
+    counts = check_cloud_boxes(cfg, run)
+    return {"model": run_disseminate(cfg, run), "boxes": counts}
+
+
+def check_cloud_boxes(cfg: Config, run: RunDir) -> dict[str, int]:
+    """Cloud boxes per category on the training images (above ``min_cloud_score``); raises
+    NothingToTrainOn when there are none, prints one warning line when some are few."""
     records = cloud_records(run, target_uris(cfg) if cfg.data.target_images else None)
     counts = category_counts(records, cfg.data.categories, cfg.train.disseminate.min_cloud_score)
     require_some(f"cloud boxes on {len(records)} training images", counts)
     _warn(too_few("cloud boxes to train on", counts, MIN_BOXES_PER_CATEGORY))
-    return {"model": run_disseminate(cfg, run), "boxes": counts}
+    return counts
 
 
 def stage_clip_det(cfg: Config, run: RunDir) -> dict[str, Any]:
