@@ -1,14 +1,15 @@
 """Is there enough to train on? Checked on the driver before each training stage.
 
     counts = category_counts(records, categories, min_score=0.3)   # {"car": 12, "person": 0}
-    line = too_few("cloud boxes to disseminate", counts, MIN_BOXES_PER_CATEGORY)
+    line = too_few("cloud boxes to train on", counts, MIN_BOXES_PER_CATEGORY)
 
-A run once trained and exported from a single cloud box. Nothing at all to train on stops
-the run (``require_some`` raises ``NothingToTrainOn``, exit 2: the user changes prompts,
-threshold or images); a category with only a few examples is one warning line with the counts
-(``too_few``), because a small category can still be what the user wants to try. An empty
-consistent set only warns: the distillation still learns from the inconsistent and private
-boxes.
+A run once trained and exported from a single cloud box, with nothing on the console to say
+so. ``too_few`` gives one warning line with the counts per category, and says "nothing to
+train on" when every count is 0. A warning, not a stop: a small category can still be what the
+user wants to try, and the built-in tiny world (a plumbing check) has an untrained stand-in
+cloud whose boxes all score under ``train.disseminate.min_cloud_score``, yet must run every
+stage. An empty consistent set is only small, too: the distillation still learns from the
+inconsistent and private boxes.
 """
 
 from __future__ import annotations
@@ -17,16 +18,11 @@ from typing import Iterable
 
 import numpy as np
 
-from coin_ray.errors import UserError
 from coin_ray.schema import Detections
 from coin_ray.separate import as_source, separate
 
 MIN_BOXES_PER_CATEGORY = 5  # fewer training boxes than this for a category: warn
 MIN_CONSISTENT_PAIRS = 5  # the consistent set is the distillation's most trusted signal
-
-
-class NothingToTrainOn(UserError):
-    """A training stage would start with no example at all."""
 
 
 def category_counts(records: Iterable[Detections], categories: list[str],
@@ -56,18 +52,14 @@ def consistent_counts(cloud: list[Detections], clip_det: list[Detections], categ
     return dict(zip(categories, (int(n) for n in counts)))
 
 
-def require_some(what: str, counts: dict[str, int]) -> None:
-    """NothingToTrainOn (one line with the counts) when every category has 0 ``what``."""
-    if sum(counts.values()) == 0:
-        raise NothingToTrainOn(f"0 {what} ({_shown(counts)}): nothing to train on; check cloud.prompts, "
-                               "cloud.label_map and cloud.threshold, or add images")
-
-
 def too_few(what: str, counts: dict[str, int], minimum: int) -> str | None:
     """One warning line naming every category under ``minimum``; None when all have enough."""
     low = [name for name, n in counts.items() if n < minimum]
     if not low:
         return None
+    if sum(counts.values()) == 0:
+        return (f"[coin-ray] warning: 0 {what} ({_shown(counts)}): nothing to train on; check "
+                "cloud.prompts, cloud.label_map and cloud.threshold, or add images")
     return (f"[coin-ray] warning: few {what}: {_shown(counts)} ({len(low)} of {len(counts)} "
             f"categories under {minimum}); the detector will learn little of {', '.join(low)}")
 

@@ -43,7 +43,7 @@ from urllib.request import urlopen
 from coin_ray import storage
 from coin_ray.cloud import dds_serve
 from coin_ray.cloud.backends import build_backend
-from coin_ray.cloud.base import DetectorBackend, at_least, request_threshold
+from coin_ray.cloud.base import DetectorBackend
 from coin_ray.cloud.http_backend import answer_to_json
 from coin_ray.config import FOGGY_SHAPES_CLOUD_CONFUSION, CloudConfig
 from coin_ray.data.images import ImageDecodeError, decode_image
@@ -247,13 +247,12 @@ class _Handler(BaseHTTPRequestHandler):
             request = json.loads(body)
             image_bytes = base64.b64decode(request["image"], validate=True)
             prompts = [str(p) for p in request["prompts"]]
-            threshold = request_threshold(request.get("threshold"))
             image = decode_image(image_bytes, "request")
         except (ValueError, KeyError, TypeError, binascii.Error, ImageDecodeError) as err:
             self._json(400, {"error": f"bad request: {err}"[:300]})
             return
         try:
-            answer = at_least(self.server.backend.detect(image_bytes, image, prompts), threshold)
+            answer = self.server.backend.detect(image_bytes, image, prompts)
         except Exception as err:  # a backend failure is the server's 500, never a crash
             log.exception("backend failed")
             self._json(500, {"error": f"backend failed: {type(err).__name__}"})
@@ -345,7 +344,7 @@ def build_parser(prog: str = "python -m coin_ray.serve") -> argparse.ArgumentPar
     p.add_argument("--categories", default="",
                    help="comma-separated category names (replaying Parquet needs them)")
     p.add_argument("--threshold", type=float, default=0.25,
-                   help="upstream backends: minimum score asked for (a request's own threshold also applies)")
+                   help="upstream backends (hf, dds, ...): minimum score asked for")
     p.add_argument("--token-env", default="", help="NAME of the env var with the upstream token")
     p.add_argument("--require-token-env", default="",
                    help="NAME of an env var holding the token clients must send")

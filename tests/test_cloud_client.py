@@ -50,38 +50,6 @@ def test_http_round_trip_maps_labels_and_counts_dropped(served):
     assert server.stats()["detect_requests"] == 1
 
 
-class ThreeScores(ColourBoxes):
-    """ColourBoxes whose boxes score 0.1, 0.5 and 0.9 in turn."""
-
-    def detect(self, image_bytes, image, prompts):
-        from coin_ray.cloud.base import CloudAnswer
-
-        answer = super().detect(image_bytes, image, prompts)
-        scores = np.asarray([0.1, 0.5, 0.9][:len(answer.phrases)], np.float32)
-        return CloudAnswer(answer.boxes, answer.phrases, scores)
-
-
-@pytest.mark.parametrize("protocol", ["http", "dds"])
-def test_the_server_never_returns_boxes_below_the_requests_threshold(protocol, monkeypatch):
-    """Issue 27, 4.9: the stand-in server answered below the client's threshold."""
-    monkeypatch.delenv("DDS_CLOUDAPI_ENDPOINT", raising=False)
-    from coin_ray.cloud.dds import DdsBackend
-
-    server = start_server(ThreeScores(), protocol=protocol)
-    try:
-        image, _ = draw(3)
-        if protocol == "http":
-            backend = HttpBackend(server.url, threshold=0.4, timeout_s=5.0)
-            answer = backend.detect(png_bytes(image), image, ["car", "bus", "tree"])
-        else:
-            backend = DdsBackend(endpoint=server.url, token=Secret("t"), threshold=0.4, timeout_s=5.0,
-                                 poll_interval_s=0.01)
-            answer = backend.detect(png_bytes(image), image, ["car", "bus", "tree"])
-    finally:
-        server.stop()
-    assert len(answer.phrases) == 2 and min(answer.scores) >= 0.4
-
-
 def test_a_named_phrase_keeps_its_category_when_full_probs_rank_it_second():
     from coin_ray.cloud.base import CloudAnswer
 

@@ -25,25 +25,6 @@ class CloudAnswer:
     probs: np.ndarray | None = None
 
 
-def at_least(answer: CloudAnswer, threshold: float) -> CloudAnswer:
-    """``answer`` without the boxes scoring below ``threshold`` (what a request's threshold asks)."""
-    keep = np.asarray(answer.scores, np.float32).reshape(-1) >= threshold
-    if keep.all():
-        return answer
-    probs = None if answer.probs is None else np.asarray(answer.probs)[keep]
-    return CloudAnswer(np.asarray(answer.boxes, np.float32).reshape(-1, 4)[keep],
-                       [p for p, k in zip(answer.phrases, keep) if k],
-                       np.asarray(answer.scores, np.float32).reshape(-1)[keep], probs)
-
-
-def request_threshold(value: object) -> float:
-    """The minimum score a request asks for (absent: 0, keep all); ValueError outside [0, 1]."""
-    threshold = 0.0 if value is None else float(value)  # type: ignore[arg-type]
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold {threshold} is outside [0, 1]")
-    return threshold
-
-
 class DetectorBackend(Protocol):
     """A cloud (or self-hosted) detector: one image plus text prompts in, raw boxes out."""
 

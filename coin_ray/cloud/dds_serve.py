@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from coin_ray.cloud.base import CloudAnswer, at_least, request_threshold
+from coin_ray.cloud.base import CloudAnswer
 from coin_ray.data.images import ImageDecodeError, decode_image
 
 log = logging.getLogger("coin_ray.serve")
@@ -104,15 +104,14 @@ class TaskBook:
                     "tasks_failed": sum(t.failed for t in self.tasks.values())}
 
 
-def parse_task_request(body: dict[str, Any]) -> tuple[bytes, list[str], float]:
-    """(image bytes, prompts, bbox_threshold) of a create request; ValueError when malformed."""
+def parse_task_request(body: dict[str, Any]) -> tuple[bytes, list[str]]:
+    """(image bytes, prompts) of a create request; raises ValueError when malformed."""
     try:
         data = base64.b64decode(str(body["image"]).split(",", 1)[1], validate=True)
         prompts = [p.strip() for p in str(body["prompt"]["text"]).split(".") if p.strip()]
-        threshold = request_threshold(body.get("bbox_threshold"))
     except (KeyError, IndexError, TypeError, binascii.Error) as err:
         raise ValueError(f"bad task request: {err}") from None
-    return data, prompts, threshold
+    return data, prompts
 
 
 def answer_to_objects(answer: CloudAnswer) -> list[dict[str, Any]]:
@@ -169,13 +168,13 @@ def handle_create(handler: Any) -> None:
 
 def _new_task(server: Any, key: str, body: Any) -> str:
     """Decode the upload, run the backend now (the answer waits for the task's time)."""
-    data, prompts, threshold = parse_task_request(body)
+    data, prompts = parse_task_request(body)
     try:
         image = decode_image(data, "request")
     except ImageDecodeError as err:
         raise ValueError(str(err)) from None
     time.sleep(server.knobs.latency_s)
-    answer = at_least(server.backend.detect(data, image, prompts), threshold)
+    answer = server.backend.detect(data, image, prompts)
     return server.tasks.create(key, image_sha(data), server.knobs.task_s, server.knobs.fail_task,
                                answer_to_objects(answer))
 
