@@ -52,14 +52,19 @@ def consistent_counts(cloud: list[Detections], clip_det: list[Detections], categ
     return dict(zip(categories, (int(n) for n in counts)))
 
 
-def too_few(what: str, counts: dict[str, int], minimum: int) -> str | None:
-    """One warning line naming every category under ``minimum``; None when all have enough."""
+NOTHING_TO_TRAIN_ON = ("nothing to train on; check cloud.prompts, cloud.label_map and cloud.threshold, "
+                      "or add images")
+
+
+def too_few(what: str, counts: dict[str, int], minimum: int, if_none: str = NOTHING_TO_TRAIN_ON) -> str | None:
+    """One warning line naming every category under ``minimum``; None when all have enough.
+
+    When every count is 0 the line ends with ``if_none`` (what it means, what to change)."""
     low = [name for name, n in counts.items() if n < minimum]
     if not low:
         return None
     if sum(counts.values()) == 0:
-        return (f"[coin-ray] warning: 0 {what} ({_shown(counts)}): nothing to train on; check "
-                "cloud.prompts, cloud.label_map and cloud.threshold, or add images")
+        return f"[coin-ray] warning: 0 {what} ({_shown(counts)}): {if_none}"
     return (f"[coin-ray] warning: few {what}: {_shown(counts)} ({len(low)} of {len(counts)} "
             f"categories under {minimum}); the detector will learn little of {', '.join(low)}")
 

@@ -100,5 +100,7 @@ def test_closing_lines_name_only_folders_that_exist_and_call_the_tiny_world_a_pl
     tiny = load_config(None, ["data.world=tiny", f"data.world_cache={tmp_path / 'w'}",
                               f"data.target_images={root}/target/train"])
     assert is_plumbing_check(tiny) and any(PLUMBING_NOTE in l for l in closing_lines(tiny, run, "| t |\n"))
+    said_once = "\n".join(closing_lines(tiny, run, f"| t |\n\n{PLUMBING_NOTE}\n"))
+    assert said_once.count(PLUMBING_NOTE) == 1
     assert not is_plumbing_check(load_config(None, ["data.world=demo", f"data.world_cache={tmp_path / 'w'}",
                                                     f"data.target_images={root}/target/train"]))

@@ -119,7 +119,7 @@ def closing_lines(cfg: Config, run: RunDir, table: str) -> list[str]:
     lines = []
     if table:
         lines.append("\n" + table)
-        if is_plumbing_check(cfg):  # the table's own note says it too; say it where eyes are
+        if is_plumbing_check(cfg) and PLUMBING_NOTE not in table:  # a table from before the note
             lines.append(f"[coin-ray] {PLUMBING_NOTE}")
     if storage.exists(run.report_dir):
         lines.append(f"report: {run.report_dir}")

@@ -84,7 +84,8 @@ def stage_distill(cfg: Config, run: RunDir) -> dict[str, Any]:
                                teacher, cfg.data.categories, min_score=d.min_score,
                                min_clip_score=d.min_clip_score, iou=d.match_iou) if teacher else None
     if counts is not None:
-        _warn(too_few("consistent boxes (cloud and CLIP detector agree)", counts, MIN_CONSISTENT_PAIRS))
+        _warn(too_few("consistent boxes (cloud and CLIP detector agree)", counts, MIN_CONSISTENT_PAIRS,
+                      if_none="the distillation learns from the inconsistent and private boxes only"))
     return {"model": run_distill(cfg, run), **({"consistent_at_start": counts} if counts else {})}
 
 
