@@ -22,11 +22,31 @@ EVERY_S = 5.0
 KEY_LOSSES = ("loss", "l_con", "l_inc", "l_pri", "l_align", "l_ckg", "loss_classifier", "loss_box_reg",
               "loss_objectness")
 MAX_LOSSES = 5
+MAX_NAMED = 5  # failed files named on the console; the rest are counted
 
 
 def sig3(value: float) -> str:
-    """``value`` to 3 significant digits, e.g. 1.2345 -> "1.23", 0.00012345 -> "0.000123"."""
-    return f"{value:.3g}"
+    """``value`` to 3 significant digits, e.g. 1.2345 -> "1.23", 0.00012345 -> "0.000123".
+
+    Never "-0": a loss that is 0 up to rounding (-1e-9 after a subtraction) reads as 0.
+    """
+    text = f"{value:.3g}"
+    return text[1:] if text.startswith("-") and float(text) == 0.0 else text
+
+
+def failure_lines(what: str, failures: list[tuple[str, str]], total: int, where: str = "") -> list[str]:
+    """Console lines naming the first ``MAX_NAMED`` failed files (file: reason), then a count.
+
+    ``failures`` holds (file, reason) of at least the first ``MAX_NAMED`` of ``total`` failures;
+    ``where`` names the file that lists every one of them.
+    """
+    if total == 0:
+        return []
+    lines = [f"[{what}] {total} image{'s' if total != 1 else ''} failed:"]
+    lines += [f"  {name}: {' '.join(reason.split())[:200]}" for name, reason in failures[:MAX_NAMED]]
+    if total > MAX_NAMED:
+        lines.append(f"  ... and {total - MAX_NAMED} more{f' (every one in {where})' if where else ''}")
+    return lines
 
 
 def format_duration(seconds: float) -> str:

@@ -192,6 +192,8 @@ def test_refused_token_is_one_line_and_exit_3(world, tmp_path):
         server.stop()
     assert_one_line(proc, EXIT_CREDENTIAL, "refused the credentials")
     assert "a-wrong-token" not in proc.stdout + proc.stderr
+    # The images the stop left unasked are no backend failures (issue 27, 4.8).
+    assert "failed on one image" not in proc.stdout + proc.stderr
 
 
 @pytest.mark.slow

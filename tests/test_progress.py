@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from coin_ray.progress import DurationEstimate, ProgressLine, format_duration, sig3
+from coin_ray.progress import DurationEstimate, ProgressLine, format_duration, format_losses, sig3
 
 
 class Clock:
@@ -45,6 +45,8 @@ def test_a_resumed_stage_counts_its_rate_from_where_it_resumed():
 def test_number_formats():
     assert [sig3(x) for x in (1.23456, 0.000123456, 123456.0, 0.0)] == ["1.23", "0.000123", "1.23e+05", "0"]
     assert [format_duration(s) for s in (4.2, 185, 3725, float("nan"))] == ["4s", "3m05s", "1h02m", "?"]
+    assert [sig3(x) for x in (-0.0, -0.0 * 3.5, -0.5)] == ["0", "0", "-0.5"]  # issue 27: "l_inc -0"
+    assert "l_inc 0 " in format_losses({"l_inc": -0.0, "l_pri": 1.0}) + " "
 
 
 def test_known_ray_noise_is_dropped_and_everything_else_kept():
@@ -117,3 +119,26 @@ def test_no_estimate_for_a_stage_that_ends_before_it_is_measured():
     assert estimate.update(10) is None
     clock.t += 1.0
     assert estimate.update(20) is None and out.getvalue() == ""
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_ray_colour_codes_only_on_a_terminal():
+    """Issue 27, 4.9: ANSI colour codes reached files when output was redirected."""
+    from coin_ray.ray.cluster import plain_log_prefixes
+
+    env: dict[str, str] = {}
+    plain_log_prefixes(io.StringIO(), env)
+    assert env == {"RAY_COLOR_PREFIX": "0"}
+    env = {}
+    plain_log_prefixes(_Terminal(), env)
+    assert env == {}
+    env = {"NO_COLOR": "1"}
+    plain_log_prefixes(_Terminal(), env)
+    assert env["RAY_COLOR_PREFIX"] == "0"
+    env = {"RAY_COLOR_PREFIX": "1"}  # the user's choice stands
+    plain_log_prefixes(io.StringIO(), env)
+    assert env == {"RAY_COLOR_PREFIX": "1"}

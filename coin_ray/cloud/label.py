@@ -14,6 +14,7 @@ from coin_ray import storage
 from coin_ray.cloud.client import BUDGET, SKIPPED, CloudClient
 from coin_ray.cloud.mapping import CategoryMap, answer_to_detections
 from coin_ray.data.images import ImageDecodeError, decode_image
+from coin_ray.progress import MAX_NAMED
 from coin_ray.schema import SOURCE_CLOUD, Detections
 
 
@@ -64,6 +65,10 @@ class RunTally:
     not_asked_budget: int = 0  # the spend cap was reached before they were asked
     errors_by_reason: Counter = field(default_factory=Counter)
     dropped_labels: Counter = field(default_factory=Counter)
+    # (uri, error) of the first failed images, to name on the console; BUDGET ones are not
+    # failures of the image (the budget line counts them)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    failed: int = 0
 
     def add(self, record: Detections, calls: int, cache_hit: bool, reason: str,
             dropped: dict[str, int]) -> None:
@@ -76,6 +81,10 @@ class RunTally:
             self.errors_by_reason[reason or "unknown"] += 1
             self.skipped_failed += int(reason == SKIPPED)
             self.not_asked_budget += int(reason == BUDGET)
+            if reason != BUDGET:
+                self.failed += 1
+                if len(self.failures) < MAX_NAMED:
+                    self.failures.append((record.uri, record.error))
         self.dropped_labels.update(dropped)
 
     def as_dict(self, price_per_call: float = 0.0) -> dict[str, Any]:

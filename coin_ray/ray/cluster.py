@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import time
+from typing import MutableMapping, TextIO
 
 import ray
 
@@ -21,6 +22,7 @@ from coin_ray import errors
 from coin_ray.errors import EXIT_BAD_INPUT, Unreachable, one_line
 from coin_ray.location import refuse_unshared
 from coin_ray.preflight import probe_ray_address
+from coin_ray.ray.progress_feed import filter_known_ray_noise
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,19 @@ def _watchdog(address: str, timeout_s: float) -> threading.Timer:
     return timer
 
 
+def plain_log_prefixes(stream: TextIO | None = None, env: MutableMapping[str, str] | None = None) -> None:
+    """No colour codes in worker lines when the console is a file or a pipe.
+
+    Ray wraps the "(pid=...)" prefix of every worker line it forwards to the driver in ANSI
+    colour codes, a terminal or not; in a redirected log they are noise. It reads
+    RAY_COLOR_PREFIX when it prints, so setting it to 0 here (unless the user set it) is enough.
+    """
+    env = os.environ if env is None else env
+    stream = sys.stdout if stream is None else stream
+    if "RAY_COLOR_PREFIX" not in env and (not stream.isatty() or "NO_COLOR" in env):
+        env["RAY_COLOR_PREFIX"] = "0"
+
+
 def join(num_cpus: int | None = None, timeout_s: float = JOIN_TIMEOUT_S) -> None:
     """Join the cluster named by RAY_ADDRESS, or start a fresh local Ray instance.
 
@@ -79,6 +94,7 @@ def join(num_cpus: int | None = None, timeout_s: float = JOIN_TIMEOUT_S) -> None
     """
     if ray.is_initialized():
         return
+    plain_log_prefixes()
     address = os.environ.get("RAY_ADDRESS", "")
     if address in ("", "local"):  # "local": a fresh instance even when a cluster runs here
         ray.init(address="local", num_cpus=num_cpus or None)
@@ -99,6 +115,13 @@ def join(num_cpus: int | None = None, timeout_s: float = JOIN_TIMEOUT_S) -> None
         raise Unreachable(f"cannot join the Ray cluster at RAY_ADDRESS={address}: {first}") from None
     finally:
         timer.cancel()
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """``join`` (failing fast when RAY_ADDRESS is dead, else a local instance); Ray's
+    known-harmless noise then stays off the console. Imports no model code."""
+    join(num_cpus)
+    filter_known_ray_noise()
 
 
 def alive_nodes() -> int:

@@ -29,15 +29,15 @@ from coin_ray.cloud.backends import NEEDS_TOKEN, build_backend, client_for
 from coin_ray.cloud.budget import SpendLedger, budget_line, budget_summary, call_cap
 from coin_ray.cloud.cache import AnswerCache
 from coin_ray.cloud.clip_score import ClipBoxScorer
-from coin_ray.cloud.errors import Secret, read_token
+from coin_ray.cloud.errors import AuthError, Secret, read_token
 from coin_ray.cloud.export_coco import export_coco
 from coin_ray.cloud.label import RunTally, label_image
 from coin_ray.cloud.mapping import CategoryMap
 from coin_ray.config import Config, from_dict, to_dict
 from coin_ray.data.images import decode_image, image_id_from_uri
 from coin_ray.preflight import stop_if_unreachable
-from coin_ray.progress import ProgressLine
-from coin_ray.ray.limiter import ClusterLimiter
+from coin_ray.progress import ProgressLine, failure_lines
+from coin_ray.ray.limiter import COLLECTION_OVER, ClusterLimiter
 from coin_ray.run import RunDir
 from coin_ray.schema import Detections, records_to_table
 
@@ -91,7 +91,10 @@ class _ClusterBudget:
         self.actor = actor
 
     def charge(self) -> bool:
-        return ray.get(self.actor.charge.remote())
+        try:
+            return ray.get(self.actor.charge.remote())
+        except ray.exceptions.RayActorError:  # the driver killed the ledger: the collection is over
+            raise AuthError("stopped", COLLECTION_OVER) from None
 
 
 class _ClipScorer:
@@ -218,9 +221,11 @@ def run_collection(cfg: Config, image_uris: list[str], run: RunDir, *,
     if spent:
         summary["budget"] = budget_summary(spent, c.price_per_call, c.max_spend)
         print(budget_line(summary["budget"], tally.not_asked_budget), file=sys.stderr, flush=True)
-    _warn_if_nothing(summary)
-    storage.write_text(run.collect_summary, json.dumps(summary, indent=2))
+    for line in failure_lines("collect", tally.failures, tally.failed, run.cloud_detections):
+        print(line, file=sys.stderr, flush=True)
     log.info("collection: %s", json.dumps(summary))
+    _warn_if_nothing(summary)  # after the log line: the console shows the warning once
+    storage.write_text(run.collect_summary, json.dumps(summary, indent=2))
     return summary
 
 
@@ -247,5 +252,4 @@ def _warn_if_nothing(summary: dict[str, Any]) -> None:
         summary["warning"] = (f"NOTHING WAS LABELLED: 0 boxes on {summary['images']} images "
                               f"({summary['errors']} errors, {summary['dropped_total']} labels "
                               "dropped as unmapped). Check prompts, label_map and threshold.")
-        log.warning(summary["warning"])
         print("!" * 72 + f"\n{summary['warning']}\n" + "!" * 72, file=sys.stderr, flush=True)

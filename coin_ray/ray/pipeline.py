@@ -24,10 +24,9 @@ from typing import Any, Callable
 
 from coin_ray import storage
 from coin_ray.config import Config, to_yaml
-from coin_ray.demo import with_demo_world
+from coin_ray.demo import PLUMBING_NOTE, is_plumbing_check, with_demo_world
 from coin_ray.location import describe, resolve_config
-from coin_ray.ray.cluster import check_storage, join
-from coin_ray.ray.progress_feed import filter_known_ray_noise
+from coin_ray.ray.cluster import check_storage, init_ray
 from coin_ray.ray.stages import (stage_clip_det, stage_collect, stage_disseminate, stage_distill,
                                  stage_evaluate, stage_export)
 from coin_ray.run import STAGE_NAMES, RunDir, changed_settings, run_dir, stage_settings
@@ -53,14 +52,6 @@ class AdaptationResult:
     stages_run: list[str] = field(default_factory=list)
     table_markdown: str = ""
     ok: bool = True
-
-
-def init_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster named by RAY_ADDRESS (failing fast when it is dead), or start a
-    local Ray instance (see ``coin_ray.ray.cluster.join``); Ray's known-harmless noise then
-    stays off the console."""
-    join(num_cpus)
-    filter_known_ray_noise()
 
 
 def stages_to_run(run: RunDir, requested: list[str] | None, cfg: Config | None = None) -> list[str]:
@@ -117,10 +108,21 @@ def run_adaptation(cfg: Config, stages: list[str] | None = None, num_cpus: int |
                       settings=stage_settings(cfg, stage), **(info or {}))
         result.stages_run.append(stage)
         print(f"[coin-ray] stage {stage} done in {time.monotonic() - start:.0f} s", flush=True)
-    if storage.exists(run.table1):
-        result.table_markdown = storage.read_text(run.table1)
-        print("\n" + result.table_markdown)
-        print(f"report: {run.report_dir}")
-    print(f"TensorBoard (every stage and the evaluation): tensorboard --logdir {run.tensorboard}", flush=True)
-    print(describe(cfg, run.root), flush=True)
+    result.table_markdown = storage.read_text(run.table1) if storage.exists(run.table1) else ""
+    print("\n".join(closing_lines(cfg, run, result.table_markdown)), flush=True)
     return result
+
+
+def closing_lines(cfg: Config, run: RunDir, table: str) -> list[str]:
+    """What a run prints at its end: Table 1 (when there is one), the report and TensorBoard
+    folders (only those that exist), and where the run and its answer cache live."""
+    lines = []
+    if table:
+        lines.append("\n" + table)
+        if is_plumbing_check(cfg) and PLUMBING_NOTE not in table:  # a table from before the note
+            lines.append(f"[coin-ray] {PLUMBING_NOTE}")
+    if storage.exists(run.report_dir):
+        lines.append(f"report: {run.report_dir}")
+    if storage.exists(run.tensorboard):  # a collect-only run has written none
+        lines.append(f"TensorBoard (every stage and the evaluation): tensorboard --logdir {run.tensorboard}")
+    return lines + [describe(cfg, run.root)]
