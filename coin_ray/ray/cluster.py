@@ -106,6 +106,7 @@ def alive_nodes() -> int:
     return sum(1 for n in ray.nodes() if n.get("Alive"))
 
 
-def check_storage(storage_uri: str) -> None:
-    """Refuse (UserError, one line) a local storage folder on a multi-node cluster."""
-    refuse_unshared(storage_uri, alive_nodes())
+def check_storage(storage_uri: str, key: str = "storage") -> None:
+    """Refuse (UserError, one line) a local storage folder (or answer cache, ``key``) on a
+    multi-node cluster."""
+    refuse_unshared(storage_uri, alive_nodes(), key=key)
