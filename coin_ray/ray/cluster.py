@@ -20,6 +20,7 @@ import ray
 from coin_ray import errors
 from coin_ray.errors import EXIT_BAD_INPUT, Unreachable, one_line
 from coin_ray.location import refuse_unshared
+from coin_ray.ray.console import worker_env_vars
 from coin_ray.preflight import probe_ray_address
 
 log = logging.getLogger(__name__)
@@ -80,8 +81,11 @@ def join(num_cpus: int | None = None, timeout_s: float = JOIN_TIMEOUT_S) -> None
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS", "")
+    # transformers' chatter off in every worker (coin_ray.ray.console); merged by Ray with a
+    # `ray job submit` runtime_env, whose own keys are left alone.
+    quiet = {"runtime_env": {"env_vars": env}} if (env := worker_env_vars()) else {}
     if address in ("", "local"):  # "local": a fresh instance even when a cluster runs here
-        ray.init(address="local", num_cpus=num_cpus or None)
+        ray.init(address="local", num_cpus=num_cpus or None, **quiet)
         return
     if num_cpus:
         log.warning("--num-cpus is ignored when connecting to an existing cluster (RAY_ADDRESS)")
@@ -91,7 +95,7 @@ def join(num_cpus: int | None = None, timeout_s: float = JOIN_TIMEOUT_S) -> None
     timer = _watchdog(address, budget)
     timer.start()
     try:
-        ray.init()
+        ray.init(**quiet)
     except KeyboardInterrupt:
         raise Unreachable(f"the Ray cluster at RAY_ADDRESS={address} did not answer within {budget:.0f} s") from None
     except (ConnectionError, RuntimeError) as err:  # what ray.init raises when no GCS answers

@@ -27,6 +27,7 @@ from coin_ray.config import Config, to_yaml
 from coin_ray.demo import with_demo_world
 from coin_ray.location import cache_location, describe, resolve_config
 from coin_ray.ray.cluster import check_storage, join
+from coin_ray.ray.console import quiet_ray_data
 from coin_ray.ray.progress_feed import filter_known_ray_noise
 from coin_ray.ray.stages import (stage_clip_det, stage_collect, stage_disseminate, stage_distill,
                                  stage_evaluate, stage_export)
@@ -57,10 +58,11 @@ class AdaptationResult:
 
 def init_ray(num_cpus: int | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS (failing fast when it is dead), or start a
-    local Ray instance (see ``coin_ray.ray.cluster.join``); Ray's known-harmless noise then
-    stays off the console."""
+    local Ray instance (see ``coin_ray.ray.cluster.join``); Ray's known-harmless noise and
+    its INFO chatter then stay off the console (``coin_ray.ray.console``)."""
     join(num_cpus)
     filter_known_ray_noise()
+    quiet_ray_data()
 
 
 def stages_to_run(run: RunDir, requested: list[str] | None, cfg: Config | None = None) -> list[str]:
