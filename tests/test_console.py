@@ -83,3 +83,13 @@ def test_a_tiny_runs_console_shows_progress_and_no_errors(tmp_path):
     assert re.search(r"tensorboard --logdir \S+/tensorboard", console)
     internal = internal_lines(console)
     assert len(internal) <= MAX_INTERNAL, "\n".join(internal)
+
+
+def test_workers_get_transformers_switches_unless_the_user_or_the_job_set_them():
+    from coin_ray.ray.console import QUIET_WORKER_ENV, worker_env_vars
+
+    assert worker_env_vars({}) == QUIET_WORKER_ENV
+    assert worker_env_vars({"COIN_RAY_VERBOSE": "1"}) == {}
+    job = '{"runtime_env": {"env_vars": {"HF_HUB_DISABLE_PROGRESS_BARS": "0"}}}'
+    assert worker_env_vars({"RAY_JOB_CONFIG_JSON_ENV_VAR": job, "TRANSFORMERS_VERBOSITY": "info"}) == {}
+    assert worker_env_vars({"RAY_JOB_CONFIG_JSON_ENV_VAR": job}) == {"TRANSFORMERS_VERBOSITY": "error"}
