@@ -80,9 +80,13 @@ class CloudConfig:
     price_per_call: float = _range(0.0, None, default=0.0)
     max_retry_after_s: float = _range(0.0, None, default=120.0)  # cap on a server's Retry-After
     retry_failed: bool = False  # ask again about images whose task failed or that were refused
-    max_calls: int = _range(0, None, default=0)  # paid calls over all runs into one output; 0 = no cap
+    max_calls: int = _range(0, None, default=0)  # paid calls over all runs into one answer cache; 0 = no cap
     max_spend: float = _range(0.0, None, default=0.0)  # money, needs price_per_call; 0 = no cap
-    cache: str = ""  # "" = <storage>/cache
+    cache: str = ""  # "" = the per-user answer cache, $COIN_RAY_CACHE/answers (~/.cache/coin_ray/answers)
+
+
+# Where answers are kept and what they may cost: none of them changes an answer.
+NOT_IN_RUN_ID = ("cache", "max_calls", "max_spend", "price_per_call")
 
 
 @dataclass
@@ -289,10 +293,16 @@ class Config:
         return len(self.data.categories)
 
     def resolved_run_id(self) -> str:
-        """The run id: ``run_id`` if set, else a hash of what defines the collected data."""
+        """The run id: ``run_id`` if set, else a hash of what defines the collected data.
+
+        The cloud settings that change no answer (``NOT_IN_RUN_ID``) are hashed at their
+        defaults, so raising a spend cap resumes the same run, and the ids of runs made
+        before they were left out stay the same.
+        """
         if self.run_id:
             return self.run_id
-        key = json.dumps({"data": to_dict(self.data), "cloud": to_dict(self.cloud),
+        cloud = {**to_dict(self.cloud), **{k: to_dict(CloudConfig())[k] for k in NOT_IN_RUN_ID}}
+        key = json.dumps({"data": to_dict(self.data), "cloud": cloud,
                           "seed": self.seed}, sort_keys=True)
         return "run-" + hashlib.sha1(key.encode()).hexdigest()[:10]
 

@@ -53,6 +53,35 @@ def local_ray_instance(num_cpus: int, log_to_driver: bool = False,
             ray.cloudpickle.unregister_pickle_by_value(ship_by_value)
 
 
+def cache_home_of_its_own(home) -> str:
+    """Make ``home`` a cache home whose ``world`` folder is the user's (built Foggy-Shapes
+    worlds stay shared; answers do not); returns it for ``$COIN_RAY_CACHE``."""
+    from coin_ray.location import cache_home
+
+    worlds = os.path.join(cache_home(), "world")
+    os.makedirs(worlds, exist_ok=True)
+    (home / "world").symlink_to(worlds, target_is_directory=True)
+    return str(home)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def module_answer_cache(tmp_path_factory):
+    """Module-scoped fixtures (a collected run shared by a module's tests) get a cache home of
+    their own: autouse fixtures are set up before the other fixtures of their scope."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("COIN_RAY_CACHE", cache_home_of_its_own(tmp_path_factory.mktemp("module-cache")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def own_answer_cache(module_answer_cache, tmp_path_factory, monkeypatch):
+    """Every test gets a cache home of its own (``$COIN_RAY_CACHE``), so no test reads answers
+    another test (or the user) paid for. Subprocesses inherit it."""
+    home = tmp_path_factory.mktemp("cache-home")
+    monkeypatch.setenv("COIN_RAY_CACHE", cache_home_of_its_own(home))
+    yield home
+
+
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """One intra-op torch thread for the test (the result of training must not depend on the
@@ -184,4 +213,5 @@ def tiny_try(shell_env, tiny_world, tmp_path_factory) -> ShellRun:
     """The README's tiny try, run verbatim once per session from an empty folder (a whole
     adaptation on a local Ray: collect to export). test_readme checks it succeeds as the
     README says, test_console reads its console; a broken pipeline fails both."""
-    return run_in_shell(tiny_try_command(), tmp_path_factory.mktemp("tiny-try"), shell_env)
+    home = cache_home_of_its_own(tmp_path_factory.mktemp("tiny-try-cache"))  # its answers are its own
+    return run_in_shell(tiny_try_command(), tmp_path_factory.mktemp("tiny-try"), {**shell_env, "COIN_RAY_CACHE": home})

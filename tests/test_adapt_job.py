@@ -81,13 +81,15 @@ def test_whole_pipeline_with_every_path_on_s3(world, cloud, s3_bucket, s3_endpoi
     ann = f"s3://{s3_bucket}/data/val.json"
     storage.write_bytes(ann, world.target_val_json.read_bytes())
     runs = f"s3://{s3_bucket}/runs"
-    proc = subprocess.run(adapt_args(world, cloud.url, runs, target=target, val=val, ann=ann, clip=clip),
+    answers = f"s3://{s3_bucket}/answers"  # a cluster's answer cache: an s3:// prefix
+    proc = subprocess.run(adapt_args(world, cloud.url, runs, f"cloud.cache={answers}",
+                                     target=target, val=val, ann=ann, clip=clip),
                           cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=840)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| COIN |" in proc.stdout
     for rel in ARTEFACTS:
         assert storage.exists(f"{runs}/t/{rel}"), rel
-    assert storage.list_files(f"{runs}/cache"), "the cloud answer cache is in the bucket too"
+    assert storage.list_files(answers), "the cloud answer cache is in the bucket too"
     manifest = json.loads(storage.read_text(f"{runs}/t/manifest.json"))
     assert list(manifest["stages"]) == ["collect", "disseminate", "clip_det", "distill", "evaluate", "export"]
     assert not any(Path(str(tmp_path)).iterdir())  # nothing written locally instead

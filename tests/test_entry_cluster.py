@@ -141,7 +141,8 @@ def test_job_submit_with_working_dir_twice_keeps_results_and_never_pays_twice(wo
         calls = cloud.stats()["detect_requests"]
         assert calls > 0
         run, answers = LOCATION.search(first.stdout).groups()
-        assert run.startswith(str(home / "runs") + "/") and answers == str(home / "runs" / "cache")
+        assert run.startswith(str(home / "runs") + "/")
+        assert answers == os.path.join(os.environ["COIN_RAY_CACHE"], "answers")  # the per-user cache
         for rel in ("manifest.json", "config.yaml", "collect/cloud.parquet", "collect/summary.json",
                     "report/table1.md", "export/export.json"):
             assert (Path(run) / rel).exists(), rel  # after the job ended, where it said

@@ -66,6 +66,12 @@ def test_known_ray_noise_is_dropped_and_everything_else_kept():
     assert _keep(controller)["lines"] == ["Started training worker group of size 1:",
                                           "Traceback (most recent call last):", "ValueError: a real error"]
     assert _keep({"actor_name": "PlacementGroupCleaner", "lines": ["Traceback (most recent call last):"]}) is None
+    registered = {"actor_name": "TrainController", "lines": [
+        "Failed to register placement group with cleaner: The actor died unexpectedly before finishing this task.",
+        "\tclass_name: PlacementGroupCleaner", "\tpid: 31252",
+        "The actor is dead because its worker process has died. Worker exit type: INTENDED_USER_EXIT",
+        "Worker group of size 1 died"]}
+    assert _keep(registered)["lines"] == ["Worker group of size 1 died"]
 
 
 class CountingTraining:

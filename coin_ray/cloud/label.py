@@ -28,6 +28,7 @@ class Labelled:
     cache_hit: bool = False
     reason: str = ""
     dropped: Counter = field(default_factory=Counter)
+    unfinished: bool = False  # not answered, and a re-run asks it again (``Outcome.unfinished``)
 
 
 def label_image(client: CloudClient, cmap: CategoryMap, uri: str, image_id: str) -> Labelled:
@@ -47,7 +48,8 @@ def label_image(client: CloudClient, cmap: CategoryMap, uri: str, image_id: str)
     outcome = client.ask(data, image)
     if outcome.answer is None:
         record = Detections.empty(image_id, uri, w, h, SOURCE_CLOUD, cmap.num_classes, outcome.error)
-        return Labelled(record, data, outcome.calls, False, outcome.reason)
+        return Labelled(record, data, outcome.calls, False, outcome.reason,
+                        unfinished=outcome.unfinished)
     record, dropped = answer_to_detections(outcome.answer, cmap, image_id, uri, w, h)
     return Labelled(record, data, outcome.calls, outcome.cache_hit, "", dropped)
 
@@ -63,6 +65,7 @@ class RunTally:
     boxes: int = 0
     skipped_failed: int = 0  # failed in an earlier run: not asked again (no retry_failed)
     not_asked_budget: int = 0  # the spend cap was reached before they were asked
+    unfinished: int = 0  # not answered and asked again by a re-run (budget, gave up, ...)
     errors_by_reason: Counter = field(default_factory=Counter)
     dropped_labels: Counter = field(default_factory=Counter)
     # (uri, error) of the first failed images, to name on the console; BUDGET ones are not
@@ -71,8 +74,9 @@ class RunTally:
     failed: int = 0
 
     def add(self, record: Detections, calls: int, cache_hit: bool, reason: str,
-            dropped: dict[str, int]) -> None:
+            dropped: dict[str, int], unfinished: bool = False) -> None:
         self.images += 1
+        self.unfinished += int(unfinished)
         self.calls += calls
         self.cache_hits += int(cache_hit)
         self.boxes += len(record)
@@ -93,6 +97,7 @@ class RunTally:
             "errors_by_reason": dict(self.errors_by_reason), "calls": self.calls,
             "cache_hits": self.cache_hits, "boxes": self.boxes,
             "skipped_failed": self.skipped_failed, "not_asked_budget": self.not_asked_budget,
+            "unfinished": self.unfinished,
             "dropped_labels": dict(self.dropped_labels),
             "dropped_total": sum(self.dropped_labels.values())}
         if price_per_call > 0:

@@ -25,7 +25,7 @@ from typing import Any, Callable
 from coin_ray import storage
 from coin_ray.config import Config, to_yaml
 from coin_ray.demo import PLUMBING_NOTE, is_plumbing_check, with_demo_world
-from coin_ray.location import describe, resolve_config
+from coin_ray.location import cache_location, describe, resolve_config
 from coin_ray.ray.cluster import check_storage, init_ray
 from coin_ray.ray.stages import (stage_clip_det, stage_collect, stage_disseminate, stage_distill,
                                  stage_evaluate, stage_export)
@@ -55,7 +55,8 @@ class AdaptationResult:
 
 
 def stages_to_run(run: RunDir, requested: list[str] | None, cfg: Config | None = None) -> list[str]:
-    """Requested stages are forced to re-run; otherwise every stage not yet in the manifest.
+    """Requested stages are forced to re-run; otherwise the first unfinished stage and every
+    stage after it (they depend on it: a collection finished by this run retrains them).
 
     With ``cfg``, the first finished stage whose recorded settings differ from ``cfg``'s
     (``coin_ray.run.stage_settings``) runs again, and so does every stage after it: a
@@ -67,7 +68,16 @@ def stages_to_run(run: RunDir, requested: list[str] | None, cfg: Config | None =
         return [s for s in STAGES if s in requested]
     if cfg is not None:
         forget_from_changed_stage(run, cfg)
-    return [s for s in STAGES if not run.is_done(s)]
+    first = run.first_unfinished()
+    if first is None:
+        return []
+    todo = list(STAGES)[list(STAGES).index(first):]
+    stale = [later for later in todo[1:] if run.is_done(later)]
+    if stale:
+        print(f"[coin-ray] {first} is not finished: running it, then {', '.join(stale)} again", flush=True)
+    for later in stale:
+        run.forget(later)
+    return todo
 
 
 def forget_from_changed_stage(run: RunDir, cfg: Config) -> str | None:
@@ -96,6 +106,8 @@ def run_adaptation(cfg: Config, stages: list[str] | None = None, num_cpus: int |
     if todo:
         init_ray(num_cpus or cfg.ray.num_cpus or None)
         check_storage(cfg.storage)
+        if "collect" in todo:
+            check_storage(cache_location(cfg), key="cloud.cache")
     else:
         print(f"[coin-ray] every stage of {run.root} is done: nothing to run "
               "(--stages names stages to run again)", flush=True)
@@ -108,6 +120,9 @@ def run_adaptation(cfg: Config, stages: list[str] | None = None, num_cpus: int |
                       settings=stage_settings(cfg, stage), **(info or {}))
         result.stages_run.append(stage)
         print(f"[coin-ray] stage {stage} done in {time.monotonic() - start:.0f} s", flush=True)
+        if not run.is_done(stage):
+            print(f"[coin-ray] {stage} left {info['unfinished']} images unasked or unanswered: "
+                  "the next run asks them first, then runs every later stage again", flush=True)
     result.table_markdown = storage.read_text(run.table1) if storage.exists(run.table1) else ""
     print("\n".join(closing_lines(cfg, run, result.table_markdown)), flush=True)
     return result

@@ -50,7 +50,10 @@ def stage_collect(cfg: Config, run: RunDir) -> dict[str, Any]:
     uris = detection_uris(cfg)
     with demo_cloud(cfg) as live_cfg:
         summary = run_collection(live_cfg, uris, run)
-    return {"images": len(uris), "calls": summary.get("calls"), "errors": summary.get("errors")}
+    info = {"images": len(uris), "calls": summary.get("calls"), "errors": summary.get("errors")}
+    if summary.get("unfinished"):  # not done: the next run asks these first (RunDir.is_done)
+        info["unfinished"] = summary["unfinished"]
+    return info
 
 
 def stage_disseminate(cfg: Config, run: RunDir) -> dict[str, Any]:

@@ -30,12 +30,13 @@ from typing import Any, Callable, Sequence
 
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from coin_ray import storage
 from coin_ray.config import Config, from_dict, to_dict
 from coin_ray.data.datasets import target_uris
+from coin_ray.ray.console import verbose
 from coin_ray.ray.progress_feed import ProgressFeed, quiet_train_reports, training_progress
 from coin_ray.run import RunDir
 from coin_ray.train.loop import StepLog, Training
@@ -66,7 +67,9 @@ def fit(loop: Callable[[dict], None], loop_config: dict, cfg: Config, *, name: s
     path, filesystem = storage_target(storage_path)
     run_config = RunConfig(name=name, storage_path=path, storage_filesystem=filesystem,
                            failure_config=FailureConfig(max_failures=max_failures),
-                           checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT))
+                           checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+                           # The controller's worker-group INFO lines to its log file only.
+                           logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"))
     trainer = TorchTrainer(loop, train_loop_config=loop_config, scaling_config=scaling_config(cfg),
                            run_config=run_config,
                            torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"))
