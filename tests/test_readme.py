@@ -110,12 +110,22 @@ def test_readme_has_commands_of_every_way_to_run_it():
     assert "source .venv/bin/activate" in cmds
 
 
+def heading_anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces to dashes."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.*)$", text, flags=re.M)}
+
+
 def test_links_between_pages_resolve():
     assert [doc_name(p) for p in DOCS[:1]] == ["README.md"] and len(DOCS) > 1
     for page in DOCS:
-        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
-            if not re.match(r"[a-z]+://", target):
-                assert (page.parent / target).exists(), f"{doc_name(page)} links to a missing {target}"
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", page.read_text()):
+            if re.match(r"[a-z]+://", target):
+                continue
+            linked = (page.parent / target) if target else page
+            assert linked.exists(), f"{doc_name(page)} links to a missing {target}"
+            if anchor and linked.suffix == ".md":
+                assert anchor in heading_anchors(linked), f"{doc_name(page)} links to a missing #{anchor} in {target}"
 
 
 @pytest.mark.parametrize("cmd", on_every_page(lambda p: [(c,) for c, _ in doc_commands(p) if not is_cheap(c)]))
