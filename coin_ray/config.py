@@ -28,7 +28,7 @@ FOGGY_SHAPES_CATEGORIES = ["truck", "car", "rider", "person", "train", "motorcyc
 # rho of the Foggy-Shapes world by default: the fraction of rider / train boxes the stand-in
 # cloud learns as person / bus. Chosen from the bench teacher rows only, before any COIN run,
 # as the smallest measured rho where the CLIP detector beats the cloud by 5 AP50 on a class
-# (the paper's pattern); README "Foggy-Shapes" gives the rows.
+# (the paper's pattern); docs/method.md "Foggy-Shapes" says how it was chosen.
 FOGGY_SHAPES_CLOUD_CONFUSION = 0.9
 DEFAULT_TEMPLATES = ["a photo of a {}.", "a photo of the {}.", "a blurry photo of a {}.",
                      "a photo of a small {}.", "a photo of a large {}."]
@@ -106,12 +106,12 @@ class ModelConfig:
     context_init: str = "a photo of a"
     num_extra_context: int = _range(0, None, default=4)  # M learnable tokens after the init
     frozen_vision_layers: int = _range(0, None, default=0)
-    backbone_lr_mult: float = _range(0.0, None, default=1.0)  # CLIP vision layers (see README)
+    backbone_lr_mult: float = _range(0.0, None, default=1.0)  # CLIP vision layers (see docs/method.md)
     head_layers: int = _range(0, None, default=1)  # last CLIP vision layers run per region (ViT "C4")
     roi_size: int = _range(1, None, default=4)  # RoIAlign grid side, in patch tokens
     # CLIP detector regions: "pooled" runs CLIP's last layers on RoI-pooled tokens of the
     # whole-image trunk (the reference's C4 layout); "crops" embeds each region's own pixels
-    # with CLIP's tower at CLIP's input size (models/clip_backbone.py, README "CLIP detector").
+    # with CLIP's tower at CLIP's input size (models/clip_backbone.py, docs/method.md "Two deliberate departures").
     region_features: Literal["pooled", "crops"] = "crops"
     target_backbone: Literal["clip", "mobilenet_v3", "resnet18"] = "clip"  # distilled: OV-RCNN | LightRCNN
     min_size: int = _range(32, None, default=160)  # shorter image side fed to the detector

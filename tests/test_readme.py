@@ -1,7 +1,7 @@
-"""The README runs as written: every shell command in its ```bash blocks is either run (the
-cheap ones: help, config, a documented error, the tiny-world try) or parsed by the parser the
-command really uses, and every ```yaml block loads as a config. A README command that stops
-working fails here."""
+"""The README and docs/*.md run as written: every shell command in their ```bash blocks is either
+run (the cheap ones: help, config, a documented error, the tiny-world try) or parsed by the parser
+the command really uses (a benchmark: its script's argparse), and every ```yaml block loads as a
+config. A documented command that stops working fails here; each test id starts with its page."""
 
 from __future__ import annotations
 
@@ -17,11 +17,17 @@ import pytest
 
 from coin_ray.config import load_config
 from conftest import run_in_shell, tiny_try_command
-from readme_doc import readme_blocks, readme_commands
+from readme_doc import doc_blocks, doc_commands, doc_name, documents, readme_commands
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = str(ROOT / "examples" / "my_data.yaml")  # stands in for placeholder configs (my.yaml, s3://...)
 RAY_SUBCOMMANDS = {("ray", "start"), ("ray", "stop"), ("ray", "job")}
+DOCS = documents()
+
+
+def on_every_page(rows):
+    """pytest params for (page, row) over every page, each id "<page>: <row's first item>"."""
+    return [pytest.param(*row, id=f"{doc_name(page)}: {row[0]}") for page in DOCS for row in rows(page)]
 
 
 def is_cheap(cmd: str) -> bool:
@@ -93,7 +99,7 @@ def check_parses(cmd: str) -> None:
     elif words[0] == "tensorboard":  # a dependency: its command comes with the install
         assert importlib.util.find_spec("tensorboard") is not None and words[1:2] == ["--logdir"]
     else:
-        assert tuple(words[:2]) in RAY_SUBCOMMANDS, f"README command of an unknown kind: {cmd}"
+        assert tuple(words[:2]) in RAY_SUBCOMMANDS, f"documented command of an unknown kind: {cmd}"
 
 
 def test_readme_has_commands_of_every_way_to_run_it():
@@ -104,19 +110,38 @@ def test_readme_has_commands_of_every_way_to_run_it():
     assert "source .venv/bin/activate" in cmds
 
 
-@pytest.mark.parametrize("cmd", [c for c, _ in readme_commands() if not is_cheap(c)])
+def heading_anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces to dashes."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.*)$", text, flags=re.M)}
+
+
+def test_links_between_pages_resolve():
+    assert [doc_name(p) for p in DOCS[:1]] == ["README.md"] and len(DOCS) > 1
+    for page in DOCS:
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", page.read_text()):
+            if re.match(r"[a-z]+://", target):
+                continue
+            linked = (page.parent / target) if target else page
+            assert linked.exists(), f"{doc_name(page)} links to a missing {target}"
+            if anchor and linked.suffix == ".md":
+                assert anchor in heading_anchors(linked), f"{doc_name(page)} links to a missing #{anchor} in {target}"
+
+
+@pytest.mark.parametrize("cmd", on_every_page(lambda p: [(c,) for c, _ in doc_commands(p) if not is_cheap(c)]))
 def test_readme_command_parses(cmd):
     check_parses(cmd)
 
 
-@pytest.mark.parametrize("yaml_text", readme_blocks("yaml"))
+@pytest.mark.parametrize("yaml_text", [pytest.param(y, id=f"{doc_name(p)}: yaml {i + 1}")
+                                       for p in DOCS for i, y in enumerate(doc_blocks(p, "yaml"))])
 def test_readme_yaml_loads_as_a_config(yaml_text, tmp_path):
     (tmp_path / "c.yaml").write_text(yaml_text)
     load_config(str(tmp_path / "c.yaml"))
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("cmd, comment", [(c, m) for c, m in readme_commands() if is_cheap(c)])
+@pytest.mark.parametrize("cmd, comment", on_every_page(lambda p: [(c, m) for c, m in doc_commands(p) if is_cheap(c)]))
 def test_readme_command_runs(cmd, comment, shell_env, tmp_path, request):
     # The tiny try is the session's one shared adaptation (conftest.tiny_try): run once, read here.
     run = request.getfixturevalue("tiny_try") if cmd == tiny_try_command() else run_in_shell(cmd, tmp_path, shell_env)
