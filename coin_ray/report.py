@@ -35,8 +35,8 @@ from coin_ray.tensorboard_log import TensorBoardLog  # noqa: E402
 # Separation sets (detections.png, separation.png) and methods (every plot) never share a colour.
 DUPLICATE_IOU = 0.3
 SET_COLOURS = {"consistent": "#2ca02c", "inconsistent": "#ff7f0e", "private": "#d62728"}
-METHOD_COLOURS = {"Cloud det": "#1f77b4", "CLIP": "#9467bd", "CLIP det": "#8c564b", "COIN": "#17becf",
-                  "Oracle": "#7f7f7f", "ground truth": "#f5d000"}
+METHOD_COLOURS = {"Cloud det": "#1f77b4", "Cloud-label student": "#aec7e8", "CLIP": "#9467bd", "CLIP det": "#8c564b",
+                  "COIN": "#17becf", "Oracle": "#7f7f7f", "ground truth": "#f5d000"}
 OTHER_COLOURS = ("#e377c2", "#bcbd22", "#393b79", "#637939")  # methods not listed above
 SMOOTH_WINDOW = 0.1  # of a curve's points: the running mean of the solid line
 CAPTION_PT = 8
@@ -246,12 +246,15 @@ def _above(rec: Detections, min_score: float) -> Detections:
 
 
 def write_tables(results: dict[str, EvalResult], categories: Sequence[str], report_uri: str,
-                 extra: dict | None = None) -> str:
-    """Write table1.md and metrics.json under ``report_uri``; return the Markdown."""
+                 extra: dict | None = None, notes: Sequence[str] = ()) -> str:
+    """Write table1.md and metrics.json under ``report_uri``; return the Markdown.
+
+    ``notes``: lines printed under the table (what a row is, how it was chosen).
+    """
     md = table1_markdown(results, list(categories))
-    line = comparison_line(results)
-    if line:
-        md = f"{md.rstrip()}\n\n{line}\n"
+    for line in [*notes, comparison_line(results)]:
+        if line:
+            md = f"{md.rstrip()}\n\n{line}\n"
     storage.write_text(storage.join(report_uri, "table1.md"), md)
     metrics = json.loads(table1_json(results))
     if extra:
@@ -268,12 +271,14 @@ def read_metrics(uri: str) -> list[dict]:
 
 
 def write_report(cfg: Config, run: RunDir, split: LabelledSplit, results: dict[str, EvalResult],
-                 grid_images: int = 8) -> str:
+                 grid_images: int = 8, row_notes: dict[str, dict] | None = None) -> str:
     """Everything under ``<run>/report``: tables, loss curves, AP bars, separation, detections.
 
     Args:
         cfg: the run's ``Config``; run: its ``RunDir``; split: the labelled ``LabelledSplit``;
         results: Table 1 rows (method -> EvalResult).
+        row_notes: method -> what makes its row (JSON, with a "note" line printed under the
+            table), e.g. the cloud-label student's cut; kept in metrics.json as "row_notes".
     Returns:
         The Table 1 Markdown.
     """
@@ -283,8 +288,11 @@ def write_report(cfg: Config, run: RunDir, split: LabelledSplit, results: dict[s
     d = cfg.train.distill
     burn_up = int(round(d.burn_up * d.steps))
     curves = {stage: read_metrics(run.metrics(stage)) for stage in ("disseminate", "distill")}
-    md = write_tables(results, cfg.data.categories, out,
-                      extra={"separation": separation_summary(curves["distill"], burn_up)})
+    extra = {"separation": separation_summary(curves["distill"], burn_up)}
+    if row_notes:
+        extra["row_notes"] = row_notes
+    md = write_tables(results, cfg.data.categories, out, extra=extra,
+                      notes=[n["note"] for n in (row_notes or {}).values() if n.get("note")])
     plot_ap_bars(results, cfg.data.categories, storage.join(out, "ap_per_class.png"), run=name, split=split_name)
     if any(curves.values()):
         plot_losses(curves, storage.join(out, "losses.png"), run=name, burn_up=burn_up)
