@@ -11,7 +11,10 @@ cloud detections and CLIP detector, is evaluated on the labelled target val spli
 what is missing.
 
     Table 1   Cloud det, CLIP, CLIP det (stored detections), COIN and Oracle (the same
-              target detector and schedule on the target train split's ground truth)
+              target detector and schedule on the target train split's ground truth);
+              next to the cloud, the cloud-label student (the Oracle's trainer on the
+              cloud's boxes with score >= s, s in {0.3, 0.5, 0.7} chosen per seed on the
+              val split; coin_ray.train.cloud_label)
     Table 5   loss ablations: L_align, L_con, L_inc, L_pri switched off (COIN rows)
     Table 6   fusion of inconsistent detections: cloud probs, CLIP-det probs, avg, s-avg, CKG,
               each with the fraction of disagreements passing pi and how often the fused
@@ -46,9 +49,7 @@ import torch  # noqa: E402
 from coin_ray import storage  # noqa: E402
 from coin_ray.config import Config, load_config, with_updates  # noqa: E402
 from coin_ray.data.datasets import GroundTruth, LabelledSplit, load_coco, target_uris, val_split  # noqa: E402
-from coin_ray.data.images import read_image_record  # noqa: E402
 from coin_ray.evaluate import EvalResult, evaluate, table1_markdown  # noqa: E402
-from coin_ray.models.ov_rcnn import OpenVocabularyRCNN  # noqa: E402
 from coin_ray.demo import demo_world, with_demo_world  # noqa: E402
 from coin_ray.ray.pipeline import run_adaptation  # noqa: E402
 from coin_ray.ray.stages import evaluate_rows  # noqa: E402
@@ -58,7 +59,8 @@ from coin_ray.train.schedule import resolve_length  # noqa: E402
 from coin_ray.schema import SOURCE_COIN, Detections, table_to_records  # noqa: E402
 from coin_ray.separate import Separation, SeparationStats, as_source, separate  # noqa: E402
 from coin_ray.source_agreement import hit_labels  # noqa: E402
-from coin_ray.train.data import clip_det_records, image_tensor  # noqa: E402
+from coin_ray.train.data import clip_det_records  # noqa: E402
+from coin_ray.train.cloud_label import CLOUD_LABEL_STUDENT, best_cloud_label_student, detect_split  # noqa: E402
 from coin_ray.train.oracle import train_oracle  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,21 +177,6 @@ def separation_by_class(separations: list[tuple[GroundTruth, Separation]], categ
     return out
 
 
-@torch.no_grad()
-def detect_split(model: OpenVocabularyRCNN, split: LabelledSplit, batch_size: int = 8) -> list[Detections]:
-    """The model's detections on every image of ``split`` (original pixels)."""
-    model.eval()
-    records = []
-    for start in range(0, len(split.items), batch_size):
-        items = [read_image_record(gt.uri, gt.image_id) for gt in split.items[start:start + batch_size]]
-        found = model.detect([image_tensor(rec.image) for rec in items])
-        for rec, det in zip(items, found):
-            det = {k: v.cpu().numpy() for k, v in det.items()}
-            records.append(Detections(rec.image_id, rec.uri, rec.width, rec.height, det["boxes"], det["labels"],
-                                      det["scores"], det["probs"], SOURCE_COIN))
-    return records
-
-
 @dataclass
 class Variant:
     """One distilled (or Oracle) detector, evaluated: its Table 1 row and what it learnt from."""
@@ -237,7 +224,7 @@ def run_variant(cfg: Config, run: RunDir, overrides: list[str], seed: int, split
     state = distill(vcfg, run.clip_detector, items, on_step=progress,
                     ground_truth=ground_truth_by_uri(train_gt) if train_gt else None,
                     teacher_records=clip_det_records(run))
-    variant = Variant(evaluate(split, detect_split(state.detector, split)), state.fusion_stats.summary(),
+    variant = Variant(evaluate(split, detect_split(state.detector, split, SOURCE_COIN)), state.fusion_stats.summary(),
                       state.stats.summary())
     storage.write_text(uri, json.dumps(variant.to_json()))
     print(f"[tables] {key} seed {seed}: mAP50 {variant.result.map50:.1f}  fusion {variant.fusion}", flush=True)
@@ -251,10 +238,25 @@ def run_oracle(cfg: Config, run: RunDir, seed: int, split: LabelledSplit, cache:
     if storage.exists(uri):
         return load_variant(storage.read_text(uri))
     detector = train_oracle(with_updates(cfg, [f"seed={seed}"]), run.clip_detector, train_gt)
-    variant = Variant(evaluate(split, detect_split(detector, split)))
+    variant = Variant(evaluate(split, detect_split(detector, split, SOURCE_COIN)))
     storage.write_text(uri, json.dumps(variant.to_json()))
     print(f"[tables] oracle seed {seed}: mAP50 {variant.result.map50:.1f}", flush=True)
     return variant
+
+
+def run_cloud_label_student(cfg: Config, run: RunDir, seed: int, split: LabelledSplit, cache: str
+                            ) -> tuple[EvalResult, dict]:
+    """The cloud-label student's row for one seed: the best of its cuts s on ``split`` (cached),
+    and its choice (``CloudLabelChoice.to_json``: s, mAP50 per cut, the note)."""
+    uri = storage.join(cache, f"cloud-label-student-seed{seed}.json")
+    if not storage.exists(uri):
+        wanted = set(target_uris(cfg))
+        items = [r for r in records_at(run.cloud_detections) if r.uri in wanted]
+        choice = best_cloud_label_student(with_updates(cfg, [f"seed={seed}"]), run.clip_detector, items, split)
+        storage.write_text(uri, json.dumps({"eval": choice.result.to_json(), "choice": choice.to_json()}))
+        print(f"[tables] cloud-label student seed {seed}: {choice.note()}", flush=True)
+    data = json.loads(storage.read_text(uri))
+    return load_result(json.dumps(data["eval"])), data["choice"]
 
 
 def row_json(results: list[EvalResult]) -> dict:
@@ -305,8 +307,30 @@ def teacher_rows(cfg: Config, run: RunDir) -> dict[str, EvalResult]:
     return {m: stored[m] for m in TEACHERS if m in stored}
 
 
+def with_cloud_label_student(cfg: Config, run: RunDir, seeds: list[int], split: LabelledSplit, cache: str,
+                             table: dict[str, EvalResult], data: dict, coin: list[EvalResult]
+                             ) -> tuple[dict[str, EvalResult], str]:
+    """Table 1 with the cloud-label student's row (mean over ``seeds``) after "Cloud det";
+    its fidelity.json parts added to ``data``; the row's note (s per seed, how chosen)."""
+    found = [run_cloud_label_student(cfg, run, s, split, cache) for s in seeds]
+    results = [r for r, _ in found]
+    rows = list(table.items())
+    at = next((i + 1 for i, (m, _) in enumerate(rows) if m == "Cloud det"), 0)
+    table = dict(rows[:at] + [(CLOUD_LABEL_STUDENT, mean_result(results))] + rows[at:])
+    data["table1"] = {m: data["table1"][m] if m != CLOUD_LABEL_STUDENT else row_json(results) for m in table}
+    data["cloud_label_student"] = {"min_score": [c["min_score"] for _, c in found],
+                                   "map50_by_min_score": [c["map50_by_min_score"] for _, c in found],
+                                   "note": found[0][1]["note"] if len(found) == 1 else
+                                   f"{CLOUD_LABEL_STUDENT}: the target detector trained like the Oracle on the "
+                                   "cloud's boxes with score >= s as ground truth, s from {0.3, 0.5, 0.7} chosen "
+                                   "per seed on the labelled val split (the one the table reports: its best case); "
+                                   f"s per seed {[c['min_score'] for _, c in found]}"}
+    data["coin_minus_cloud_label_student"] = [round(c.map50 - r.map50, 2) for c, r in zip(coin, results)]
+    return table, data["cloud_label_student"]["note"]
+
+
 def world_tables(args: argparse.Namespace, overrides: list[str], tables: set[str],
-                 oracle: bool, from_run: str = "") -> tuple[str, dict]:
+                 oracle: bool, from_run: str = "", cloud_label: bool = True) -> tuple[str, dict]:
     """The tables of one world (one ``data.cloud_confusion``): Markdown and fidelity.json parts.
 
     ``from_run``: a finished run of this very world to read stages 0-2 from (else they run).
@@ -347,6 +371,10 @@ def world_tables(args: argparse.Namespace, overrides: list[str], tables: set[str
         coin = [v.result for v in rows({FULL: []})[FULL]]
         table = dict(teachers) | {FULL: mean_result(coin)}
         data["table1"] = {m: row_json([r]) for m, r in teachers.items()} | {FULL: row_json(coin)}
+        notes = []
+        if cloud_label:
+            table, note = with_cloud_label_student(cfg, run, args.seeds, split, cache, table, data, coin)
+            notes.append(note)
         if oracle and train_gt is not None:
             oracles = [run_oracle(cfg, run, s, split, cache, train_gt).result for s in args.seeds]
             table["Oracle"] = mean_result(oracles)
@@ -354,7 +382,8 @@ def world_tables(args: argparse.Namespace, overrides: list[str], tables: set[str
         best = max(r.map50 for m, r in teachers.items() if m in ("Cloud det", "CLIP det"))
         data["coin_minus_best_teacher"] = [round(r.map50 - best, 2) for r in coin]
         out.append(f"Table 1 ({args.world} world, rho {cfg.data.cloud_confusion:g}, target val, COIN mean of "
-                   f"seeds {args.seeds}; COIN mAP50 {spread(coin)})\n\n" + table1_markdown(table, cfg.data.categories))
+                   f"seeds {args.seeds}; COIN mAP50 {spread(coin)})\n\n" + table1_markdown(table, cfg.data.categories)
+                   + "".join(f"\n{n}\n" for n in notes))
     for number, variants, keys in (("5", TABLE5, TABLE5_KEYS), ("6", TABLE6, TABLE6_KEYS)):
         if number not in tables:
             continue
@@ -402,6 +431,8 @@ def main() -> None:
     parser.add_argument("--rho", type=float, nargs="*", default=[],
                         help="cloud_confusion values for the rho curve (each builds its own world)")
     parser.add_argument("--no-oracle", action="store_true", help="leave the Oracle row out of Table 1")
+    parser.add_argument("--no-cloud-label-student", action="store_true",
+                        help="leave the cloud-label student's row out of Table 1 (3 trainings per seed)")
     parser.add_argument("--storage", default="runs-tables")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "fidelity.json"))
     parser.add_argument("--from-run", action="append", default=[], metavar="[RHO=]DIR",
@@ -415,14 +446,15 @@ def main() -> None:
     from_runs = parse_from_runs(args.from_run, main_rho)
     text, data = world_tables(args, [*base, f"run_id={tables_run_id(args.world, main_rho)}"],
                               set(args.tables.split(",")), oracle=not args.no_oracle,
-                              from_run=from_runs.pop(main_rho, ""))
+                              from_run=from_runs.pop(main_rho, ""), cloud_label=not args.no_cloud_label_student)
     curve = {}
     for rho in args.rho:
         if rho == main_rho and "table1" in data:  # the main world's Table 1 is this point already
             part = data
         else:
             world_overrides = [*base, f"data.cloud_confusion={rho}", f"run_id={tables_run_id(args.world, rho)}"]
-            part_text, part = world_tables(args, world_overrides, {"1"}, oracle=False, from_run=from_runs.get(rho, ""))
+            part_text, part = world_tables(args, world_overrides, {"1"}, oracle=False, from_run=from_runs.get(rho, ""),
+                                           cloud_label=False)
             text += "\n" + part_text
         curve[f"{rho:g}"] = {"coin_minus_best_teacher": part["coin_minus_best_teacher"],
                              "table1": part["table1"],

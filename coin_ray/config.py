@@ -253,6 +253,19 @@ class TrainConfig:
 
 
 @dataclass
+class ReportConfig:
+    """What the evaluate stage adds to the run's Table 1 beyond the run's own detectors.
+
+    ``cloud_label_student``: the target detector trained on the cloud's boxes with score >= s
+    as hard labels, with the Oracle's trainer and schedule (``coin_ray.train.cloud_label``);
+    s in {0.3, 0.5, 0.7} is chosen on the labelled split, so it costs three trainings of
+    the distillation's length at the evaluate stage.
+    """
+
+    cloud_label_student: bool = False  # add the "Cloud-label student" row (3 trainings at evaluate)
+
+
+@dataclass
 class RayConfig:
     """Ray resources; ``num_cpus`` only applies when starting a local instance.
 
@@ -286,6 +299,7 @@ class Config:
     clip: ClipConfig = field(default_factory=ClipConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     @property

@@ -35,8 +35,8 @@ from coin_ray.tensorboard_log import TensorBoardLog  # noqa: E402
 # Separation sets (detections.png, separation.png) and methods (every plot) never share a colour.
 DUPLICATE_IOU = 0.3
 SET_COLOURS = {"consistent": "#2ca02c", "inconsistent": "#ff7f0e", "private": "#d62728"}
-METHOD_COLOURS = {"Cloud det": "#1f77b4", "CLIP": "#9467bd", "CLIP det": "#8c564b", "COIN": "#17becf",
-                  "Oracle": "#7f7f7f", "ground truth": "#f5d000"}
+METHOD_COLOURS = {"Cloud det": "#1f77b4", "Cloud-label student": "#aec7e8", "CLIP": "#9467bd", "CLIP det": "#8c564b",
+                  "COIN": "#17becf", "Oracle": "#7f7f7f", "ground truth": "#f5d000"}
 OTHER_COLOURS = ("#e377c2", "#bcbd22", "#393b79", "#637939")  # methods not listed above
 SMOOTH_WINDOW = 0.1  # of a curve's points: the running mean of the solid line
 CAPTION_PT = 8
@@ -251,14 +251,16 @@ def _above(rec: Detections, min_score: float) -> Detections:
 
 
 def write_tables(results: dict[str, EvalResult], categories: Sequence[str], report_uri: str,
-                 extra: dict | None = None, note: str = "") -> str:
+                 extra: dict | None = None, notes: Sequence[str] = (), note: str = "") -> str:
     """Write table1.md and metrics.json under ``report_uri``; return the Markdown.
 
-    Under the table: ``note`` when given, else the verdict of ``comparison_line``."""
+    Under the table: ``notes`` (what a row is, how it was chosen), then ``note`` when given,
+    else the verdict of ``comparison_line``.
+    """
     md = table1_markdown(results, list(categories))
-    line = note or comparison_line(results)
-    if line:
-        md = f"{md.rstrip()}\n\n{line}\n"
+    for line in [*notes, note or comparison_line(results)]:
+        if line:
+            md = f"{md.rstrip()}\n\n{line}\n"
     storage.write_text(storage.join(report_uri, "table1.md"), md)
     metrics = json.loads(table1_json(results))
     if extra:
@@ -292,7 +294,7 @@ def write_training_plots(cfg: Config, run: RunDir) -> list[str]:
 
 
 def write_report(cfg: Config, run: RunDir, split: LabelledSplit, results: dict[str, EvalResult],
-                 grid_images: int = 8, note: str = "") -> str:
+                 grid_images: int = 8, note: str = "", row_notes: dict[str, dict] | None = None) -> str:
     """Everything under ``<run>/report``: tables, loss curves, AP bars, separation, detections.
 
     Args:
@@ -300,6 +302,8 @@ def write_report(cfg: Config, run: RunDir, split: LabelledSplit, results: dict[s
         results: Table 1 rows (method -> EvalResult).
         note: a sentence that replaces the verdict under Table 1 (the tiny world's "plumbing
             check": its numbers judge nothing).
+        row_notes: method -> what makes its row (JSON, with a "note" line printed under the
+            table), e.g. the cloud-label student's cut; kept in metrics.json as "row_notes".
     Returns:
         The Table 1 Markdown.
     """
@@ -308,8 +312,11 @@ def write_report(cfg: Config, run: RunDir, split: LabelledSplit, results: dict[s
     split_name = f"labelled target split ({len(split.items)} images)"
     d = cfg.train.distill
     burn_up = int(round(d.burn_up * d.steps))
-    md = write_tables(results, cfg.data.categories, out, note=note,
-                      extra={"separation": separation_summary(read_metrics(run.metrics("distill")), burn_up)})
+    extra = {"separation": separation_summary(read_metrics(run.metrics("distill")), burn_up)}
+    if row_notes:
+        extra["row_notes"] = row_notes
+    md = write_tables(results, cfg.data.categories, out, extra=extra, note=note,
+                      notes=[n["note"] for n in (row_notes or {}).values() if n.get("note")])
     plot_ap_bars(results, cfg.data.categories, storage.join(out, "ap_per_class.png"), run=name, split=split_name)
     write_training_plots(cfg, run)
     sources = {}

@@ -19,6 +19,7 @@ one of these, and no other module spells them:
     distill/model.pt               the target detector (stage 3)
     distill/metrics.jsonl, tb/     its per-step losses, as JSON lines and for TensorBoard
     eval/<method>.parquet          detections on the labelled target split
+    eval/cloud_label_student.json  the cloud-label student's cut s and mAP50 per cut (report.cloud_label_student)
     report/                        metrics.json, table1.md, plots
     export/                        the deployable model
     tune/                          sweeps of the distillation stage
@@ -77,6 +78,7 @@ class RunDir:
     clip_detections = _artefact("clip_det", "detections.parquet")  # source "clip_det", every image
     target_detector = _artefact("distill", MODEL_FILE)  # the distilled target detector
     tensorboard = _artefact("tensorboard")  # every stage's events: tensorboard --logdir <this>
+    cloud_label_choice = _artefact("eval", "cloud_label_student.json")  # its s, chosen on the val split
     report_dir = _artefact("report")
     table1 = _artefact("report", "table1.md")
     export_dir = _artefact("export")
@@ -170,12 +172,15 @@ def run_dir(cfg: Config) -> RunDir:
 # checkpoint cadence) are left out: changing them changes no output.
 _LATER_ONLY = ("model.target_backbone",)
 _BOOKKEEPING = ("checkpoint_every", "log_every", "eval_every")
+# Switches that are off by default are recorded only when on: a run evaluated before the
+# switch existed is not evaluated again for it.
+_OFF_BY_DEFAULT = ("report.cloud_label_student",)
 STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
     "collect": (),
     "disseminate": ("clip", "model", "train.disseminate"),
     "clip_det": ("clip", "model", "train.disseminate"),
     "distill": ("clip", "model", "train.disseminate", "train.distill"),
-    "evaluate": ("clip", "model", "train.disseminate", "train.distill"),
+    "evaluate": ("clip", "model", "train.disseminate", "train.distill", "report"),
     "export": ("clip", "model", "train.disseminate", "train.distill"),
 }
 
@@ -198,6 +203,8 @@ def stage_settings(cfg: Config, stage: str) -> dict[str, object]:
         for key, value in node.items():  # type: ignore[union-attr]
             name = f"{section}.{key}"
             if key in _BOOKKEEPING or value is None or (name in _LATER_ONLY and stage in ("disseminate", "clip_det")):
+                continue
+            if name in _OFF_BY_DEFAULT and value is False:
                 continue
             flat[name] = list(value) if isinstance(value, tuple) else value
     for name, epochs in DEFAULT_EPOCHS.items():

@@ -6,12 +6,13 @@ Each reads its inputs from the run directory (local or s3://) and writes its out
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from coin_ray import storage
 from coin_ray.cloud.clip_score import clip_baseline
 from coin_ray.config import Config
-from coin_ray.data.datasets import target_uris, val_split
+from coin_ray.data.datasets import LabelledSplit, target_uris, val_split
 from coin_ray.data.images import load_image
 from coin_ray.data_check import (MIN_BOXES_PER_CATEGORY, MIN_CONSISTENT_PAIRS, category_counts,
                                  consistent_counts, too_few)
@@ -25,14 +26,17 @@ from coin_ray.ray.distill import distill_images, run_distill
 from coin_ray.ray.train import stage_uris
 from coin_ray.report import write_report, write_training_plots
 from coin_ray.run import RunDir
-from coin_ray.schema import Detections, table_to_records
+from coin_ray.schema import Detections, records_to_table, table_to_records
+from coin_ray.train.cloud_label import CLOUD_LABEL_STUDENT, MIN_SCORES, SOURCE_CLOUD_LABEL, best_cloud_label_student
 from coin_ray.train.data import clip_det_records, cloud_records
 from coin_ray.train.schedule import resolve_length
 
 
-def table1_rows(run: RunDir) -> dict[str, str]:
-    """Table 1 rows: method name -> the uri of its detections on the val split."""
-    return {"Cloud det": run.cloud_detections, "CLIP": run.clip_scores,
+def table1_rows(run: RunDir, cloud_label_student: bool = False) -> dict[str, str]:
+    """Table 1 rows: method name -> the uri of its detections on the val split (the
+    cloud-label student next to the cloud, when asked for)."""
+    student = {CLOUD_LABEL_STUDENT: run.eval(SOURCE_CLOUD_LABEL)} if cloud_label_student else {}
+    return {"Cloud det": run.cloud_detections, **student, "CLIP": run.clip_scores,
             "CLIP det": run.clip_detections, "COIN": run.eval("coin")}
 
 
@@ -110,7 +114,7 @@ def evaluate_rows(cfg: Config, run: RunDir) -> dict[str, EvalResult]:
     split = val_split(cfg)
     wanted = set(split.uris())  # collect/*.parquet also holds the training images
     results = {}
-    for method, uri in table1_rows(run).items():
+    for method, uri in table1_rows(run, cfg.report.cloud_label_student).items():
         records = _records(uri)
         if records is not None and method == "CLIP":  # boxes CLIP calls background are no detections
             records = [clip_baseline(r) for r in records]
@@ -130,9 +134,27 @@ def stage_evaluate(cfg: Config, run: RunDir) -> dict[str, Any]:
               + (f"; training plots in {run.report_dir}" if plots else ""))
         return {"skipped": "no labelled split", "plots": len(plots)}
     run_detection(cfg, run.target_detector, split.uris(), run.eval("coin"), source="coin")
+    notes = {CLOUD_LABEL_STUDENT: train_cloud_label_student(cfg, run, split)} if cfg.report.cloud_label_student else {}
     results = evaluate_rows(cfg, run)
-    write_report(trained, run, split, results, note=PLUMBING_NOTE if is_plumbing_check(cfg) else "")
+    write_report(trained, run, split, results, note=PLUMBING_NOTE if is_plumbing_check(cfg) else "",
+                 row_notes=notes)
     return {"map50": {m: round(r.map50, 2) for m, r in results.items()}}
+
+
+def train_cloud_label_student(cfg: Config, run: RunDir, split: LabelledSplit) -> dict[str, Any]:
+    """Train the cloud-label student in this process on the run's collected cloud records of
+    the training images (COIN's images), one per cut s, and keep the best on ``split``.
+
+    Writes its val detections (``run.eval("cloud_label")``, read by ``evaluate_rows``) and
+    its choice (``run.cloud_label_choice``); returns the choice as JSON (with the note).
+    """
+    print(f"[coin-ray] {CLOUD_LABEL_STUDENT} (report.cloud_label_student): "
+          f"{len(MIN_SCORES)} trainings, one per cloud-score cut {MIN_SCORES}", flush=True)
+    choice = best_cloud_label_student(cfg, run.clip_detector, cloud_records(run, stage_uris(cfg)), split)
+    storage.write_parquet(records_to_table(choice.detections), run.eval(SOURCE_CLOUD_LABEL))
+    storage.write_text(run.cloud_label_choice, json.dumps(choice.to_json(), indent=2))
+    print(f"[coin-ray] {choice.note()}", flush=True)
+    return choice.to_json()
 
 
 def stage_export(cfg: Config, run: RunDir) -> dict[str, Any]:

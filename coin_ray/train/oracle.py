@@ -51,24 +51,35 @@ def oracle_schedule(cfg: Config) -> DisseminateConfig:
                              min_cloud_score=0.0, labels="cloud")
 
 
-def train_oracle(cfg: Config, teacher_uri: str, split: LabelledSplit, *,
-                 on_step: StepHook | None = None) -> RegionDetector:
-    """Train the target detector on ``split``'s ground truth in this process (see module doc).
+def train_on_records(cfg: Config, teacher_uri: str, records: list[Detections], *, stage: str = "oracle",
+                     on_step: StepHook | None = None) -> RegionDetector:
+    """The Oracle's trainer on any hard-labelled records (see module doc).
 
     Args:
         teacher_uri: the disseminated CLIP detector (``<run>/disseminate/model.pt``): the
             student starts from it as COIN's does.
-        split: the labelled target *train* split (uris readable by coin_ray.storage).
+        records: one per training image (uris readable by coin_ray.storage), every box a
+            hard target (its label; error records are dropped). The length is resolved on
+            their number of images and printed under ``stage``.
     Returns:
         The trained detector (train mode; call ``.eval()`` before ``detect``).
     """
     teacher = load_detector(teacher_uri, map_location="cpu")
     student = build_student(cfg, teacher)
-    dataset = DetectionDataset(ground_truth_records(split), cfg.num_classes)
+    dataset = DetectionDataset(records, cfg.num_classes)
     cfg, length = resolve_length(cfg, "distill", len(dataset))
-    print(dataclasses.replace(length, stage="oracle").describe(), flush=True)
+    print(dataclasses.replace(length, stage=stage).describe(), flush=True)
     schedule = oracle_schedule(cfg)
     optimizer = build_optimizer(student, schedule)
     scheduler = build_distill_scheduler(optimizer, cfg.train.distill)
     run_steps(student, dataset, optimizer, scheduler, schedule, seed=cfg.seed, on_step=on_step)
     return student
+
+
+def train_oracle(cfg: Config, teacher_uri: str, split: LabelledSplit, *,
+                 on_step: StepHook | None = None) -> RegionDetector:
+    """Train the target detector on ``split``'s ground truth in this process (see module doc).
+
+    ``split`` is the labelled target *train* split; see ``train_on_records`` for the rest.
+    """
+    return train_on_records(cfg, teacher_uri, ground_truth_records(split), on_step=on_step)
