@@ -278,7 +278,8 @@ def read_metrics(uri: str) -> list[dict]:
 
 def write_training_plots(cfg: Config, run: RunDir) -> list[str]:
     """``losses.png`` and ``separation.png`` under ``<run>/report`` from the training metrics;
-    they need no labels. Returns the uris written (none before any training)."""
+    they need no labels. ``cfg``'s distillation length must be resolved (``resolve_length``):
+    the plots mark burn-up at its step. Returns the uris written (none before any training)."""
     out, name = run.report_dir, run.root.rstrip("/").rsplit("/", 1)[-1]
     d = cfg.train.distill
     burn_up = int(round(d.burn_up * d.steps))

@@ -72,7 +72,7 @@ def _train_records(world) -> list[Detections]:
 
 def test_the_row_is_in_a_tiny_runs_table_next_to_the_cloud(tiny_world, tmp_path):
     cfg = with_demo_world(load_config(None, [
-        "data.world=tiny", f"storage={tmp_path}", "run_id=r", "model.target_backbone=mobilenet_v3",
+        "data.world=tiny", f"data.world_cache={tiny_world.root.parent.parent}", f"storage={tmp_path}", "run_id=r", "model.target_backbone=mobilenet_v3",
         "train.distill.steps=1", "train.distill.batch_size=2", "model.min_size=64", "model.max_size=128"]))
     run = RunDir(str(tmp_path / "r"))
     teacher = OpenVocabularyRCNN.from_clip(cfg.clip.model, cfg.data.categories, cfg.model, style=cfg.data.style, seed=0)

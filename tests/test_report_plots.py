@@ -106,10 +106,10 @@ def test_training_plots_are_written_without_labels(tmp_path):
     from coin_ray.run import RunDir
 
     run = RunDir(str(tmp_path / "run"))
-    assert write_training_plots(load_config(None, []), run) == []  # nothing trained yet
+    assert write_training_plots(load_config(None, ["train.distill.steps=3"]), run) == []  # nothing trained yet
     (tmp_path / "run" / "distill").mkdir(parents=True)
     (tmp_path / "run" / "distill" / "metrics.jsonl").write_text(
         "\n".join(json.dumps({"step": s, "loss": 1.0 / s, "sep_consistent": s}) for s in (1, 2, 3)))
-    written = write_training_plots(load_config(None, []), run)
+    written = write_training_plots(load_config(None, ["train.distill.steps=3"]), run)
     assert [p.rsplit("/", 1)[-1] for p in written] == ["losses.png", "separation.png"]
     assert all((tmp_path / "run" / "report" / name).stat().st_size > 0 for name in ("losses.png", "separation.png"))
