@@ -40,6 +40,7 @@ from coin_ray.cloud.http_backend import request_from_json
 from coin_ray.cloud.mapping import normalise
 from coin_ray.data.images import ImageDecodeError, decode_image
 from coin_ray.run import RunDir
+from coin_ray.train.data import image_tensor
 
 RUNTIMES = ("auto", "onnx", "torchscript")
 ROUTES = {("GET", "/v1/health"): "health", ("GET", "/v1/model"): "model", ("POST", "/v1/detect"): "detect"}
@@ -168,10 +169,10 @@ def model_card(export_uri: str, runtime: str = "auto") -> ModelCard:
     digest = hashlib.sha256(text.encode())
     for name in served_files(meta, chosen):
         digest.update(storage.read_bytes(storage.join(export_uri, name)))
-    parent, _, leaf = export_uri.rpartition("/")
-    in_run = leaf == "export" and bool(parent)
-    run_id = parent.rstrip("/").rsplit("/", 1)[-1] if in_run else ""
-    score = val_map50(storage.join(RunDir(parent).report_dir, "metrics.json")) if in_run else None
+    run = RunDir(export_uri.rpartition("/")[0])
+    in_run = bool(run.root) and run.export_dir == export_uri
+    run_id = run.root.rstrip("/").rsplit("/", 1)[-1] if in_run else ""
+    score = val_map50(run.report_metrics) if in_run else None
     return ModelCard(run_id, list(meta["categories"]), digest.hexdigest(), score, chosen,
                      (int(meta["input_size"][0]), int(meta["input_size"][1])))
 
@@ -306,7 +307,5 @@ def answer_for(detections: dict[str, np.ndarray], request: DetectRequest, catego
 def detect_images(detector, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
     """Run an exported detector (``coin_ray.export.load_exported``) on decoded images in one
     call; per image the numpy detections described in the module docstring."""
-    from coin_ray.train.data import image_tensor  # torch: only where a detector runs
-
     found = detector.detect([image_tensor(img) for img in images])
     return [{key: value.numpy() for key, value in det.items()} for det in found]

@@ -77,6 +77,7 @@ class RunDir:
     tensorboard = _artefact("tensorboard")  # every stage's events: tensorboard --logdir <this>
     report_dir = _artefact("report")
     table1 = _artefact("report", "table1.md")
+    report_metrics = _artefact("report", "metrics.json")  # Table 1 as JSON (COIN's val mAP50)
     export_dir = _artefact("export")
     tune_dir = _artefact("tune")
 
