@@ -28,6 +28,7 @@ import hmac
 import io
 import json
 import re
+import shlex
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -78,6 +79,11 @@ class ServeSettings:
             raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
         if self.batch_wait_s < 0 or self.cpus_per_replica < 0 or self.target_ongoing_requests <= 0:
             raise ValueError("batch_wait_s and cpus_per_replica must be >= 0, target_ongoing_requests > 0")
+
+
+def serve_command(run_root: str) -> str:
+    """The one command that serves a run's exported detector (printed when a run ends)."""
+    return f"coin-ray serve --run {shlex.quote(run_root)}"
 
 
 def token_digest(token: str) -> str:

@@ -7,6 +7,7 @@ import argparse
 import base64
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,8 @@ from coin_ray.cloud.http_backend import answer_from_json, answer_to_json, reques
 from coin_ray.cloud.imageio import encode_png
 from coin_ray.commands import add_serve_args, serve_settings
 from coin_ray.deploy import (DetectRequest, RequestError, ServeSettings, answer_for, authorised, decode_capped,
-                             http_request, model_card, presented_token, prompt_labels, route, token_digest)
+                             http_request, model_card, presented_token, prompt_labels, route, serve_command,
+                             token_digest)
 from coin_ray.errors import EXIT_CREDENTIAL, CredentialError, UserError
 
 CATEGORIES = ["car", "person", "traffic_light"]
@@ -148,3 +150,11 @@ def test_coin_ray_serve_refuses_an_unset_token_in_one_line_with_exit_3(tmp_path)
                            "--token-env", "COIN_SERVE_UNSET"], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == EXIT_CREDENTIAL and len(done.stderr.strip().splitlines()) == 1
     assert "error: --token-env COIN_SERVE_UNSET: the variable is not set" in done.stderr
+
+
+def test_the_printed_serve_command_parses_as_coin_ray_serve():
+    from coin_ray.cli import build_parser
+
+    command = serve_command("/tmp/my runs/demo-0")
+    args = build_parser().parse_args(shlex.split(command)[1:])
+    assert (args.command, args.run, args.host, args.port) == ("serve", "/tmp/my runs/demo-0", "127.0.0.1", 8000)

@@ -25,6 +25,7 @@ from typing import Any, Callable
 from coin_ray import storage
 from coin_ray.config import Config, to_yaml
 from coin_ray.demo import with_demo_world
+from coin_ray.deploy import serve_command
 from coin_ray.location import describe, resolve_config
 from coin_ray.ray.cluster import check_storage, join
 from coin_ray.ray.progress_feed import filter_known_ray_noise
@@ -121,6 +122,8 @@ def run_adaptation(cfg: Config, stages: list[str] | None = None, num_cpus: int |
         result.table_markdown = storage.read_text(run.table1)
         print("\n" + result.table_markdown)
         print(f"report: {run.report_dir}")
+    if run.is_done("export"):  # the run's promise is an endpoint: say how to get it
+        print(f"serve this detector (Ray Serve, http protocol on 127.0.0.1:8000): {serve_command(run.root)}")
     print(f"TensorBoard (every stage and the evaluation): tensorboard --logdir {run.tensorboard}", flush=True)
     print(describe(cfg, run.root), flush=True)
     return result

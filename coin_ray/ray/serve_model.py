@@ -152,8 +152,9 @@ async def read_capped(request: Request, max_bytes: int) -> bytes:
 def deployment_options(settings: ServeSettings) -> dict:
     """Ray Serve options of the detector deployment: resources, concurrency, replicas."""
     options = {"ray_actor_options": {"num_cpus": settings.cpus_per_replica},
-               # A replica must hold a full batch, and then some queued behind it.
-               "max_ongoing_requests": max(4 * settings.max_batch_size, 16)}
+               # A replica holds a full batch and a queue behind it: below the clients in flight,
+               # Serve's router backs off and retries (measured: 43 -> 14 req/s at 32 clients, cap 16).
+               "max_ongoing_requests": max(4 * settings.max_batch_size, 64)}
     if settings.min_replicas == settings.max_replicas:
         options["num_replicas"] = settings.min_replicas
     else:
