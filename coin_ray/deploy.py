@@ -29,6 +29,7 @@ import io
 import json
 import re
 import shlex
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -98,8 +99,9 @@ def authorised(given: str, digest: str) -> bool:
     return hmac.compare_digest(hashlib.sha256(given.encode()).hexdigest(), digest)
 
 
-def presented_token(headers: dict[str, str], dds: bool) -> str:
-    """The token a request carries: ``Authorization: Bearer <t>`` (http) or ``Token: <t>`` (dds)."""
+def presented_token(headers: Mapping[str, str], dds: bool) -> str:
+    """The token a request carries: ``Authorization: Bearer <t>`` (http) or ``Token: <t>`` (dds).
+    ``headers`` keys are lower-case (as ASGI gives them)."""
     if dds:
         return headers.get("token", "")
     scheme, _, value = headers.get("authorization", "").partition(" ")

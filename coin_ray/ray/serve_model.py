@@ -153,7 +153,8 @@ def deployment_options(settings: ServeSettings) -> dict:
     """Ray Serve options of the detector deployment: resources, concurrency, replicas."""
     options = {"ray_actor_options": {"num_cpus": settings.cpus_per_replica},
                # A replica holds a full batch and a queue behind it: below the clients in flight,
-               # Serve's router backs off and retries (measured: 43 -> 14 req/s at 32 clients, cap 16).
+               # Serve's router backs off and retries (benchmarks/serve.py, unbatched at 32 clients:
+               # 13.7 req/s with a cap of 16, 39.4 with 64).
                "max_ongoing_requests": max(4 * settings.max_batch_size, 64)}
     if settings.min_replicas == settings.max_replicas:
         options["num_replicas"] = settings.min_replicas
