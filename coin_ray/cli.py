@@ -109,7 +109,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # Ray and torch load only here: `coin-ray config` and `coin-ray serve` stay light.
+    # Ray and torch load only here: `coin-ray config` and `coin-ray serve --backend` stay light.
     from coin_ray import commands
 
     common = _Parser(add_help=False)
