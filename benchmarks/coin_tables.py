@@ -54,6 +54,7 @@ from coin_ray.ray.pipeline import run_adaptation  # noqa: E402
 from coin_ray.ray.stages import evaluate_rows  # noqa: E402
 from coin_ray.run import RunDir, run_dir  # noqa: E402
 from coin_ray.train.distill import distill  # noqa: E402
+from coin_ray.train.schedule import resolve_length  # noqa: E402
 from coin_ray.schema import SOURCE_COIN, Detections, table_to_records  # noqa: E402
 from coin_ray.separate import Separation, SeparationStats, as_source, separate  # noqa: E402
 from coin_ray.source_agreement import hit_labels  # noqa: E402
@@ -313,9 +314,13 @@ def world_tables(args: argparse.Namespace, overrides: list[str], tables: set[str
     cfg, run = prepare_run(load_config(None, overrides), from_run)
     split = val_split(cfg)
     world = demo_world(cfg)
-    # Results are cached per world and per shared setting (steps, overrides), so a run with
-    # other settings into the same storage never reuses these.
-    shared = [*([f"steps={args.steps}"] if args.steps else []), *args.overrides]
+    # Every variant distils over the same images: the length (epochs -> steps) is theirs.
+    wanted = set(target_uris(cfg))
+    _, length = resolve_length(cfg, "distill", sum(r.uri in wanted for r in records_at(run.cloud_detections)))
+    print(length.describe(), flush=True)
+    # Results are cached per world and per shared setting (the steps it resolves to,
+    # overrides), so a run with other settings into the same storage never reuses these.
+    shared = [f"steps={length.steps}", *args.overrides]
     tag = "-".join(o.replace("=", "_").replace("/", "_") for o in shared) or "defaults"
     rho_tag = f"-confusion{cfg.data.cloud_confusion:g}" if cfg.data.cloud_confusion else ""
     cache = storage.join(args.storage, "tables", args.world + rho_tag, tag)
@@ -364,7 +369,7 @@ def world_tables(args: argparse.Namespace, overrides: list[str], tables: set[str
     text = "\n".join(out)
     storage.write_text(storage.join(cache, "tables.md"), text)
     data |= {"rho": cfg.data.cloud_confusion, "target_backbone": cfg.model.target_backbone,
-             "steps": cfg.train.distill.steps}
+             "steps": length.steps, "epochs": round(length.epochs, 2)}
     return text, data
 
 
@@ -391,7 +396,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", default="bench", choices=["tiny", "demo", "bench"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=0, help="distillation steps (0 = the config's)")
+    parser.add_argument("--steps", type=int, default=0,
+                        help="distillation steps (0 = the config's: train.distill.epochs over the target images)")
     parser.add_argument("--tables", default="1,5,6")
     parser.add_argument("--rho", type=float, nargs="*", default=[],
                         help="cloud_confusion values for the rho curve (each builds its own world)")

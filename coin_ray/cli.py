@@ -19,7 +19,7 @@ import sys
 import traceback
 from typing import Callable, Iterator, TextIO
 
-from coin_ray import errors
+from coin_ray import commands, errors
 from coin_ray.config_doc import default_config_yaml
 from coin_ray.errors import EXIT_BAD_INPUT, EXIT_CREDENTIAL, EXIT_FAILED, EXIT_OK, UserError, one_line
 from coin_ray.preflight import probe_ray_address
@@ -79,10 +79,24 @@ def run_guarded(command: Callable[[argparse.Namespace], int], args: argparse.Nam
                 raise SystemExit(EXIT_FAILED) from None
             if args.debug:
                 traceback.print_exc(file=verdict)
+            stop_ray()
             print(f"error: {one_line(err)}", file=verdict, flush=True)
             return code
         finally:
             verdict.close()
+
+
+def stop_ray() -> None:
+    """Shut down this process's Ray, if it started one, before the verdict is printed.
+
+    Workers still finishing (callers stopped by a refused token) send their last log lines
+    to the driver late; shut down now, they reach stdout before the verdict, which is then
+    the last line a user sees, not followed by lines about images nobody asked for.
+    """
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+        sys.stdout.flush()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -104,14 +118,11 @@ def serves_a_backend(args: list[str]) -> bool:
 
 
 def serve(args: argparse.Namespace) -> int:
-    serve_main(args.serve_args)
+    serve_main(args.serve_args, prog="coin-ray serve")
     return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # Ray and torch load only here: `coin-ray config` and `coin-ray serve --backend` stay light.
-    from coin_ray import commands
-
     common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of a user error too")
     parser = _Parser(prog="coin-ray", description=__doc__.split("\n\n")[0],

@@ -13,18 +13,17 @@ import time
 
 from coin_ray import storage
 from coin_ray.config import ConfigError, load_config
-from coin_ray.deploy import ServeSettings, model_card, token_digest
+from coin_ray.deploy import ServeSettings, model_card, port_free, token_digest
 from coin_ray.errors import EXIT_FAILED, EXIT_OK, CredentialError, UserError
 from coin_ray.location import resolve_config, resolve_input, resolve_output
 from coin_ray.preflight import check_adapt, check_exists, count_images
-from coin_ray.ray.cluster import check_storage
-from coin_ray.ray.pipeline import init_ray, run_adaptation
-from coin_ray.ray.predict import predict as run_predict
-from coin_ray.ray.serve_model import port_free, serve_detector
-from coin_ray.ray.sweep import sweep_distill
+from coin_ray.progress import failure_lines
 from coin_ray.run import STAGE_NAMES, RunDir
 from coin_ray.search_space import load_space
-from coin_ray.sweep import collected_run
+
+# Ray, torch and transformers are imported inside the functions that need them, after the
+# arguments and the config are checked: `coin-ray --help` and a config error take well under
+# a second instead of the tens of seconds those imports cost on a busy machine.
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_SPACE = os.path.join(ROOT, "tune_spaces", "demo.yaml")
@@ -57,6 +56,10 @@ PREDICT_HELP = """Run the exported target detector over a folder or bucket of im
         --out s3://bucket/out/results.json --num-actors 4
     coin-ray predict ... --annotations val.json     # use its ids and print mAP50
     coin-ray predict ... --runtime onnx             # model.onnx in onnxruntime (.[onnx] extra)
+
+Without --annotations, image ids are 1..N in sorted file order and category ids label + 1;
+<out>.images.json (results.json -> results.images.json) maps them back: COCO "images" (id,
+file_name, width, height) and "categories" (id, name).
 
 The model is the folder ``coin-ray adapt`` writes in its export stage (TorchScript, and ONNX
 with the ``.[onnx]`` extra; see coin_ray/export.py). Works unchanged under ``ray job submit`` (jobs/predict.py)."""
@@ -104,6 +107,27 @@ def adapt(args: argparse.Namespace) -> int:
     return EXIT_OK if result.ok else EXIT_FAILED
 
 
+def run_adaptation(cfg, **kwargs):
+    """``coin_ray.ray.pipeline.run_adaptation`` (see ``ray_side``)."""
+    return ray_side().run_adaptation(cfg, **kwargs)
+
+
+def ray_side():
+    """``coin_ray.ray.runners``: Ray, torch and transformers, loaded once the inputs are checked."""
+    # Imported here, not at the top: `coin-ray --help` and a config error must not load them.
+    from coin_ray.ray import runners
+
+    return runners
+
+
+def init_ray(num_cpus: int | None) -> None:
+    """``coin_ray.ray.cluster.init_ray``: Ray only, none of the model code."""
+    # Imported here: a dead or hung RAY_ADDRESS is reported before torch loads (ray_side).
+    from coin_ray.ray.cluster import init_ray as init
+
+    init(num_cpus)
+
+
 def add_tune_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="the run's YAML config (local or s3://); default: the Foggy-Shapes demo")
     parser.add_argument("--space", default=DEFAULT_SPACE, help="search-space YAML (default: tune_spaces/demo.yaml)")
@@ -127,13 +151,14 @@ def tune(args: argparse.Namespace) -> int:
 
     cfg = resolve_config(load_config(args.config, args.overrides))
     space = load_space(args.space)
-    _, run = collected_run(cfg)  # before starting Ray: a sweep never collects
+    side = ray_side()
+    _, run = side.collected_run(cfg)  # before starting Ray: a sweep never collects
     sweeps = resolve_output(args.storage) or run.path("tune")
     print(f"[coin-ray] run: {run.root}  sweeps: {sweeps}", flush=True)
 
     init_ray(args.num_cpus)
-    check_storage(sweeps)
-    report = sweep_distill(cfg, space, num_samples=args.num_samples, storage_uri=sweeps,
+    side.check_storage(sweeps)
+    report = side.sweep_distill(cfg, space, num_samples=args.num_samples, storage_uri=sweeps,
                            name=args.name, eval_every=args.eval_every,
                            cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
                            max_concurrent_trials=args.max_concurrent_trials, proxy=args.proxy,
@@ -170,10 +195,14 @@ def predict(args: argparse.Namespace) -> int:
 
     init_ray(args.num_cpus)  # before importing the model code: a dead cluster fails fast
 
-    summary = run_predict(model, images, out, annotations_uri=annotations, batch_size=args.batch_size,
+    summary = ray_side().predict(model, images, out, annotations_uri=annotations, batch_size=args.batch_size,
                           num_actors=args.num_actors, cpus_per_actor=args.cpus_per_actor, runtime=args.runtime)
+    for line in failure_lines("predict", summary.failures, summary.errors):
+        print(line)
     print(f"{summary.images} images ({summary.errors} unreadable), {summary.detections} detections "
           f"in {summary.seconds:.1f} s -> {summary.out}")
+    if summary.index:
+        print(f"image and category ids -> files and names: {summary.index}")
     if annotations:
         print(f"mAP50 = {coco_map50(annotations, summary.out):.1f}")
     return EXIT_OK
@@ -272,7 +301,7 @@ def serve_model(args: argparse.Namespace) -> int:
         raise UserError(f"--port {args.port}: {args.host}:{args.port} is in use; pick another port")
 
     init_ray(args.num_cpus)
-    url = serve_detector(export, settings, host=args.host, port=args.port)
+    url = ray_side().serve_detector(export, settings, host=args.host, port=args.port)
     score = "no report" if card.val_map50 is None else f"val mAP50 {card.val_map50:.1f}"
     print(f"serving {card.model_name} ({card.runtime}, {score}; {', '.join(card.categories)}) at {url}")
     print(f"  curl {url}/v1/health      # cloud.backend=http cloud.url={url} collects from it", flush=True)

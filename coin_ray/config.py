@@ -80,9 +80,13 @@ class CloudConfig:
     price_per_call: float = _range(0.0, None, default=0.0)
     max_retry_after_s: float = _range(0.0, None, default=120.0)  # cap on a server's Retry-After
     retry_failed: bool = False  # ask again about images whose task failed or that were refused
-    max_calls: int = _range(0, None, default=0)  # paid calls over all runs into one output; 0 = no cap
+    max_calls: int = _range(0, None, default=0)  # paid calls over all runs into one answer cache; 0 = no cap
     max_spend: float = _range(0.0, None, default=0.0)  # money, needs price_per_call; 0 = no cap
-    cache: str = ""  # "" = <storage>/cache
+    cache: str = ""  # "" = the per-user answer cache, $COIN_RAY_CACHE/answers (~/.cache/coin_ray/answers)
+
+
+# Where answers are kept and what they may cost: none of them changes an answer.
+NOT_IN_RUN_ID = ("cache", "max_calls", "max_spend", "price_per_call")
 
 
 @dataclass
@@ -122,6 +126,17 @@ class ModelConfig:
 PAPER_RUN_STEPS = 65_000
 PAPER_HALF_LIFE = round(math.log(0.5) / math.log(0.9996) / PAPER_RUN_STEPS, 6)  # 0.026654
 
+# Each training stage's default length, in epochs (passes over its training images), as the
+# reference trains on Foggy Cityscapes' 2975 training images at 3 images per step
+# (Flashkong/COIN, SOLVER.MAX_ITER and IMG_PER_BATCH_UNLABEL):
+#   distillation   configs/coin/GDINO/foggy.yaml               65000 x 3 / 2975 = 65.5 epochs
+#   dissemination  configs/coin/PRETRAINS/CLIPDET_foggy.yaml   50000 x 3 / 2975 = 50.4 epochs
+# A length in steps fits one data set only: 800 steps of 4 are 10 epochs of 300 images, a
+# third of one epoch of 10,000. coin_ray.train.schedule.resolve_length turns epochs into steps.
+DEFAULT_DISTILL_EPOCHS = 65.0
+DEFAULT_DISSEMINATE_EPOCHS = 50.0
+DEFAULT_EPOCHS = {"disseminate": DEFAULT_DISSEMINATE_EPOCHS, "distill": DEFAULT_DISTILL_EPOCHS}
+
 
 def keep_rate(half_life: float, steps: int) -> float:
     """The per-step EMA keep rate whose half-life is ``half_life`` x ``steps`` steps.
@@ -134,16 +149,33 @@ def keep_rate(half_life: float, steps: int) -> float:
     return 0.0 if span <= 0 else math.exp(math.log(0.5) / span)
 
 
+def resolved_steps(steps: int | None, key: str) -> int:
+    """``steps`` of a training stage whose length has been resolved (``key`` names it).
+
+    A stage's config holds ``steps=None`` until ``coin_ray.train.schedule.resolve_length``
+    derives the steps from its epochs and its number of training images; every fraction of
+    the schedule (warm-up, burn-up, half-lives) needs that number.
+    """
+    if steps is None:
+        raise ValueError(f"{key}.steps: not resolved yet; coin_ray.train.schedule.resolve_length "
+                         "derives it from the epochs and the number of training images")
+    return steps
+
+
 @dataclass
 class DisseminateConfig:
     """Stage 1: pre-training the CLIP detector on the cloud's boxes.
+
+    Its length: ``epochs`` over the images with a usable cloud record (50 by default, the
+    reference's; see DEFAULT_EPOCHS), or ``steps`` (not both).
 
     ``labels``: "clip" trains on CLIP's relabelling of the cloud boxes (hard labels, boxes
     CLIP calls background dropped; the paper's recipe), "cloud" on the cloud's own labels.
     """
 
     labels: Literal["clip", "cloud"] = "clip"
-    steps: int = _range(0, None, default=600)
+    steps: int | None = _range(0, None, default=None)  # fixes the length instead of epochs; null = from epochs
+    epochs: float | None = _range(0.0, None, lo_open=True, default=None)  # passes over the images; null = 50 (reference)
     batch_size: int = _range(1, None, default=4)
     lr: float = _range(0.0, None, lo_open=True, default=2e-3)
     weight_decay: float = _range(0.0, None, default=1e-4)
@@ -157,14 +189,19 @@ class DisseminateConfig:
     @property
     def eta(self) -> float:
         """The prototypes' per-step EMA keep rate (the paper's eta) for this run's length."""
-        return keep_rate(self.eta_half_life, self.steps)
+        return keep_rate(self.eta_half_life, resolved_steps(self.steps, "train.disseminate"))
 
 
 @dataclass
 class DistillConfig:
-    """Stage 3: distilling the target detector (the paper's five hyperparameters live here)."""
+    """Stage 3: distilling the target detector (the paper's five hyperparameters live here).
 
-    steps: int = _range(0, None, default=800)
+    Its length: ``epochs`` over the target images with a usable cloud record (65 by
+    default, the reference's; see DEFAULT_EPOCHS), or ``steps`` (not both).
+    """
+
+    steps: int | None = _range(0, None, default=None)  # fixes the length instead of epochs; null = from epochs
+    epochs: float | None = _range(0.0, None, lo_open=True, default=None)  # passes over the images; null = 65 (reference)
     batch_size: int = _range(1, None, default=4)
     lr: float = _range(0.0, None, lo_open=True, default=2e-3)
     weight_decay: float = _range(0.0, None, default=1e-4)
@@ -201,12 +238,12 @@ class DistillConfig:
     @property
     def eta(self) -> float:
         """The prototypes' per-step EMA keep rate (the paper's eta) for this run's length."""
-        return keep_rate(self.eta_half_life, self.steps)
+        return keep_rate(self.eta_half_life, resolved_steps(self.steps, "train.distill"))
 
     @property
     def teacher_keep_rate(self) -> float:
         """The EMA teacher's per-step keep rate for this run's length."""
-        return keep_rate(self.teacher_half_life, self.steps)
+        return keep_rate(self.teacher_half_life, resolved_steps(self.steps, "train.distill"))
 
 
 @dataclass
@@ -256,10 +293,16 @@ class Config:
         return len(self.data.categories)
 
     def resolved_run_id(self) -> str:
-        """The run id: ``run_id`` if set, else a hash of what defines the collected data."""
+        """The run id: ``run_id`` if set, else a hash of what defines the collected data.
+
+        The cloud settings that change no answer (``NOT_IN_RUN_ID``) are hashed at their
+        defaults, so raising a spend cap resumes the same run, and the ids of runs made
+        before they were left out stay the same.
+        """
         if self.run_id:
             return self.run_id
-        key = json.dumps({"data": to_dict(self.data), "cloud": to_dict(self.cloud),
+        cloud = {**to_dict(self.cloud), **{k: to_dict(CloudConfig())[k] for k in NOT_IN_RUN_ID}}
+        key = json.dumps({"data": to_dict(self.data), "cloud": cloud,
                           "seed": self.seed}, sort_keys=True)
         return "run-" + hashlib.sha1(key.encode()).hexdigest()[:10]
 
@@ -374,6 +417,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("cloud.max_spend: needs cloud.price_per_call (the price of one call)")
     if cfg.model.min_size > cfg.model.max_size:
         raise ConfigError("model.min_size: must not exceed model.max_size")
+    for stage in ("disseminate", "distill"):
+        length = getattr(cfg.train, stage)
+        if length.steps is not None and length.epochs is not None:
+            raise ConfigError(f"train.{stage}.epochs: set train.{stage}.epochs or train.{stage}.steps, not both "
+                              "(steps fixes the length; epochs derives it from the number of training images)")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -394,12 +442,34 @@ def _set_dotted(tree: dict[str, Any], parts: list[str], value: Any) -> None:
     node[parts[-1]] = value
 
 
+# A training stage's two length keys: an override of one replaces the other's value from the
+# mapping (a YAML file's epochs give way to a command line's steps), never one set by another override.
+_LENGTH_KEYS = {"steps": "epochs", "epochs": "steps"}
+
+
+def _other_length(parts: list[str]) -> list[str] | None:
+    """['train', 'distill', 'steps'] -> ['train', 'distill', 'epochs']; None for other keys."""
+    if len(parts) == 3 and parts[0] == "train" and parts[2] in _LENGTH_KEYS:
+        return [*parts[:2], _LENGTH_KEYS[parts[2]]]
+    return None
+
+
 def from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Build and validate a Config from a plain mapping plus dotted overrides."""
+    """Build and validate a Config from a plain mapping plus dotted overrides.
+
+    An override of ``train.<stage>.steps`` or ``.epochs`` replaces the other of the two
+    where the mapping sets it (``coin-ray tune --config my.yaml train.distill.steps=200``);
+    both set in the mapping, or by overrides, is a ConfigError.
+    """
     tree = json.loads(json.dumps(data or {}))
+    overridden: set[str] = set()
     for text in overrides:
         parts, value = parse_override(text)
+        other = _other_length(parts)
+        if other is not None and value is not None and ".".join(other) not in overridden:
+            _set_dotted(tree, other, None)
         _set_dotted(tree, parts, value)
+        overridden.add(".".join(parts))
     cfg = _build(Config, tree, "")
     _validate(cfg)
     return cfg

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
+import types
 import typing
 from typing import Any, Literal
 
@@ -32,7 +33,12 @@ def source_comments(cls: type) -> dict[str, str]:
 
 
 def allowed(f: dataclasses.Field, tp: Any) -> str:
-    """What a field accepts, in words: '[0.0, 1.0]', 'one of: coco, voc', 'true | false', 'text'."""
+    """What a field accepts, in words: '[0.0, 1.0]', 'one of: coco, voc', 'true | false', 'text';
+    '(0.0, inf) or null' for a field that may be left unset."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        inner = next(a for a in args if a is not type(None))
+        return allowed(f, inner) + " or null"
     if "range" in f.metadata:
         lo, hi, lo_open, hi_open = f.metadata["range"]
         return (f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, "

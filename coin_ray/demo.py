@@ -63,6 +63,20 @@ def unbuilt_demo_world(cfg: Config) -> str | None:
     return None if (root / MANIFEST).exists() else str(root)
 
 
+PLUMBING_NOTE = ("data.world=tiny is a plumbing check: a few steps on a handful of images show that every "
+                 "stage runs, not how well COIN adapts (zeros are expected here); data.world=demo "
+                 "(./scripts/demo) gives a quality result")
+
+
+def is_plumbing_check(cfg: Config) -> bool:
+    """Whether ``cfg`` (after ``with_demo_world``) runs on the built-in tiny world, whose
+    Table 1 says only that the stages ran."""
+    if cfg.data.world != "tiny":
+        return False
+    root = world_root(cfg.data.world, cfg.seed, cfg.data.world_cache or None, cfg.data.cloud_confusion)
+    return str(cfg.data.target_images).startswith(str(root) + "/")
+
+
 @contextmanager
 def demo_cloud(cfg: Config) -> Iterator[Config]:
     """Serve the Foggy-Shapes stand-in cloud detector on 127.0.0.1 while collecting.

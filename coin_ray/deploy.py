@@ -29,6 +29,7 @@ import io
 import json
 import re
 import shlex
+import socket
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
@@ -42,7 +43,6 @@ from coin_ray.cloud.http_backend import request_from_json
 from coin_ray.cloud.mapping import normalise
 from coin_ray.data.images import ImageDecodeError, decode_image
 from coin_ray.run import RunDir
-from coin_ray.train.data import image_tensor
 
 RUNTIMES = ("auto", "onnx", "torchscript")
 ROUTES = {("GET", "/v1/health"): "health", ("GET", "/v1/model"): "model", ("POST", "/v1/detect"): "detect"}
@@ -85,6 +85,16 @@ class ServeSettings:
 def serve_command(run_root: str) -> str:
     """The one command that serves a run's exported detector (printed when a run ends)."""
     return f"coin-ray serve --run {shlex.quote(run_root)}"
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether nothing listens on ``host:port`` (checked before Serve's proxy tries to bind)."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def token_digest(token: str) -> str:
@@ -310,10 +320,3 @@ def answer_for(detections: dict[str, np.ndarray], request: DetectRequest, catego
                        [categories[int(k)] for k in labels[keep]],
                        np.asarray(detections["scores"], np.float32)[keep],
                        np.asarray(detections["probs"], np.float32)[keep])
-
-
-def detect_images(detector, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
-    """Run an exported detector (``coin_ray.export.load_exported``) on decoded images in one
-    call; per image the numpy detections described in the module docstring."""
-    found = detector.detect([image_tensor(img) for img in images])
-    return [{key: value.numpy() for key, value in det.items()} for det in found]

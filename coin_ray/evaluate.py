@@ -151,4 +151,4 @@ def comparison_line(results: dict[str, EvalResult], ours: str = "COIN", referenc
     standing = "level with" if abs(diff) < 0.05 else f"{abs(diff):.1f} mAP50 {'above' if diff > 0 else 'below'}"
     return (f"Your detector ({ours}, {mine.map50:.1f} mAP50) is {standing} the cloud detector it learnt from "
             f"({theirs.map50:.1f}) on the {theirs.num_images} labelled target images: "
-            f"{'it can replace the cloud calls on this domain' if diff > 0 else 'keep calling the cloud detector, or train longer (train.distill.steps)'}.")
+            f"{'it can replace the cloud calls on this domain' if diff > 0 else 'keep calling the cloud detector, or train longer (train.distill.epochs)'}.")

@@ -13,10 +13,16 @@
                                              folder of its own, so trials get absolute paths
 
 The result is an absolute path (or the s3:// prefix as given), printed at the start and the
-end of a run together with the answer cache, so a re-submission finds the cache again and
-never pays twice. A relative path cannot be right on a multi-node cluster whose nodes do
-not share a file system: ``refuse_unshared`` says so in one line (``coin_ray.ray.cluster``
-calls it once it knows the node count).
+end of a run together with the answer cache. A local path cannot be right on a multi-node
+cluster whose nodes do not share a file system: ``refuse_unshared`` says so in one line
+(``coin_ray.ray.cluster`` calls it once it knows the node count).
+
+Paid answers are the exception to "under ``storage``": one answer cache per user, like the
+Hugging Face hub cache, at ``<cache home>/answers`` (``$COIN_RAY_CACHE``, default
+``~/.cache/coin_ray``; the Foggy-Shapes worlds live beside it in ``<cache home>/world``), so
+local runs, ``ray job submit``, sweeps and every ``storage`` find the same answers and never
+pay twice. ``cloud.cache`` puts it elsewhere (an s3:// prefix for a cluster). A cache of an
+older version at ``<storage>/cache`` is still read (``legacy_cache_location``).
 
 Inputs (``data.target_images``, the CLIP model, ...) are made absolute against the current
 folder: under ``--working-dir`` they are read from the upload, which is what was meant.
@@ -32,6 +38,9 @@ from coin_ray import storage
 from coin_ray.config import Config, with_updates
 from coin_ray.errors import UserError
 
+CACHE_ENV = "COIN_RAY_CACHE"  # the project's cache home: paid answers and built worlds
+DEFAULT_CACHE_HOME = "~/.cache/coin_ray"
+ANSWERS_DIR = "answers"  # <cache home>/answers; the worlds are <cache home>/world
 HOME_ENV = "COIN_RAY_HOME"  # where relative outputs go when the current folder is temporary
 DEFAULT_HOME = "~/coin-ray-runs"
 SHARED_ENV = "COIN_RAY_SHARED_STORAGE"  # "1": the local storage path is on every node (NFS, ...)
@@ -64,6 +73,17 @@ def runs_home(env: dict[str, str] | None = None) -> str:
     """The stable folder relative outputs go under when the current folder is temporary."""
     home = (os.environ if env is None else env).get(HOME_ENV) or DEFAULT_HOME
     return os.path.abspath(os.path.expanduser(home))
+
+
+def cache_home(env: dict[str, str] | None = None) -> str:
+    """The project's cache home: ``$COIN_RAY_CACHE``, else ``~/.cache/coin_ray`` (absolute)."""
+    home = (os.environ if env is None else env).get(CACHE_ENV) or DEFAULT_CACHE_HOME
+    return os.path.abspath(os.path.expanduser(home))
+
+
+def default_answer_cache(env: dict[str, str] | None = None) -> str:
+    """The per-user answer cache: ``<cache home>/answers``."""
+    return os.path.join(cache_home(env), ANSWERS_DIR)
 
 
 def resolve_output(path: str, cwd: str | None = None, env: dict[str, str] | None = None) -> str:
@@ -101,6 +121,8 @@ def resolve_config(cfg: Config, cwd: str | None = None, env: dict[str, str] | No
     the current folder. Idempotent; call it on the driver before anything is handed to Ray."""
     outputs = {"storage": cfg.storage, "cloud.cache": cfg.cloud.cache, "data.world_cache": cfg.data.world_cache}
     updates = {k: resolve_output(v, cwd, env) for k, v in outputs.items()}
+    # Fixed here, on the driver, so every worker and the run's config.yaml name one cache.
+    updates["cloud.cache"] = updates["cloud.cache"] or default_answer_cache(env)
     updates.update({k: resolve_input(v) for k, v in _input_keys(cfg).items()})
     changed = {k: v for k, v in updates.items() if v != _get(cfg, k)}
     if not changed:
@@ -116,8 +138,17 @@ def _get(cfg: Config, dotted: str) -> str:
 
 
 def cache_location(cfg: Config) -> str:
-    """The cloud answer cache of ``cfg``'s runs: ``cloud.cache``, else ``<storage>/cache``."""
-    return cfg.cloud.cache or storage.join(cfg.storage, "cache")
+    """The cloud answer cache of ``cfg``'s runs: ``cloud.cache``, else the per-user one."""
+    return cfg.cloud.cache or default_answer_cache()
+
+
+def legacy_cache_location(cfg: Config) -> str:
+    """``<storage>/cache``, where older versions kept answers; "" when that is the cache itself.
+
+    Still read (entries found there are hits), never written: nobody pays again after upgrading.
+    """
+    legacy = storage.join(cfg.storage, "cache")
+    return "" if legacy.rstrip("/") == cache_location(cfg).rstrip("/") else legacy
 
 
 def describe(cfg: Config, run_root: str) -> str:
@@ -125,11 +156,13 @@ def describe(cfg: Config, run_root: str) -> str:
     return f"[coin-ray] run: {run_root}  answer cache: {cache_location(cfg)}"
 
 
-def refuse_unshared(storage_uri: str, nodes: int, env: dict[str, str] | None = None) -> None:
-    """Raise UserError when a local ``storage`` is used by a cluster of several nodes,
-    unless ``COIN_RAY_SHARED_STORAGE=1`` says that folder is shared by every node."""
+def refuse_unshared(storage_uri: str, nodes: int, env: dict[str, str] | None = None,
+                    key: str = "storage") -> None:
+    """Raise UserError when a local ``storage`` (or the answer cache, ``key="cloud.cache"``)
+    is used by a cluster of several nodes, unless ``COIN_RAY_SHARED_STORAGE=1`` says that
+    folder is shared by every node."""
     env = os.environ if env is None else env
     if nodes <= 1 or is_uri(storage_uri) or env.get(SHARED_ENV) == "1":
         return
-    raise UserError(f"storage {storage_uri} is a local folder but the Ray cluster has {nodes} nodes: "
-                    f"set storage=s3://<bucket>/<prefix>, or {SHARED_ENV}=1 if that folder is shared by every node")
+    raise UserError(f"{key} {storage_uri} is a local folder but the Ray cluster has {nodes} nodes: "
+                    f"set {key}=s3://<bucket>/<prefix>, or {SHARED_ENV}=1 if that folder is shared by every node")

@@ -18,6 +18,7 @@ from coin_ray import storage
 from coin_ray.cloud.backends import NEEDS_TOKEN
 from coin_ray.config import Config
 from coin_ray.errors import CredentialError, Unreachable, UserError, one_line
+from coin_ray.model_check import CLIP_TYPES, HF_DETECTOR_TYPES, check_model
 
 PROBE_TIMEOUT_S = 5.0
 
@@ -70,8 +71,26 @@ def probe_url(key: str, url: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
         raise Unreachable(f"{key}: nothing answers at {url} ({one_line(err)})") from None
 
 
+def check_models(cfg: Config, collect: bool) -> None:
+    """Every model the run will load is there (``coin_ray.model_check``): the CLIP model
+    (every stage uses it; "" is the Foggy-Shapes stand-in, built later) and, with ``collect``,
+    a local cloud backend's weights. A finished stage's saved detector is rebuilt from the
+    same ``clip.model`` (a changed one runs those stages again), so checking it covers resumes."""
+    if cfg.clip.model:
+        check_model("clip.model", cfg.clip.model, CLIP_TYPES)
+    elif cfg.data.target_images:  # the stand-in CLIP knows only the built-in world
+        raise UserError("clip.model: empty, and the Foggy-Shapes stand-in CLIP is for the built-in world only: "
+                        "name a CLIP model for your images (a hub id such as openai/clip-vit-base-patch16, "
+                        "a folder or an s3:// folder)")
+    if collect and cfg.cloud.backend == "hf":
+        if not cfg.cloud.model:
+            raise UserError("cloud.model: backend hf needs a model (a hub id, a folder or an s3:// folder)")
+        check_model("cloud.model", cfg.cloud.model, HF_DETECTOR_TYPES)
+
+
 def check_adapt(cfg: Config, collect: bool) -> None:
-    """Every input of an adaptation run exists; with ``collect``, the cloud can be asked.
+    """Every input of an adaptation run exists and every model it loads is there; with
+    ``collect``, the cloud can be asked.
 
     ``cfg`` has absolute paths (``coin_ray.location.resolve_config``); an empty
     ``data.target_images`` is the built-in world, built later, and not checked here.
@@ -83,11 +102,11 @@ def check_adapt(cfg: Config, collect: bool) -> None:
         check_exists("data.val_annotations", d.val_annotations)
         if d.val_format == "coco" and d.val_images:
             check_exists("data.val_images", d.val_images)
-    if not collect:
-        return
-    check_token(cfg)
-    if cfg.cloud.backend == "http" and cfg.cloud.url:
-        probe_url("cloud.url", cfg.cloud.url)
+    if collect:
+        check_token(cfg)
+        if cfg.cloud.backend == "http" and cfg.cloud.url:
+            probe_url("cloud.url", cfg.cloud.url)
+    check_models(cfg, collect)
 
 
 def stop_if_unreachable(reasons: list[str], url: str) -> None:

@@ -65,11 +65,16 @@ def smooth(values: Sequence[float], window: int) -> np.ndarray:
     return (c[idx] - c[lo]) / (idx - lo)
 
 
+FEW_POINTS = 10
+
+
 def _curve(ax: plt.Axes, steps: list[int], values: list[float], label: str, colour: str) -> None:
     """Raw values faint, their running mean solid."""
     window = max(1, int(round(SMOOTH_WINDOW * len(values))))
+    # A short run logs a point or two: a line through one point draws nothing, a marker does.
+    marker = "o" if len(values) < FEW_POINTS else None
     ax.plot(steps, values, color=colour, lw=0.8, alpha=0.25)
-    ax.plot(steps, smooth(values, window), color=colour, lw=1.6, label=label)
+    ax.plot(steps, smooth(values, window), color=colour, lw=1.6, label=label, marker=marker, markersize=4)
 
 
 def _burn_up(ax: plt.Axes, step: int | None) -> None:
@@ -246,10 +251,12 @@ def _above(rec: Detections, min_score: float) -> Detections:
 
 
 def write_tables(results: dict[str, EvalResult], categories: Sequence[str], report_uri: str,
-                 extra: dict | None = None) -> str:
-    """Write table1.md and metrics.json under ``report_uri``; return the Markdown."""
+                 extra: dict | None = None, note: str = "") -> str:
+    """Write table1.md and metrics.json under ``report_uri``; return the Markdown.
+
+    Under the table: ``note`` when given, else the verdict of ``comparison_line``."""
     md = table1_markdown(results, list(categories))
-    line = comparison_line(results)
+    line = note or comparison_line(results)
     if line:
         md = f"{md.rstrip()}\n\n{line}\n"
     storage.write_text(storage.join(report_uri, "table1.md"), md)
@@ -267,13 +274,32 @@ def read_metrics(uri: str) -> list[dict]:
     return [json.loads(line) for line in storage.read_text(uri).splitlines() if line.strip()]
 
 
+def write_training_plots(cfg: Config, run: RunDir) -> list[str]:
+    """``losses.png`` and ``separation.png`` under ``<run>/report`` from the training metrics;
+    they need no labels. Returns the uris written (none before any training)."""
+    out, name = run.report_dir, run.root.rstrip("/").rsplit("/", 1)[-1]
+    d = cfg.train.distill
+    burn_up = int(round(d.burn_up * d.steps))
+    curves = {stage: read_metrics(run.metrics(stage)) for stage in ("disseminate", "distill")}
+    written = []
+    if any(curves.values()):
+        written.append(storage.join(out, "losses.png"))
+        plot_losses(curves, written[-1], run=name, burn_up=burn_up)
+    if any(k.startswith("sep_") for row in curves["distill"] for k in row):
+        written.append(storage.join(out, "separation.png"))
+        plot_separation(curves["distill"], written[-1], run=name, burn_up=burn_up)
+    return written
+
+
 def write_report(cfg: Config, run: RunDir, split: LabelledSplit, results: dict[str, EvalResult],
-                 grid_images: int = 8) -> str:
+                 grid_images: int = 8, note: str = "") -> str:
     """Everything under ``<run>/report``: tables, loss curves, AP bars, separation, detections.
 
     Args:
         cfg: the run's ``Config``; run: its ``RunDir``; split: the labelled ``LabelledSplit``;
         results: Table 1 rows (method -> EvalResult).
+        note: a sentence that replaces the verdict under Table 1 (the tiny world's "plumbing
+            check": its numbers judge nothing).
     Returns:
         The Table 1 Markdown.
     """
@@ -282,14 +308,10 @@ def write_report(cfg: Config, run: RunDir, split: LabelledSplit, results: dict[s
     split_name = f"labelled target split ({len(split.items)} images)"
     d = cfg.train.distill
     burn_up = int(round(d.burn_up * d.steps))
-    curves = {stage: read_metrics(run.metrics(stage)) for stage in ("disseminate", "distill")}
-    md = write_tables(results, cfg.data.categories, out,
-                      extra={"separation": separation_summary(curves["distill"], burn_up)})
+    md = write_tables(results, cfg.data.categories, out, note=note,
+                      extra={"separation": separation_summary(read_metrics(run.metrics("distill")), burn_up)})
     plot_ap_bars(results, cfg.data.categories, storage.join(out, "ap_per_class.png"), run=name, split=split_name)
-    if any(curves.values()):
-        plot_losses(curves, storage.join(out, "losses.png"), run=name, burn_up=burn_up)
-    if any(k.startswith("sep_") for row in curves["distill"] for k in row):
-        plot_separation(curves["distill"], storage.join(out, "separation.png"), run=name, burn_up=burn_up)
+    write_training_plots(cfg, run)
     sources = {}
     for method, uri in (("cloud", run.cloud_detections), ("clip_det", run.clip_detections),
                         ("coin", run.eval("coin"))):

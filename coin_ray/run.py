@@ -1,7 +1,7 @@
 """A run's storage: where each stage writes, and the manifest of finished stages.
 
-The cloud answer cache lives beside the runs, at ``<storage>/cache`` (unless
-``cloud.cache`` says otherwise), so no run ever pays twice for the same image.
+The cloud answer cache and its spend ledger are not here: one per user, shared by every run
+(``coin_ray.location.cache_location``), so no run ever pays twice for the same image.
 
 Layout under ``<storage>/<run_id>`` (local folder or s3:// prefix); ``RunDir`` names every
 one of these, and no other module spells them:
@@ -11,7 +11,7 @@ one of these, and no other module spells them:
     collect/cloud.parquet          cloud detections (Detections, source="cloud")
     collect/clip.parquet           CLIP scores of the cloud boxes (source="clip")
     collect/summary.json           calls, cache hits, errors, cost
-    collect/spend.json             paid calls and spend so far (the budget's ledger)
+    collect/spend.json             (older versions) the run's spend ledger, now counted in the cache's
     collect/cloud_coco*.json       the cloud labels as COCO (+ as COCO results)
     disseminate/model.pt           the CLIP detector (stage 1)
     disseminate/metrics.jsonl      its per-step losses
@@ -24,7 +24,9 @@ one of these, and no other module spells them:
     tune/                          sweeps of the distillation stage
 
 A stage counts as done only once its manifest entry is written, which happens after all
-its outputs are: a killed stage re-runs from its own checkpoints, never half-used.
+its outputs are: a killed stage re-runs from its own checkpoints, never half-used. A
+collection that left images unasked (the spend cap) or unanswered is recorded with
+``"unfinished": n`` and is not done: the next run asks the rest first.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 
 from coin_ray import storage
-from coin_ray.config import Config, to_dict, with_updates
+from coin_ray.config import DEFAULT_EPOCHS, Config, to_dict, with_updates
 
 # The stages in run order; coin_ray.ray.pipeline.STAGES maps each to its function.
 STAGE_NAMES = ("collect", "disseminate", "clip_det", "distill", "evaluate", "export")
@@ -69,7 +71,7 @@ class RunDir:
     cloud_detections = _artefact("collect", "cloud.parquet")  # DETECTION_SCHEMA, source "cloud"
     clip_scores = _artefact("collect", "clip.parquet")  # CLIP's zero-shot scores of the cloud boxes
     collect_summary = _artefact("collect", "summary.json")
-    collect_spend = _artefact("collect", "spend.json")  # the budget's ledger, across re-runs
+    collect_spend = _artefact("collect", "spend.json")  # older versions' ledger (read once, into the cache's)
     cloud_coco = _artefact("collect", "cloud_coco.json")
     clip_detector = _artefact("disseminate", MODEL_FILE)  # the disseminated CLIP detector
     clip_detections = _artefact("clip_det", "detections.parquet")  # source "clip_det", every image
@@ -114,7 +116,7 @@ class RunDir:
         return json.loads(storage.read_text(self.manifest_uri))
 
     def is_done(self, stage: str) -> bool:
-        return stage in self.manifest()["stages"]
+        return _finished(self.manifest()["stages"].get(stage))
 
     def mark_done(self, stage: str, **info: object) -> None:
         """Record ``stage`` as finished (call after every output of it is written)."""
@@ -149,7 +151,12 @@ class RunDir:
 
     def first_unfinished(self) -> str | None:
         done = self.manifest()["stages"]
-        return next((s for s in STAGE_NAMES if s not in done), None)
+        return next((s for s in STAGE_NAMES if not _finished(done.get(s))), None)
+
+
+def _finished(entry: dict | None) -> bool:
+    """Whether a manifest entry records a finished stage (not one that left work undone)."""
+    return entry is not None and not entry.get("unfinished")
 
 
 def run_dir(cfg: Config) -> RunDir:
@@ -175,7 +182,14 @@ STAGE_SETTINGS: dict[str, tuple[str, ...]] = {
 
 
 def stage_settings(cfg: Config, stage: str) -> dict[str, object]:
-    """The flat dotted settings ``stage``'s outputs depend on, e.g. {"model.roi_size": 4, ...}."""
+    """The flat dotted settings ``stage``'s outputs depend on, e.g. {"model.roi_size": 4, ...}.
+
+    A training length is recorded as written (``epochs``, or ``steps``; the default epochs
+    when neither is set), not as the steps it resolves to from the run's images: a change
+    of epochs (or of the default) runs the stage again, and so does a switch between
+    epochs and steps, even to the same number of steps. Other keys left unset (None) are
+    left out, so a stage recorded before such a key existed is not re-run for it.
+    """
     flat: dict[str, object] = {}
     tree = to_dict(cfg)
     for section in STAGE_SETTINGS[stage]:
@@ -184,9 +198,13 @@ def stage_settings(cfg: Config, stage: str) -> dict[str, object]:
             node = node[part]  # type: ignore[index]
         for key, value in node.items():  # type: ignore[union-attr]
             name = f"{section}.{key}"
-            if key in _BOOKKEEPING or (name in _LATER_ONLY and stage in ("disseminate", "clip_det")):
+            if key in _BOOKKEEPING or value is None or (name in _LATER_ONLY and stage in ("disseminate", "clip_det")):
                 continue
             flat[name] = list(value) if isinstance(value, tuple) else value
+    for name, epochs in DEFAULT_EPOCHS.items():
+        section = f"train.{name}"
+        if section in STAGE_SETTINGS[stage] and f"{section}.steps" not in flat and f"{section}.epochs" not in flat:
+            flat[f"{section}.epochs"] = epochs
     return flat
 
 

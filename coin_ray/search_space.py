@@ -118,9 +118,13 @@ def apply_params(cfg: Config, params: dict[str, Any]) -> Config:
     """A validated copy of ``cfg`` with ``train.distill`` fields set from ``params``.
 
     ``params`` uses YAML keys (``lambda``). Goes through the config's own validation, so a
-    sampled value outside a field's range raises ConfigError.
+    sampled value outside a field's range raises ConfigError. A length in ``params``
+    (``epochs`` or ``steps``) replaces ``cfg``'s, whichever of the two that one sets.
     """
     tree = to_dict(cfg)
+    for key, other in (("epochs", "steps"), ("steps", "epochs")):
+        if key in params:
+            tree["train"]["distill"][other] = None
     tree["train"]["distill"].update({k: plain(v) for k, v in params.items()})
     return from_dict(tree)
 

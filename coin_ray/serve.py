@@ -45,6 +45,7 @@ from coin_ray.cloud.base import DetectorBackend
 from coin_ray.cloud.http_backend import answer_to_json, request_from_json
 from coin_ray.config import FOGGY_SHAPES_CLOUD_CONFUSION, CloudConfig
 from coin_ray.data.images import ImageDecodeError, decode_image
+from coin_ray.errors import EXIT_BAD_INPUT, one_line
 
 log = logging.getLogger("coin_ray.serve")
 
@@ -325,30 +326,35 @@ def spawn_server(argv: list[str], host: str = "127.0.0.1", port: int = 0, timeou
                        + said.decode(errors="replace")[-2000:])
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m coin_ray.serve", description=__doc__.split("\n")[0])
+def build_parser(prog: str = "python -m coin_ray.serve") -> argparse.ArgumentParser:
+    """The server's options; ``prog`` is the command the user typed (shown in usage and errors)."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("--backend", required=True,
-                   choices=["hf", "dds", "rekognition", "replay", "http", "foggy-shapes"])
+                   choices=["hf", "dds", "rekognition", "replay", "http", "foggy-shapes"],
+                   help="the detector behind the server (foggy-shapes: the demo's stand-in, needs --checkpoint)")
     p.add_argument("--model", default="", help="hf hub id or local dir; dds model name")
     p.add_argument("--url", default="", help="upstream URL (http, dds) or replay file")
-    p.add_argument("--checkpoint", default="", help="foggy-shapes stand-in checkpoint")
+    p.add_argument("--checkpoint", default="", help="foggy-shapes stand-in checkpoint (cloud_detector.pt)")
     p.add_argument("--model-name", default="",
                    help="name reported to clients (cache key); default: from the backend")
     p.add_argument("--categories", default="",
                    help="comma-separated category names (replaying Parquet needs them)")
-    p.add_argument("--threshold", type=float, default=0.25)
+    p.add_argument("--threshold", type=float, default=0.25,
+                   help="upstream backends (hf, dds, ...): minimum score asked for")
     p.add_argument("--token-env", default="", help="NAME of the env var with the upstream token")
     p.add_argument("--require-token-env", default="",
                    help="NAME of an env var holding the token clients must send")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8500)
-    p.add_argument("--latency-ms", type=float, default=0.0)
-    p.add_argument("--rps", type=float, default=0.0, help="requests/s limit (429 above it)")
-    p.add_argument("--fail-500", type=float, default=0.0)
-    p.add_argument("--fail-429", type=float, default=0.0)
-    p.add_argument("--fail-hang", type=float, default=0.0)
-    p.add_argument("--fail-malformed", type=float, default=0.0)
-    p.add_argument("--hang-s", type=float, default=60.0)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8500, help="port to listen on")
+    p.add_argument("--latency-ms", type=float, default=0.0, help="test knob: added latency per request")
+    p.add_argument("--rps", type=float, default=0.0, help="requests/s limit (429 above it; 0: none)")
+    p.add_argument("--fail-500", type=float, default=0.0, help="test knob: fraction of requests answered 500")
+    p.add_argument("--fail-429", type=float, default=0.0, help="test knob: fraction answered 429")
+    p.add_argument("--fail-hang", type=float, default=0.0,
+                   help="test knob: fraction that hang for --hang-s before an answer")
+    p.add_argument("--fail-malformed", type=float, default=0.0,
+                   help="test knob: fraction answered with a malformed 200 body")
+    p.add_argument("--hang-s", type=float, default=60.0, help="test knob: how long a hanging request hangs")
     p.add_argument("--retry-after-s", type=float, default=0.1, help="Retry-After of injected 429s")
     p.add_argument("--retry-after-date", type=float, default=0.0,
                    help="fraction of 429s whose Retry-After is an HTTP date")
@@ -356,8 +362,18 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="http: the project's protocol; dds: DDS V2 task + poll")
     p.add_argument("--task-ms", type=float, default=0.0, help="dds: mean task time")
     p.add_argument("--fail-task", type=float, default=0.0, help="dds: fraction of failed tasks")
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    p.add_argument("--seed", type=int, default=0, help="seed of the injected faults")
+    return p
+
+
+def _parse_args(argv: list[str] | None, prog: str = "python -m coin_ray.serve") -> argparse.Namespace:
+    return build_parser(prog).parse_args(argv)
+
+
+def _bad_input(prog: str, message: str) -> SystemExit:
+    """Print one line (as every user error of coin-ray) and return the exit to raise (code 2)."""
+    print(f"error: {prog}: {message}", file=sys.stderr, flush=True)
+    return SystemExit(EXIT_BAD_INPUT)
 
 
 def checkpoint_model_name(path: str) -> str:
@@ -365,27 +381,32 @@ def checkpoint_model_name(path: str) -> str:
     return "foggy-shapes-" + hashlib.sha256(storage.read_bytes(path)).hexdigest()[:12]
 
 
-def _backend_from_args(args: argparse.Namespace) -> DetectorBackend:
+def _backend_from_args(args: argparse.Namespace, prog: str = "python -m coin_ray.serve") -> DetectorBackend:
     if args.backend == "foggy-shapes":
         # Imported on use: the stand-in needs torch + torchvision, which a plain server does not.
         from coin_ray.world.cloud_standin import StandInCloudDetector
 
         if not args.checkpoint:
-            raise SystemExit("--backend foggy-shapes needs --checkpoint PATH")
-        return StandInCloudDetector.load(str(storage.local_copy(args.checkpoint)))
+            raise _bad_input(prog, "--backend foggy-shapes needs --checkpoint PATH")
+        try:
+            return StandInCloudDetector.load(str(storage.local_copy(args.checkpoint)))
+        except Exception as err:  # noqa: BLE001 (any unreadable file is the user's to replace)
+            raise _bad_input(prog, f"--checkpoint {args.checkpoint}: not a foggy-shapes stand-in checkpoint "
+                                   f"({type(err).__name__}: {one_line(err)[:200]})") from None
     cloud = CloudConfig(backend=args.backend, model=args.model, url=args.url,
                         threshold=args.threshold, token_env=args.token_env)
     categories = [c.strip() for c in args.categories.split(",") if c.strip()] or None
     return build_backend(cloud, categories=categories)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Parse arguments, build the backend and serve until interrupted."""
-    args = _parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m coin_ray.serve") -> None:
+    """Parse arguments, build the backend and serve until interrupted; a user error exits 2
+    with one line on stderr (``prog`` names the command in it and in ``--help``)."""
+    args = _parse_args(argv, prog)
     if args.checkpoint and not storage.exists(args.checkpoint):
         demo = f"~/.cache/coin_ray/world/demo-0-confusion{FOGGY_SHAPES_CLOUD_CONFUSION:g}/cloud_detector.pt"
-        raise SystemExit(f"--checkpoint {args.checkpoint}: no such file (the demo's stand-in is "
-                         f"{demo} once the demo world is built)")
+        raise _bad_input(prog, f"--checkpoint {args.checkpoint}: no such file (the demo's stand-in is "
+                               f"{demo} once the demo world is built)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     token = os.environ.get(args.require_token_env, "") if args.require_token_env else ""
     knobs = Knobs(latency_s=args.latency_ms / 1000.0, rps_limit=args.rps, fail_500=args.fail_500,
@@ -394,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
                   retry_after_s=args.retry_after_s, retry_after_date=args.retry_after_date,
                   task_s=args.task_ms / 1000.0, fail_task=args.fail_task, seed=args.seed)
     model_name = args.model_name or (checkpoint_model_name(args.checkpoint) if args.checkpoint else "")
-    server = DetectorServer((args.host, args.port), _backend_from_args(args), knobs, model_name,
+    server = DetectorServer((args.host, args.port), _backend_from_args(args, prog), knobs, model_name,
                             args.protocol)
     log.info("serving backend %s on http://%s:%d", server.backend.name, *server.server_address[:2])
     try:

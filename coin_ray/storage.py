@@ -4,10 +4,15 @@ S3 uses pyarrow's S3 filesystem with the standard AWS credential chain; the endp
 ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``) is honoured, so a loopback S3 server
 (moto, MinIO) works unchanged. Local writes are atomic (write to a temp file, rename), so
 a killed run never leaves a half-written cache entry or manifest.
+
+``locked`` is an exclusive lock named by a path: real on a local (or NFS) folder, nothing on
+S3, which has no lock (see its docstring for what holds there).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import os
 import posixpath
@@ -16,6 +21,7 @@ import tempfile
 import uuid
 from functools import lru_cache
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -91,6 +97,50 @@ def write_bytes(uri: str, data: bytes) -> None:
         return
     with fs.open_output_stream(path) as f:
         f.write(data)
+
+
+@contextlib.contextmanager
+def locked(uri: str) -> Iterator[bool]:
+    """Hold an exclusive lock named ``uri`` while the block runs; yields whether one is held.
+
+    Local: ``flock`` on the file ``uri`` (created, and removed on release). The kernel drops
+    the lock when its holder dies, so a killed run never leaves a stale lock behind; separate
+    threads conflict too (each opens its own file description). A waiter that was granted the
+    lock on a file its holder had just removed tries again on the new one.
+
+    s3://: S3 has no lock (no exclusive create in pyarrow's client); yields False at once and
+    the caller must be correct without it (atomic single-object writes still hold).
+    """
+    if is_s3(uri):
+        yield False
+        return
+    path = Path(uri).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = _lock_fd(path)
+    try:
+        yield True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # before unlocking: a waiter then sees the inode gone and retries
+        os.close(fd)  # releases the flock
+
+
+def _lock_fd(path: Path) -> int:
+    """An open descriptor of ``path`` holding its flock, on the inode the path names now."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            held = os.fstat(fd)
+            now = os.stat(path)
+            if (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+                return fd
+        except FileNotFoundError:
+            pass  # removed by the holder we waited for: lock the new file
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
 
 
 def read_text(uri: str) -> str:

@@ -1,10 +1,17 @@
 """Shared fixtures: a real S3 protocol server (moto's server mode) on 127.0.0.1, local Ray
-instances for the Ray test modules, and the project's detector server on a loopback port."""
+instances for the Ray test modules, the project's detector server on a loopback port, and the
+expensive things built once per session: the tiny Foggy-Shapes world and the README's tiny try
+(one whole adaptation, run as a user runs it, whose console and outputs several tests read)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 import uuid
+from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Iterator
 
@@ -12,6 +19,9 @@ import pytest
 import torch
 
 from coin_ray.serve import free_port
+from readme_doc import readme_commands
+
+ROOT = Path(__file__).resolve().parents[1]
 
 LOCAL_RAY_CPUS = 4  # logical CPUs of a test's Ray instance (the default of ``ray_num_cpus``)
 
@@ -41,6 +51,35 @@ def local_ray_instance(num_cpus: int, log_to_driver: bool = False,
         ray.shutdown()
         if ship_by_value is not None:
             ray.cloudpickle.unregister_pickle_by_value(ship_by_value)
+
+
+def cache_home_of_its_own(home) -> str:
+    """Make ``home`` a cache home whose ``world`` folder is the user's (built Foggy-Shapes
+    worlds stay shared; answers do not); returns it for ``$COIN_RAY_CACHE``."""
+    from coin_ray.location import cache_home
+
+    worlds = os.path.join(cache_home(), "world")
+    os.makedirs(worlds, exist_ok=True)
+    (home / "world").symlink_to(worlds, target_is_directory=True)
+    return str(home)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def module_answer_cache(tmp_path_factory):
+    """Module-scoped fixtures (a collected run shared by a module's tests) get a cache home of
+    their own: autouse fixtures are set up before the other fixtures of their scope."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("COIN_RAY_CACHE", cache_home_of_its_own(tmp_path_factory.mktemp("module-cache")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def own_answer_cache(module_answer_cache, tmp_path_factory, monkeypatch):
+    """Every test gets a cache home of its own (``$COIN_RAY_CACHE``), so no test reads answers
+    another test (or the user) paid for. Subprocesses inherit it."""
+    home = tmp_path_factory.mktemp("cache-home")
+    monkeypatch.setenv("COIN_RAY_CACHE", cache_home_of_its_own(home))
+    yield home
 
 
 @pytest.fixture
@@ -121,3 +160,58 @@ def served():
     yield start
     for s in servers:
         s.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_world():
+    """The tiny Foggy-Shapes world where ``data.world=tiny`` runs find it ($COIN_RAY_CACHE, else
+    ~/.cache/coin_ray): built at most once, shared by every test that only reads it."""
+    from coin_ray.world.build import build_world
+
+    return build_world("tiny")
+
+
+@pytest.fixture(scope="session")
+def shell_env(tmp_path_factory) -> dict[str, str]:
+    """PATH as after `source .venv/bin/activate`: this interpreter's python, ray and coin-ray."""
+    bin_dir = tmp_path_factory.mktemp("bin")
+    shim = bin_dir / "coin-ray"  # the installed console script, or the same entry point
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m coin_ray.cli "$@"\n')
+    shim.chmod(0o755)
+    path = os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "COIN_RAY_VERBOSE")}
+    return {**env, "PATH": path, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
+
+
+@dataclass(frozen=True)
+class ShellRun:
+    """A README command run in ``cwd`` through bash, as a user pastes it."""
+
+    cmd: str
+    cwd: Path
+    proc: subprocess.CompletedProcess
+
+    @property
+    def console(self) -> str:
+        return self.proc.stdout + self.proc.stderr
+
+
+def run_in_shell(cmd: str, cwd: Path, env: dict[str, str], timeout: float = 840) -> ShellRun:
+    proc = subprocess.run(["bash", "-c", cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    (cwd / "console.txt").write_text(proc.stdout + proc.stderr)  # kept for a failing test's reader
+    return ShellRun(cmd, cwd, proc)
+
+
+def tiny_try_command() -> str:
+    """The README's tiny try: its one `adapt` command on ``data.world=tiny``."""
+    [cmd] = [c for c, _ in readme_commands() if "data.world=tiny" in c and " adapt" in c]
+    return cmd
+
+
+@pytest.fixture(scope="session")
+def tiny_try(shell_env, tiny_world, tmp_path_factory) -> ShellRun:
+    """The README's tiny try, run verbatim once per session from an empty folder (a whole
+    adaptation on a local Ray: collect to export). test_readme checks it succeeds as the
+    README says, test_console reads its console; a broken pipeline fails both."""
+    home = cache_home_of_its_own(tmp_path_factory.mktemp("tiny-try-cache"))  # its answers are its own
+    return run_in_shell(tiny_try_command(), tmp_path_factory.mktemp("tiny-try"), {**shell_env, "COIN_RAY_CACHE": home})

@@ -232,7 +232,7 @@ def test_serve_foggy_shapes_standin_checkpoint(tmp_path):
     assert 0 < len(answer.phrases) == len(answer.boxes) and set(answer.phrases) <= set(CATEGORIES)
 
 
-def test_run_that_labels_nothing_says_so_loudly(capsys):
+def test_run_that_labels_nothing_says_so_loudly_once(capsys, caplog):
     from coin_ray.cloud.label import RunTally
     from coin_ray.ray.collect import _warn_if_nothing
 
@@ -245,4 +245,24 @@ def test_run_that_labels_nothing_says_so_loudly(capsys):
     assert summary["errors_by_reason"] == {"http 500": 1} and summary["money_spent"] == 0.05
     _warn_if_nothing(summary)
     assert "NOTHING WAS LABELLED" in summary["warning"] and "3 labels" in summary["warning"]
-    assert "NOTHING WAS LABELLED" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "NOTHING WAS LABELLED" in err
+    assert (out + err + caplog.text).count("NOTHING WAS LABELLED") == 1  # it was printed and logged
+
+
+def test_failed_images_are_named_with_their_reason_then_counted():
+    """Issue 27, 4.9: a bad image showed only as "errors 1"."""
+    from coin_ray.cloud.client import BUDGET
+    from coin_ray.cloud.label import RunTally
+    from coin_ray.progress import failure_lines
+
+    tally = RunTally()
+    for i in range(7):
+        tally.add(Detections.empty(f"i{i}", f"/imgs/{i}.png", 0, 0, SOURCE_CLOUD, 2,
+                                   error=f"image: cannot identify image file {i}"), 0, False, "image", {})
+    tally.add(Detections.empty("b", "/imgs/b.png", 4, 4, SOURCE_CLOUD, 2, error="not asked"), 0, False, BUDGET, {})
+    lines = failure_lines("collect", tally.failures, tally.failed, "cloud.parquet")
+    assert lines[0] == "[collect] 7 images failed:"
+    assert lines[1] == "  /imgs/0.png: image: cannot identify image file 0" and len(lines) == 7
+    assert lines[-1] == "  ... and 2 more (every one in cloud.parquet)"
+    assert failure_lines("collect", [], 0) == []

@@ -13,7 +13,9 @@ from cloud_world import CATEGORIES, write_images
 from coin_ray import storage
 from coin_ray.config import from_dict, to_dict
 from coin_ray.models.clip_factory import write_clip
+from coin_ray.cloud.errors import AuthError
 from coin_ray.ray.collect import CollectionStopped, run_collection
+from coin_ray.ray.limiter import ClusterLimiter
 from coin_ray.run import RunDir
 from coin_ray.schema import DETECTION_SCHEMA, SOURCE_CLIP, SOURCE_CLOUD, table_to_records
 from coin_ray.serve import Knobs, start_server
@@ -119,6 +121,15 @@ def test_401_stops_fast_and_token_is_nowhere(local_ray_with_s3, served, tmp_path
     texts = [out, errout, str(err.value)] + [p.read_text(errors="replace") for root in
              (logs, tmp_path) for p in root.rglob("*") if p.is_file() and p.suffix != ".png"]
     assert not any(TOKEN in t for t in texts)
+    assert "failed on one image" not in out + errout  # stopped images are no backend failures (issue 27, 4.8)
+
+
+def test_a_gone_limiter_ends_a_caller_as_stopped_not_as_a_backend_failure(local_ray_with_s3):
+    limiter = ClusterLimiter.create("gone-limiter-test", 50.0, 2)
+    limiter.release(limiter.acquire(), ok=True)
+    limiter.kill()
+    with pytest.raises(AuthError, match="the collection was stopped"):
+        limiter.acquire()
 
 
 @ray.remote(num_cpus=0)
@@ -167,7 +178,9 @@ def test_everything_on_s3(local_ray_with_s3, served, s3_bucket, tmp_path):
     clip_recs = table_to_records(storage.read_parquet(out + "/clip.parquet"))
     assert [r.uri for r in cloud] == uris and [r.image_id for r in cloud] == [Path(u).stem for u in local]
     assert all(len(c) == len(k) > 0 for c, k in zip(cloud, clip_recs))
-    assert len(storage.list_files(f"s3://{s3_bucket}/cache", (".json",))) == 6
+    answers = [u for u in storage.list_files(f"s3://{s3_bucket}/cache", (".json",)) if "/spend/" not in u]
+    assert len(answers) == 6
+    assert storage.list_files(f"s3://{s3_bucket}/cache/http/spend")  # the ledger lives with the answers
     assert run_collection(cfg, uris, RunDir(f"s3://{s3_bucket}/run"), with_clip=False)["cache_hits"] == 6
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from cloud_world import ColourBoxes, draw, png_bytes, write_images
-from coin_ray.cloud.budget import SpendLedger, budget_line, budget_summary, call_cap
+from coin_ray.cloud.budget import SpendLedger, budget_line, budget_summary, call_cap, read_spent
 from coin_ray.cloud.cache import AnswerCache
 from coin_ray.cloud.client import BUDGET, SKIPPED, CloudClient, RetryPolicy
 from coin_ray.cloud.dds import DdsBackend
@@ -166,8 +166,8 @@ def test_failed_tasks_are_remembered_and_retried_only_when_asked(dds_server, tmp
 def test_budget_of_n_calls_then_raised_finishes_without_duplicates(dds_server, tmp_path):
     server = dds_server()
     items = images(10)
-    ledger_uri = str(tmp_path / "out" / "spend.json")
-    budget = SpendLedger(ledger_uri, max_calls=call_cap(4, 0.0, 0.0))
+    ledger = str(tmp_path / "cache" / "dds" / "spend")
+    budget = SpendLedger(ledger, max_calls=call_cap(4, 0.0, 0.0))
     client = dds_client(server.url, tmp_path / "cache", budget=budget)
     out = [None] * len(items)
     threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, client.ask(*items[i])))
@@ -180,11 +180,11 @@ def test_budget_of_n_calls_then_raised_finishes_without_duplicates(dds_server, t
     assert block["calls_total"] == 4 and block["spend_total"] == 2.0 and block["exhausted"]
     assert "6 images not asked" in budget_line(block, 6)
     # Raised by money: 0.5 per call, 5.0 allows 10 calls over both runs.
-    raised = SpendLedger(ledger_uri, max_calls=call_cap(0, 5.0, 0.5))
+    raised = SpendLedger(ledger, max_calls=call_cap(0, 5.0, 0.5))
     rest = ask_all(dds_client(server.url, tmp_path / "cache", budget=raised), items)
     assert all(o.answer is not None for o in rest) and sum(o.calls for o in rest) == 6
     assert sorted(creations(server).values()) == [1] * 10
-    assert raised.totals()["calls_total"] == 10 and json.loads(Path(ledger_uri).read_text())["calls"] == 10
+    assert raised.totals()["calls_total"] == 10 and read_spent(ledger) == 10
 
 
 def test_refused_token_costs_exactly_one_request_among_many_callers(dds_server, tmp_path):

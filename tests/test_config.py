@@ -3,6 +3,7 @@ import yaml
 
 from coin_ray.config import (PAPER_HALF_LIFE, PAPER_RUN_STEPS, Config, ConfigError, from_dict, keep_rate, load_config,
                              to_yaml, with_updates)
+from coin_ray.config_doc import default_config_yaml
 
 
 def test_defaults_are_the_papers():
@@ -81,3 +82,37 @@ def test_saved_yaml_round_trips():
     assert again == cfg
     assert again.resolved_run_id() == cfg.resolved_run_id()
     assert with_updates(cfg, ["seed=1"]).resolved_run_id() != cfg.resolved_run_id()
+
+
+def test_a_length_in_both_epochs_and_steps_is_a_one_line_error_naming_the_key(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.distill.epochs=20", "train.distill.steps=100"])
+    assert str(err.value).startswith("train.distill.epochs: set train.distill.epochs or train.distill.steps, not both")
+    assert "\n" not in str(err.value)
+    path = tmp_path / "both.yaml"
+    path.write_text(yaml.safe_dump({"train": {"disseminate": {"epochs": 5, "steps": 10}}}))
+    with pytest.raises(ConfigError, match=r"^train\.disseminate\.epochs: "):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match=r"^train\.distill\.epochs: 0\.0 is out of range \(allowed: \(0\.0, inf"):
+        load_config(None, ["train.distill.epochs=0"])
+
+
+def test_an_override_of_one_length_key_replaces_the_other_from_the_file(tmp_path):
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump({"train": {"distill": {"epochs": 65}}}))
+    short = load_config(str(path), ["train.distill.steps=200"]).train.distill
+    assert (short.steps, short.epochs) == (200, None)
+    assert with_updates(load_config(str(path)), ["train.distill.steps=3"]).train.distill.steps == 3
+    back = with_updates(with_updates(Config(), ["train.distill.steps=3"]), ["train.distill.epochs=2.5"]).train.distill
+    assert (back.steps, back.epochs) == (None, 2.5)
+    default = load_config().train
+    assert (default.distill.steps, default.distill.epochs, default.disseminate.steps, default.disseminate.epochs) == \
+        (None, None, None, None)
+
+
+def test_coin_ray_config_shows_both_length_keys_with_ranges_and_what_null_means():
+    text = default_config_yaml()
+    assert "    steps: null  # [0, inf) or null; fixes the length instead of epochs; null = from epochs" in text
+    assert "    epochs: null  # (0.0, inf) or null; passes over the images; null = 65 (reference)" in text
+    assert "    epochs: null  # (0.0, inf) or null; passes over the images; null = 50 (reference)" in text
+    assert from_dict(yaml.safe_load(text)) == Config()

@@ -158,3 +158,16 @@ def test_the_printed_serve_command_parses_as_coin_ray_serve():
     command = serve_command("/tmp/my runs/demo-0")
     args = build_parser().parse_args(shlex.split(command)[1:])
     assert (args.command, args.run, args.host, args.port) == ("serve", "/tmp/my runs/demo-0", "127.0.0.1", 8000)
+
+
+def test_a_run_with_an_export_ends_by_printing_the_command_that_serves_it(tmp_path):
+    from coin_ray.config import load_config
+    from coin_ray.ray.pipeline import closing_lines
+    from coin_ray.run import RunDir
+
+    cfg = load_config(None, [f"storage={tmp_path}", f"data.target_images={tmp_path / 'imgs'}"])
+    run = RunDir(str(tmp_path / "run"))
+    run.mark_done("collect")
+    assert not any("coin-ray serve" in line for line in closing_lines(cfg, run, ""))
+    run.mark_done("export")
+    assert any(line.endswith(serve_command(run.root)) for line in closing_lines(cfg, run, ""))

@@ -171,6 +171,15 @@ def test_cloud_url_nothing_answers(images, tmp_path):
     assert_one_line(proc, EXIT_BAD_INPUT, f"nothing answers at {url}")
 
 
+def test_a_clip_model_that_cannot_load_stops_before_any_paid_call(images, tmp_path, served):
+    """Issue 27, 4.1: the cloud answered every image before a hub id failed to load."""
+    server = served()
+    proc = run_cli("adapt", f"data.target_images={images}", f"storage={tmp_path}", f"cloud.url={server.url}",
+                   "clip.model=coin-test/no-such-clip", env={"HF_HUB_OFFLINE": "1"})
+    assert_one_line(proc, EXIT_BAD_INPUT, "clip.model: coin-test/no-such-clip is not in the local Hugging Face cache")
+    assert server.stats()["requests"] == 0 and not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("args, needle", [
     (["adapt", "--stages", "collekt"], "--stages: unknown stage 'collekt'"),
     (["adapt", "train.distill.pi=1.5"], "train.distill.pi: 1.5 is out of range"),
@@ -180,6 +189,17 @@ def test_cloud_url_nothing_answers(images, tmp_path):
 ])
 def test_bad_input_is_one_line(args, needle):
     assert_one_line(run_cli(*args), EXIT_BAD_INPUT, needle)
+
+
+def test_help_and_a_config_error_import_neither_ray_nor_torch():
+    """Issue 27, 4.9: `coin-ray --help` took 7-9 s and a config error 12-35 s (Ray and torch
+    were imported before the arguments were read). Now the config is checked first."""
+    code = ("import sys\nfrom coin_ray.cli import main\nrc = main(['adapt', 'train.distill.pi=1.5'])\n"
+            "try:\n    main(['adapt', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print('RC', rc, 'HEAVY', [m for m in ('ray', 'torch', 'transformers') if m in sys.modules])")
+    proc = subprocess.run([PY, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=120)
+    assert "RC 2 HEAVY []" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
 def test_dead_ray_address_fails_fast_naming_it(images):

@@ -156,6 +156,8 @@ def test_predict_writes_coco_results_equal_to_eager(exported, local_ray, image_f
     out = tmp_path / "out" / "results.json"
     summary = predict(str(tmp / "export"), str(image_folder), str(out), batch_size=2, runtime=runtime)
     assert (summary.images, summary.errors) == (4, 1)
+    assert [Path(u).name for u, _ in summary.failures] == ["bad.png"] and summary.failures[0][1]
+    assert summary.index == str(tmp_path / "out" / "results.images.json")
     results = json.loads(out.read_text())
     index = json.loads((tmp_path / "out" / "results.images.json").read_text())
     files = {img["id"]: img["file_name"] for img in index["images"]}
@@ -205,3 +207,14 @@ def test_pairing_is_order_free_and_forgives_only_ties_at_the_cap():
     # A confident detection without a counterpart of its label is not.
     d = dets([[20, 20, 30, 30], [0, 0, 10, 10], [5, 5, 9, 9]], [1, 3, 2], [0.5, 0.5, 0.3])
     assert pair_detections(a, d)[1] == 2
+
+
+def test_a_check_with_no_detections_says_it_compared_nothing(tmp_path):
+    """Issue 27, 4.3: export.json recorded 0 detections and the check passed on nothing."""
+    model = tiny_detector(tmp_path)
+    model.model_cfg.score_threshold = 1.0  # no probability exceeds it: nothing is detected
+    images = check_images(torch.full((3, 72, 100), 0.5), 2)
+    check = check_equivalence(model, model, images)
+    assert check["detections"] == 0 and check["status"].startswith("nothing compared")
+    model.model_cfg.score_threshold = 0.0
+    assert check_equivalence(model, model, images)["status"] == "passed"

@@ -19,13 +19,11 @@ pytest.importorskip("onnxruntime")
 
 
 @pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory):
+def tiny_export(tiny_world, tmp_path_factory):
     """A detector on the tiny world's CLIP stand-in, exported with its val images as the check."""
-    from coin_ray.world.build import build_world
-
     from coin_ray import storage
 
-    world = build_world("tiny")
+    world = tiny_world
     tmp = tmp_path_factory.mktemp("onnx")
     val = storage.list_files(str(world.target_val_images), (".jpg", ".png"))
     # An untrained head spreads probability over K+1 classes, so its scores crowd together:

@@ -2,7 +2,7 @@
 
 import os
 
-from coin_ray.config import load_config
+from coin_ray.config import Config, load_config
 from coin_ray.ray.pipeline import STAGES, stages_to_run
 from coin_ray.location import resolve_config as with_absolute_paths
 from coin_ray.run import STAGE_NAMES, RunDir, stage_settings
@@ -76,3 +76,46 @@ def test_a_stage_recorded_without_settings_is_kept(tmp_path):
 def test_the_stage_table_runs_in_the_manifest_order():
     assert tuple(STAGES) == STAGE_NAMES
     assert all(fn.__name__ == f"stage_{name}" for name, fn in STAGES.items())
+
+
+def test_a_change_of_epochs_runs_the_training_stages_again_and_unset_keys_are_not_settings(tmp_path, capsys):
+    run = RunDir(str(tmp_path))
+    cfg = load_config(None, ["train.distill.epochs=20"])
+    for stage in STAGE_NAMES:
+        run.mark_done(stage, settings=stage_settings(cfg, stage))
+    assert stage_settings(cfg, "distill")["train.distill.epochs"] == 20.0
+    assert "train.distill.steps" not in stage_settings(cfg, "distill")
+    assert stages_to_run(run, None, cfg) == []
+    assert stages_to_run(run, None, load_config(None, ["train.distill.epochs=30"])) == ["distill", "evaluate", "export"]
+    assert "train.distill.epochs: 20.0 -> 30.0" in capsys.readouterr().out
+    # The defaults are recorded as the epochs they stand for, so a changed default re-runs too.
+    assert stage_settings(Config(), "disseminate")["train.disseminate.epochs"] == 50.0
+    assert stage_settings(Config(), "distill")["train.distill.epochs"] == 65.0
+
+
+def test_closing_lines_name_only_folders_that_exist_and_call_the_tiny_world_a_plumbing_check(tmp_path):
+    """Issue 27, 4.5 / 4.6: a collect-only run printed a TensorBoard hint for a folder that did
+    not exist, and the tiny try's zeros read as a verdict on COIN."""
+    from coin_ray.demo import PLUMBING_NOTE, is_plumbing_check
+    from coin_ray.ray.pipeline import closing_lines
+    from coin_ray.world.build import world_root
+
+    cfg = load_config(None, [f"storage={tmp_path}", f"data.target_images={tmp_path / 'imgs'}"])
+    run = RunDir(str(tmp_path / "run"))
+    run.mark_done("collect")
+    lines = closing_lines(cfg, run, "")
+    assert not any("tensorboard" in l or l.startswith("report:") for l in lines) and "answer cache" in lines[-1]
+    os.makedirs(run.tensorboard)
+    os.makedirs(run.report_dir)
+    lines = closing_lines(cfg, run, "| Method |\n")
+    assert any(f"--logdir {run.tensorboard}" in l for l in lines) and f"report: {run.report_dir}" in lines
+    assert not is_plumbing_check(cfg) and not any(PLUMBING_NOTE in l for l in lines)
+
+    root = world_root("tiny", 0, str(tmp_path / "w"), cfg.data.cloud_confusion)
+    tiny = load_config(None, ["data.world=tiny", f"data.world_cache={tmp_path / 'w'}",
+                              f"data.target_images={root}/target/train"])
+    assert is_plumbing_check(tiny) and any(PLUMBING_NOTE in l for l in closing_lines(tiny, run, "| t |\n"))
+    said_once = "\n".join(closing_lines(tiny, run, f"| t |\n\n{PLUMBING_NOTE}\n"))
+    assert said_once.count(PLUMBING_NOTE) == 1
+    assert not is_plumbing_check(load_config(None, ["data.world=demo", f"data.world_cache={tmp_path / 'w'}",
+                                                    f"data.target_images={root}/target/train"]))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from coin_ray.progress import ProgressLine, format_duration, sig3
+from coin_ray.progress import DurationEstimate, ProgressLine, format_duration, format_losses, sig3
 
 
 class Clock:
@@ -45,6 +45,8 @@ def test_a_resumed_stage_counts_its_rate_from_where_it_resumed():
 def test_number_formats():
     assert [sig3(x) for x in (1.23456, 0.000123456, 123456.0, 0.0)] == ["1.23", "0.000123", "1.23e+05", "0"]
     assert [format_duration(s) for s in (4.2, 185, 3725, float("nan"))] == ["4s", "3m05s", "1h02m", "?"]
+    assert [sig3(x) for x in (-0.0, -0.0 * 3.5, -0.5)] == ["0", "0", "-0.5"]  # issue 27: "l_inc -0"
+    assert "l_inc 0 " in format_losses({"l_inc": -0.0, "l_pri": 1.0}) + " "
 
 
 def test_known_ray_noise_is_dropped_and_everything_else_kept():
@@ -64,6 +66,12 @@ def test_known_ray_noise_is_dropped_and_everything_else_kept():
     assert _keep(controller)["lines"] == ["Started training worker group of size 1:",
                                           "Traceback (most recent call last):", "ValueError: a real error"]
     assert _keep({"actor_name": "PlacementGroupCleaner", "lines": ["Traceback (most recent call last):"]}) is None
+    registered = {"actor_name": "TrainController", "lines": [
+        "Failed to register placement group with cleaner: The actor died unexpectedly before finishing this task.",
+        "\tclass_name: PlacementGroupCleaner", "\tpid: 31252",
+        "The actor is dead because its worker process has died. Worker exit type: INTENDED_USER_EXIT",
+        "Worker group of size 1 died"]}
+    assert _keep(registered)["lines"] == ["Worker group of size 1 died"]
 
 
 class CountingTraining:
@@ -96,3 +104,47 @@ def test_every_logged_step_feeds_the_progress_line_and_checkpoints_keep_their_sc
                  feed=lambda step, metrics: fed.append((step, metrics["loss"])), checkpoints=checkpoints)
     assert fed == [(30, 30.0), (40, 40.0), (50, 50.0), (55, 55.0)]  # resumed at 20
     assert saved == [(40, 40), (55, 55)]
+
+
+def test_the_duration_estimate_is_timed_between_the_first_two_logged_steps_and_printed_once():
+    clock, out = Clock(), io.StringIO()
+    estimate = DurationEstimate("distill", total=4875, out=out, clock=clock)
+    clock.t += 60.0  # start-up and the first steps' one-off costs: not in the rate
+    assert estimate.update(10) is None
+    clock.t += 1.5
+    line = estimate.update(20)
+    assert line == ("[distill] about 12m11s for 4875 steps at the rate of steps 11-20 (0.15 s/step); "
+                    "12m08s left")
+    clock.t += 1.5
+    assert estimate.update(30) is None and out.getvalue() == line + "\n"
+
+
+def test_no_estimate_for_a_stage_that_ends_before_it_is_measured():
+    clock, out = Clock(), io.StringIO()
+    estimate = DurationEstimate("disseminate", total=20, out=out, clock=clock)
+    assert estimate.update(10) is None
+    clock.t += 1.0
+    assert estimate.update(20) is None and out.getvalue() == ""
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_ray_colour_codes_only_on_a_terminal():
+    """Issue 27, 4.9: ANSI colour codes reached files when output was redirected."""
+    from coin_ray.ray.cluster import plain_log_prefixes
+
+    env: dict[str, str] = {}
+    plain_log_prefixes(io.StringIO(), env)
+    assert env == {"RAY_COLOR_PREFIX": "0"}
+    env = {}
+    plain_log_prefixes(_Terminal(), env)
+    assert env == {}
+    env = {"NO_COLOR": "1"}
+    plain_log_prefixes(_Terminal(), env)
+    assert env["RAY_COLOR_PREFIX"] == "0"
+    env = {"RAY_COLOR_PREFIX": "1"}  # the user's choice stands
+    plain_log_prefixes(io.StringIO(), env)
+    assert env == {"RAY_COLOR_PREFIX": "1"}

@@ -16,26 +16,12 @@ from pathlib import Path
 import pytest
 
 from coin_ray.config import load_config
+from conftest import run_in_shell, tiny_try_command
+from readme_doc import readme_blocks, readme_commands
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
 EXAMPLE = str(ROOT / "examples" / "my_data.yaml")  # stands in for placeholder configs (my.yaml, s3://...)
 RAY_SUBCOMMANDS = {("ray", "start"), ("ray", "stop"), ("ray", "job")}
-
-
-def blocks(lang: str) -> list[str]:
-    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
-
-
-def commands() -> list[tuple[str, str]]:
-    """(command, trailing comment) for every line of every bash block, continuations joined."""
-    found = []
-    for block in blocks("bash"):
-        for line in block.replace("\\\n", " ").splitlines():
-            code, _, comment = line.partition("#")
-            if code.strip():
-                found.append((" ".join(code.split()), comment.strip()))
-    return found
 
 
 def is_cheap(cmd: str) -> bool:
@@ -111,41 +97,30 @@ def check_parses(cmd: str) -> None:
 
 
 def test_readme_has_commands_of_every_way_to_run_it():
-    cmds = [c for c, _ in commands()]
+    cmds = [c for c, _ in readme_commands()]
     assert any(c.startswith("coin-ray config") for c in cmds)
     assert any(c.startswith("ray job submit --working-dir .") for c in cmds)
     assert any("jobs/tune.py" in c for c in cmds)
     assert "source .venv/bin/activate" in cmds
 
 
-@pytest.mark.parametrize("cmd", [c for c, _ in commands() if not is_cheap(c)])
+@pytest.mark.parametrize("cmd", [c for c, _ in readme_commands() if not is_cheap(c)])
 def test_readme_command_parses(cmd):
     check_parses(cmd)
 
 
-@pytest.mark.parametrize("yaml_text", blocks("yaml"))
+@pytest.mark.parametrize("yaml_text", readme_blocks("yaml"))
 def test_readme_yaml_loads_as_a_config(yaml_text, tmp_path):
     (tmp_path / "c.yaml").write_text(yaml_text)
     load_config(str(tmp_path / "c.yaml"))
 
 
-@pytest.fixture(scope="module")
-def shell_env(tmp_path_factory) -> dict[str, str]:
-    """PATH as after `source .venv/bin/activate`: this interpreter's python, ray and coin-ray."""
-    bin_dir = tmp_path_factory.mktemp("bin")
-    shim = bin_dir / "coin-ray"  # the installed console script, or the same entry point
-    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m coin_ray.cli "$@"\n')
-    shim.chmod(0o755)
-    path = os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return {**env, "PATH": path, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
-
-
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("cmd, comment", [(c, m) for c, m in commands() if is_cheap(c)])
-def test_readme_command_runs(cmd, comment, shell_env, tmp_path):
-    proc = subprocess.run(["bash", "-c", cmd], cwd=tmp_path, env=shell_env, capture_output=True, text=True,
-                          timeout=840)
+@pytest.mark.parametrize("cmd, comment", [(c, m) for c, m in readme_commands() if is_cheap(c)])
+def test_readme_command_runs(cmd, comment, shell_env, tmp_path, request):
+    # The tiny try is the session's one shared adaptation (conftest.tiny_try): run once, read here.
+    run = request.getfixturevalue("tiny_try") if cmd == tiny_try_command() else run_in_shell(cmd, tmp_path, shell_env)
+    proc = run.proc
     expected = re.search(r"\(exit (\d)\)", comment)
     if expected:  # a documented error: its exit code and its one line
         assert proc.returncode == int(expected.group(1)), proc.stderr[-2000:]
@@ -153,6 +128,6 @@ def test_readme_command_runs(cmd, comment, shell_env, tmp_path):
         return
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     if "config >" in cmd:
-        load_config(str(tmp_path / "my.yaml"))
+        load_config(str(run.cwd / "my.yaml"))
     if "adapt" in cmd:
-        assert "| COIN |" in proc.stdout and (tmp_path / "runs").is_dir()
+        assert "| COIN |" in proc.stdout and (run.cwd / "runs").is_dir()

@@ -83,3 +83,33 @@ def test_detection_grid_has_a_ground_truth_column(tmp_path, monkeypatch, with_tr
                    str(tmp_path / "g.png"), truth=truth)
     titles = [ax.get_title() for ax in figs[0].axes if ax.get_title()]
     assert titles == (["ground truth"] if with_truth else []) + ["cloud", "CLIP det", "COIN"]
+
+
+def test_a_short_run_draws_visible_points(tmp_path, monkeypatch):
+    """Issue 27, 4.5: a 10-step try logged one value per loss and drew empty axes."""
+    figs = []
+    monkeypatch.setattr("coin_ray.report._save", lambda fig, uri: figs.append(fig))
+    rows = [{"step": 10, "loss": 1.0, "sep_consistent": 3}]
+    plot_losses({"distill": rows}, str(tmp_path / "l.png"))
+    plot_separation(rows, str(tmp_path / "s.png"))
+    for fig in figs:
+        solid = [line for line in fig.axes[0].lines if not line.get_label().startswith("_")]
+        assert solid and all(line.get_marker() == "o" for line in solid)
+
+
+def test_training_plots_are_written_without_labels(tmp_path):
+    """Issue 27, 4.6: without validation labels there was no report/ folder at all."""
+    import json
+
+    from coin_ray.config import load_config
+    from coin_ray.report import write_training_plots
+    from coin_ray.run import RunDir
+
+    run = RunDir(str(tmp_path / "run"))
+    assert write_training_plots(load_config(None, []), run) == []  # nothing trained yet
+    (tmp_path / "run" / "distill").mkdir(parents=True)
+    (tmp_path / "run" / "distill" / "metrics.jsonl").write_text(
+        "\n".join(json.dumps({"step": s, "loss": 1.0 / s, "sep_consistent": s}) for s in (1, 2, 3)))
+    written = write_training_plots(load_config(None, []), run)
+    assert [p.rsplit("/", 1)[-1] for p in written] == ["losses.png", "separation.png"]
+    assert all((tmp_path / "run" / "report" / name).stat().st_size > 0 for name in ("losses.png", "separation.png"))

@@ -166,18 +166,15 @@ SWEEP_ARGS = {"num_samples": 3, "eval_every": 1}
 
 
 @pytest.fixture(scope="module")
-def collected(local_ray, tmp_path_factory):
+def collected(local_ray, tiny_world, tmp_path_factory):
     """A tiny-world run through collect, disseminate and clip_det; the server keeps running."""
     from coin_ray.ray.pipeline import run_adaptation
     from coin_ray.serve import Knobs, start_server
-    from coin_ray.world.build import build_world
     from coin_ray.world.cloud_standin import StandInCloudDetector
 
     root = tmp_path_factory.mktemp("sweep")
-    # A world of the test's own: the shared cache may be rebuilt by other runs meanwhile.
-    world = build_world("tiny", root / "world")
-    server = start_server(StandInCloudDetector.load(world.cloud_detector), Knobs())
-    overrides = [f"storage={root / 'runs'}", "data.world=tiny", f"data.world_cache={root / 'world'}",
+    server = start_server(StandInCloudDetector.load(tiny_world.cloud_detector), Knobs())
+    overrides = [f"storage={root / 'runs'}", "data.world=tiny", f"data.world_cache={tiny_world.root.parent.parent}",
                  f"cloud.url={server.url}", *SCHEDULE]
     run_adaptation(load_config(None, overrides), stages=["collect", "disseminate", "clip_det"])
     yield root, overrides, server

@@ -1,12 +1,16 @@
 """A spend cap over paid calls: ``cloud.max_calls`` and/or ``cloud.max_spend``.
 
 A paid call is a request that asks the service to do the work (a detect request, a task
-creation; not a poll), whatever its answer. The count is kept in a small JSON ledger next to
-the collection's outputs and written before each call is sent, so the cap holds across a
-killed run, a resume and a re-run after the cap is raised: the cap counts every call made
-into that output, not only the calls of the current run.
+creation; not a poll), whatever its answer. The ledger lives with the answer cache
+(``<cache>/<backend>/spend/``), so the cap bounds what that cache has paid over every run,
+entry point and ``storage`` that uses it, not one run folder. Each ledger writer (one per
+collection) keeps its own small JSON file, ``<writer>.json`` = {"calls": n, ...}, written
+before each call is sent; the total is the sum of the files. Runs sharing the cache at once
+therefore never lose each other's counts, on S3 too; on local disk the check and the charge
+happen under one lock (``storage.locked``), so concurrent runs never pass the cap together.
+On S3 (no lock) they may pass it by the calls they send at the same moment.
 
-    book = SpendLedger("runs/r1/collect/spend.json", max_calls=call_cap(100, 0.0, 0.0))
+    book = SpendLedger(spend_folder("~/.cache/coin_ray/answers", "dds"), max_calls=call_cap(100, 0.0, 0.0))
     if not book.charge(): ...   # the next call would exceed the cap: do not send it
 
 The Ray collection wraps one ``SpendLedger`` in an actor so that all callers share it.
@@ -16,10 +20,15 @@ from __future__ import annotations
 
 import json
 import math
+import posixpath
 import threading
+import time
+import uuid
 from typing import Any, Protocol
 
 from coin_ray import storage
+
+LOCK_NAME = ".lock"  # hidden: ``storage.list_files`` skips it
 
 
 class Budget(Protocol):
@@ -31,7 +40,7 @@ class Budget(Protocol):
 
 
 class Unlimited:
-    """No cap (``cloud.max_calls`` and ``cloud.max_spend`` both 0)."""
+    """No cap and no ledger (a client used outside a collection)."""
 
     def charge(self) -> bool:
         return True
@@ -49,45 +58,71 @@ def call_cap(max_calls: int, max_spend: float, price_per_call: float) -> int:
     return min(caps) if caps else 0
 
 
-class SpendLedger:
-    """Paid calls so far in one output, capped at ``max_calls`` (0 = no cap); thread-safe.
+def spend_folder(cache_root: str, backend: str) -> str:
+    """The ledger of ``backend``'s paid calls in the answer cache at ``cache_root``."""
+    return storage.join(cache_root, backend, "spend")
 
-    ``uri`` (local or s3://) holds {"calls": n}; it is read once and rewritten on every
-    charge, before the call is sent (a kill may over-count by the calls in flight, never
-    under-count).
+
+class SpendLedger:
+    """Paid calls into one ledger folder, capped at ``max_calls`` (0 = no cap); thread-safe.
+
+    Every charge is written before the call is sent (a kill may over-count by the calls in
+    flight, never under-count). ``writer`` names this ledger's file (a run id, for people).
     """
 
-    def __init__(self, uri: str, max_calls: int = 0) -> None:
-        self.uri = uri
+    def __init__(self, folder: str, max_calls: int = 0, writer: str = "run") -> None:
+        self.folder = folder
         self.max_calls = max_calls
-        self.before = read_spent(uri)
-        self.calls = 0  # charged by this run
+        self.writer = writer
+        self.uri = storage.join(folder, f"{writer}-{uuid.uuid4().hex[:8]}.json")
+        self.before = read_spent(folder)  # every other writer's calls when this one started
+        self.calls = 0  # charged by this writer
         self.refused = 0
         self._lock = threading.Lock()
 
     def charge(self) -> bool:
-        with self._lock:
-            if self.max_calls and self.before + self.calls >= self.max_calls:
+        with self._lock, storage.locked(storage.join(self.folder, LOCK_NAME)):
+            if self.max_calls and read_spent(self.folder, but=self.uri) + self.calls >= self.max_calls:
                 self.refused += 1
                 return False
             self.calls += 1
-            storage.write_text(self.uri, json.dumps({"calls": self.before + self.calls}))
+            storage.write_text(self.uri, json.dumps({"calls": self.calls, "writer": self.writer,
+                                                     "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
             return True
 
     def totals(self) -> dict[str, Any]:
-        """{"calls_before", "calls_this_run", "calls_total", "max_calls", "refused"}."""
+        """{"calls_before", "calls_this_run", "calls_total", "max_calls", "refused"}; the
+        total includes what other runs paid meanwhile."""
         with self._lock:
+            total = read_spent(self.folder, but=self.uri) + self.calls
             return {"calls_before": self.before, "calls_this_run": self.calls,
-                    "calls_total": self.before + self.calls, "max_calls": self.max_calls,
-                    "refused": self.refused}
+                    "calls_total": total, "max_calls": self.max_calls, "refused": self.refused}
 
 
-def read_spent(uri: str) -> int:
-    """Paid calls recorded in the ledger at ``uri``; 0 when there is none yet."""
+def read_spent(folder: str, but: str = "") -> int:
+    """Paid calls recorded in the ledger ``folder`` (every writer but the file ``but``); 0
+    when there is none yet."""
     try:
-        return int(json.loads(storage.read_text(uri)).get("calls", 0))
+        files = storage.list_files(folder, (".json",))
     except FileNotFoundError:
         return 0
+    skip = posixpath.basename(but) if but else ""
+    return sum(_calls(uri) for uri in files if posixpath.basename(uri) != skip)
+
+
+def _calls(uri: str) -> int:
+    try:
+        return int(json.loads(storage.read_text(uri)).get("calls", 0))
+    except (FileNotFoundError, ValueError, AttributeError):
+        return 0  # removed meanwhile, or not a ledger file
+
+
+def adopt_run_ledger(run_ledger: str, folder: str, name: str) -> None:
+    """Count the calls an older version recorded in a run folder (``<run>/collect/spend.json``)
+    in the cache's ledger, once (as ``<folder>/<name>.json``)."""
+    target = storage.join(folder, f"{name}.json")
+    if storage.exists(run_ledger) and not storage.exists(target):
+        storage.write_text(target, json.dumps({"calls": _calls(run_ledger), "writer": run_ledger}))
 
 
 def budget_summary(totals: dict[str, Any], price_per_call: float, max_spend: float) -> dict[str, Any]:

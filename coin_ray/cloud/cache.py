@@ -12,13 +12,25 @@ Beside an answer, a question may have a state file (JSON, same folder):
                     (written before polling, so a timeout, a retry or a resumed run polls it)
     <key>.failed    the service refused the image or its task failed: {"reason", "error",
                     "generation"}; a re-run skips it unless asked to retry failures
+    <key>.lock      held while one caller asks the question (``claimed``): a second run
+                    asking the same image at the same time waits, then finds the answer
 ``generation`` counts tasks created for the question after the service lost or failed one;
 it is part of the Idempotency-Key, so a retried creation reuses its key and a deliberate
 new one does not.
+
+Several runs may share one cache at once. On local disk (or NFS) every write is a rename
+and ``claimed`` is a kernel lock (``storage.locked``), so nothing is corrupted and no image
+is paid twice. On S3 every entry is one PUT (never half-written) but there is no lock: two
+runs asking the same image at the same moment may both pay for it, except on task backends
+(dds), whose creations carry the same Idempotency-Key for the same question.
+
+``also_read`` names older caches (``<storage>/cache`` of earlier versions): their answers
+and states are found too, and an answer found there is copied into ``root``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 
@@ -50,37 +62,58 @@ class AnswerCache:
     ``categories`` names the probs columns of answers that carry full distributions.
     """
 
-    def __init__(self, root: str, backend: str, categories: list[str] | None = None) -> None:
+    def __init__(self, root: str, backend: str, categories: list[str] | None = None,
+                 also_read: tuple[str, ...] = ()) -> None:
         self.root = root
         self.backend = backend
         self.categories = categories
+        self.also_read = tuple(r for r in also_read if r and r != root)
 
-    def path(self, key: str) -> str:
-        return storage.join(self.root, self.backend, key[:2], f"{key}.json")
+    def path(self, key: str, root: str = "") -> str:
+        return storage.join(root or self.root, self.backend, key[:2], f"{key}.json")
 
     def get(self, key: str) -> CloudAnswer | None:
         """The stored answer, or None when absent or unreadable (then it is asked again)."""
-        path = self.path(key)
-        try:
-            return answer_from_json(json.loads(storage.read_bytes(path)), self.categories)
-        except (FileNotFoundError, ValueError, TransientError):
-            return None
+        for root in (self.root, *self.also_read):
+            try:
+                body = json.loads(storage.read_bytes(self.path(key, root)))
+                answer = answer_from_json(body, self.categories)
+            except (FileNotFoundError, ValueError, TransientError):
+                continue
+            if root != self.root:  # migrate: the next run (any storage) finds it in the cache
+                storage.write_bytes(self.path(key), json.dumps(body).encode())
+            return answer
+        return None
+
+    def claimed(self, key: str) -> contextlib.AbstractContextManager[bool]:
+        """Hold ``key``'s claim while asking it (waits for another caller's; see the module doc)."""
+        return storage.locked(self._state_path(key, "lock"))
+
+    def _state_path(self, key: str, kind: str, root: str = "") -> str:
+        return self.path(key, root)[:-len(".json")] + "." + kind
 
     def put(self, key: str, answer: CloudAnswer, model: str = "") -> None:
         body = answer_to_json(answer, self.categories, model)
         storage.write_bytes(self.path(key), json.dumps(body).encode())
 
     def state(self, key: str, kind: str) -> dict | None:
-        """The ``kind`` ("pending" or "failed") state of ``key``, or None (absent, unreadable)."""
-        try:
-            got = json.loads(storage.read_bytes(self.path(key)[:-len(".json")] + "." + kind))
-        except (FileNotFoundError, ValueError, TransientError):
-            return None
-        return got if isinstance(got, dict) else None
+        """The ``kind`` ("pending" or "failed") state of ``key``, or None (absent, unreadable).
+
+        An older cache's state counts too: a task paid for there is polled, not created again.
+        """
+        for root in (self.root, *self.also_read):
+            try:
+                got = json.loads(storage.read_bytes(self._state_path(key, kind, root)))
+            except (FileNotFoundError, ValueError, TransientError):
+                continue
+            if isinstance(got, dict):
+                return got
+        return None
 
     def put_state(self, key: str, kind: str, state: dict) -> None:
-        storage.write_bytes(self.path(key)[:-len(".json")] + "." + kind, json.dumps(state).encode())
+        storage.write_bytes(self._state_path(key, kind), json.dumps(state).encode())
 
     def drop_state(self, key: str, kind: str) -> None:
-        """Remove the ``kind`` state of ``key`` (nothing happens when there is none)."""
-        storage.delete(self.path(key)[:-len(".json")] + "." + kind)
+        """Remove the ``kind`` state of ``key`` (nothing happens when there is none); an older
+        cache's is left, as everything there (the answer now in ``root`` is found first)."""
+        storage.delete(self._state_path(key, kind))

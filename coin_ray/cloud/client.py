@@ -22,6 +22,7 @@ skipped by later runs unless ``retry_failed`` is set.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
@@ -64,6 +65,8 @@ class Outcome:
     """The result of asking about one image.
 
     calls: paid calls actually sent (0 on a cache hit or a skip); reason: short error tag or "".
+    unfinished: no answer, and none is ruled out: the budget stopped it or transient errors
+    outlasted the retries, so a re-run asks again (a refused image is remembered, not this).
     """
 
     answer: CloudAnswer | None
@@ -71,6 +74,7 @@ class Outcome:
     cache_hit: bool
     error: str = ""
     reason: str = ""
+    unfinished: bool = False
 
 
 class _OverBudget(Exception):
@@ -126,6 +130,15 @@ class CloudClient:
         key = self.key(image_bytes)
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             return Outcome(hit, 0, True)
+        # One caller per question at a time, across threads and runs sharing the cache: a
+        # second one waits here, then finds the first one's answer instead of paying again.
+        with self.cache.claimed(key) if self.cache is not None else contextlib.nullcontext():
+            if self.cache is not None and (hit := self.cache.get(key)) is not None:
+                return Outcome(hit, 0, True)
+            return self._ask_claimed(key, image_bytes, image)
+
+    def _ask_claimed(self, key: str, image_bytes: bytes, image: np.ndarray) -> Outcome:
+        """``ask`` for a question not in the cache, its claim held."""
         failed = self._state(key, FAILED)
         if failed is not None and not self.retry_failed:
             return Outcome(None, 0, False, f"{SKIPPED}: {failed.get('error', '')} (not asked "
@@ -139,9 +152,9 @@ class CloudClient:
                     tally, lambda: self.backend.detect(image_bytes, image, self.prompts)))
         except _OverBudget:
             return Outcome(None, tally.calls, False, "not asked: the spend cap is reached "
-                           "(raise cloud.max_calls / cloud.max_spend and run again)", BUDGET)
+                           "(raise cloud.max_calls / cloud.max_spend and run again)", BUDGET, True)
         except _GaveUp as err:
-            return Outcome(None, tally.calls, False, err.error, err.reason)
+            return Outcome(None, tally.calls, False, err.error, err.reason, True)
         except PermanentError as err:
             self._remember_failure(key, err, tally.generation)
             return Outcome(None, tally.calls, False, str(err), err.reason)
@@ -151,7 +164,7 @@ class CloudClient:
             log.warning("backend %s failed on one image: %s", self.backend.name,
                         type(err).__name__)
             return Outcome(None, tally.calls, False, f"backend error: {type(err).__name__}",
-                           "backend error")
+                           "backend error", True)
         if self.cache is not None:
             self.cache.put(key, answer, self.model)
             if failed is not None:

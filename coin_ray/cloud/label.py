@@ -14,6 +14,7 @@ from coin_ray import storage
 from coin_ray.cloud.client import BUDGET, SKIPPED, CloudClient
 from coin_ray.cloud.mapping import CategoryMap, answer_to_detections
 from coin_ray.data.images import ImageDecodeError, decode_image
+from coin_ray.progress import MAX_NAMED
 from coin_ray.schema import SOURCE_CLOUD, Detections
 
 
@@ -27,6 +28,7 @@ class Labelled:
     cache_hit: bool = False
     reason: str = ""
     dropped: Counter = field(default_factory=Counter)
+    unfinished: bool = False  # not answered, and a re-run asks it again (``Outcome.unfinished``)
 
 
 def label_image(client: CloudClient, cmap: CategoryMap, uri: str, image_id: str) -> Labelled:
@@ -46,7 +48,8 @@ def label_image(client: CloudClient, cmap: CategoryMap, uri: str, image_id: str)
     outcome = client.ask(data, image)
     if outcome.answer is None:
         record = Detections.empty(image_id, uri, w, h, SOURCE_CLOUD, cmap.num_classes, outcome.error)
-        return Labelled(record, data, outcome.calls, False, outcome.reason)
+        return Labelled(record, data, outcome.calls, False, outcome.reason,
+                        unfinished=outcome.unfinished)
     record, dropped = answer_to_detections(outcome.answer, cmap, image_id, uri, w, h)
     return Labelled(record, data, outcome.calls, outcome.cache_hit, "", dropped)
 
@@ -62,12 +65,18 @@ class RunTally:
     boxes: int = 0
     skipped_failed: int = 0  # failed in an earlier run: not asked again (no retry_failed)
     not_asked_budget: int = 0  # the spend cap was reached before they were asked
+    unfinished: int = 0  # not answered and asked again by a re-run (budget, gave up, ...)
     errors_by_reason: Counter = field(default_factory=Counter)
     dropped_labels: Counter = field(default_factory=Counter)
+    # (uri, error) of the first failed images, to name on the console; BUDGET ones are not
+    # failures of the image (the budget line counts them)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    failed: int = 0
 
     def add(self, record: Detections, calls: int, cache_hit: bool, reason: str,
-            dropped: dict[str, int]) -> None:
+            dropped: dict[str, int], unfinished: bool = False) -> None:
         self.images += 1
+        self.unfinished += int(unfinished)
         self.calls += calls
         self.cache_hits += int(cache_hit)
         self.boxes += len(record)
@@ -76,6 +85,10 @@ class RunTally:
             self.errors_by_reason[reason or "unknown"] += 1
             self.skipped_failed += int(reason == SKIPPED)
             self.not_asked_budget += int(reason == BUDGET)
+            if reason != BUDGET:
+                self.failed += 1
+                if len(self.failures) < MAX_NAMED:
+                    self.failures.append((record.uri, record.error))
         self.dropped_labels.update(dropped)
 
     def as_dict(self, price_per_call: float = 0.0) -> dict[str, Any]:
@@ -84,6 +97,7 @@ class RunTally:
             "errors_by_reason": dict(self.errors_by_reason), "calls": self.calls,
             "cache_hits": self.cache_hits, "boxes": self.boxes,
             "skipped_failed": self.skipped_failed, "not_asked_budget": self.not_asked_budget,
+            "unfinished": self.unfinished,
             "dropped_labels": dict(self.dropped_labels),
             "dropped_total": sum(self.dropped_labels.values())}
         if price_per_call > 0:

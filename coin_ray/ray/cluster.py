@@ -14,13 +14,16 @@ import os
 import sys
 import threading
 import time
+from typing import MutableMapping, TextIO
 
 import ray
 
 from coin_ray import errors
 from coin_ray.errors import EXIT_BAD_INPUT, Unreachable, one_line
 from coin_ray.location import refuse_unshared
+from coin_ray.ray.console import quiet_ray_data, worker_env_vars
 from coin_ray.preflight import probe_ray_address
+from coin_ray.ray.progress_feed import filter_known_ray_noise
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,19 @@ def _watchdog(address: str, timeout_s: float) -> threading.Timer:
     return timer
 
 
+def plain_log_prefixes(stream: TextIO | None = None, env: MutableMapping[str, str] | None = None) -> None:
+    """No colour codes in worker lines when the console is a file or a pipe.
+
+    Ray wraps the "(pid=...)" prefix of every worker line it forwards to the driver in ANSI
+    colour codes, a terminal or not; in a redirected log they are noise. It reads
+    RAY_COLOR_PREFIX when it prints, so setting it to 0 here (unless the user set it) is enough.
+    """
+    env = os.environ if env is None else env
+    stream = sys.stdout if stream is None else stream
+    if "RAY_COLOR_PREFIX" not in env and (not stream.isatty() or "NO_COLOR" in env):
+        env["RAY_COLOR_PREFIX"] = "0"
+
+
 def join(num_cpus: int | None = None, timeout_s: float = JOIN_TIMEOUT_S) -> None:
     """Join the cluster named by RAY_ADDRESS, or start a fresh local Ray instance.
 
@@ -79,9 +95,13 @@ def join(num_cpus: int | None = None, timeout_s: float = JOIN_TIMEOUT_S) -> None
     """
     if ray.is_initialized():
         return
+    plain_log_prefixes()
     address = os.environ.get("RAY_ADDRESS", "")
+    # transformers' chatter off in every worker (coin_ray.ray.console); merged by Ray with a
+    # `ray job submit` runtime_env, whose own keys are left alone.
+    quiet = {"runtime_env": {"env_vars": env}} if (env := worker_env_vars()) else {}
     if address in ("", "local"):  # "local": a fresh instance even when a cluster runs here
-        ray.init(address="local", num_cpus=num_cpus or None)
+        ray.init(address="local", num_cpus=num_cpus or None, **quiet)
         return
     if num_cpus:
         log.warning("--num-cpus is ignored when connecting to an existing cluster (RAY_ADDRESS)")
@@ -91,7 +111,7 @@ def join(num_cpus: int | None = None, timeout_s: float = JOIN_TIMEOUT_S) -> None
     timer = _watchdog(address, budget)
     timer.start()
     try:
-        ray.init()
+        ray.init(**quiet)
     except KeyboardInterrupt:
         raise Unreachable(f"the Ray cluster at RAY_ADDRESS={address} did not answer within {budget:.0f} s") from None
     except (ConnectionError, RuntimeError) as err:  # what ray.init raises when no GCS answers
@@ -101,11 +121,21 @@ def join(num_cpus: int | None = None, timeout_s: float = JOIN_TIMEOUT_S) -> None
         timer.cancel()
 
 
+def init_ray(num_cpus: int | None = None) -> None:
+    """``join`` (failing fast when RAY_ADDRESS is dead, else a local instance); Ray's
+    known-harmless noise and its INFO chatter then stay off the console
+    (``coin_ray.ray.console``). Imports no model code."""
+    join(num_cpus)
+    filter_known_ray_noise()
+    quiet_ray_data()
+
+
 def alive_nodes() -> int:
     """Nodes of the joined cluster that are alive."""
     return sum(1 for n in ray.nodes() if n.get("Alive"))
 
 
-def check_storage(storage_uri: str) -> None:
-    """Refuse (UserError, one line) a local storage folder on a multi-node cluster."""
-    refuse_unshared(storage_uri, alive_nodes())
+def check_storage(storage_uri: str, key: str = "storage") -> None:
+    """Refuse (UserError, one line) a local storage folder (or answer cache, ``key``) on a
+    multi-node cluster."""
+    refuse_unshared(storage_uri, alive_nodes(), key=key)

@@ -25,19 +25,21 @@ import numpy as np
 import ray
 
 from coin_ray import storage
-from coin_ray.cloud.backends import NEEDS_TOKEN, build_backend, client_for
-from coin_ray.cloud.budget import SpendLedger, budget_line, budget_summary, call_cap
+from coin_ray.cloud.backends import NEEDS_TOKEN, build_backend, client_for, model_id
+from coin_ray.cloud.budget import (SpendLedger, adopt_run_ledger, budget_line, budget_summary, call_cap,
+                                   spend_folder)
 from coin_ray.cloud.cache import AnswerCache
 from coin_ray.cloud.clip_score import ClipBoxScorer
-from coin_ray.cloud.errors import Secret, read_token
+from coin_ray.cloud.errors import AuthError, Secret, read_token
 from coin_ray.cloud.export_coco import export_coco
 from coin_ray.cloud.label import RunTally, label_image
 from coin_ray.cloud.mapping import CategoryMap
 from coin_ray.config import Config, from_dict, to_dict
 from coin_ray.data.images import decode_image, image_id_from_uri
+from coin_ray.location import cache_location, legacy_cache_location
 from coin_ray.preflight import stop_if_unreachable
-from coin_ray.progress import ProgressLine
-from coin_ray.ray.limiter import ClusterLimiter
+from coin_ray.progress import ProgressLine, failure_lines
+from coin_ray.ray.limiter import COLLECTION_OVER, ClusterLimiter
 from coin_ray.run import RunDir
 from coin_ray.schema import Detections, records_to_table
 
@@ -60,13 +62,13 @@ def _category_map(cfg: Config) -> CategoryMap:
 class _CloudCaller:
     """Actor: asks the backend about a batch of images, ``threads`` at a time."""
 
-    def __init__(self, cfg: dict, token: Secret, limiter: ClusterLimiter, cache_root: str,
+    def __init__(self, cfg: dict, token: Secret, limiter: ClusterLimiter, cache_roots: tuple[str, ...],
                  threads: int, keep_bytes: bool, budget: "_ClusterBudget | None" = None) -> None:
         cfg_ = from_dict(cfg)
         c = cfg_.cloud
         self.cmap = _category_map(cfg_)
         backend = build_backend(c, cfg_.data.categories, token, cfg_.data.target_images)
-        cache = AnswerCache(cache_root, backend.name, cfg_.data.categories)
+        cache = AnswerCache(cache_roots[0], backend.name, cfg_.data.categories, also_read=cache_roots[1:])
         self.client = client_for(c, backend, self.cmap.prompt_list(), cache=cache,
                                  limiter=limiter, budget=budget, seed=cfg_.seed)
         self.pool = ThreadPoolExecutor(max_workers=threads)
@@ -77,7 +79,7 @@ class _CloudCaller:
                                   zip(batch["uri"].tolist(), batch["image_id"].tolist())))
         out = {"cloud": [json.dumps(d.record.to_row()) for d in done],
                "calls": [d.calls for d in done], "cache_hit": [d.cache_hit for d in done],
-               "reason": [d.reason for d in done],
+               "reason": [d.reason for d in done], "unfinished": [d.unfinished for d in done],
                "dropped": [json.dumps(dict(d.dropped)) for d in done]}
         if self.keep_bytes:
             out["image_bytes"] = [d.image_bytes for d in done]
@@ -91,7 +93,10 @@ class _ClusterBudget:
         self.actor = actor
 
     def charge(self) -> bool:
-        return ray.get(self.actor.charge.remote())
+        try:
+            return ray.get(self.actor.charge.remote())
+        except ray.exceptions.RayActorError:  # the driver killed the ledger: the collection is over
+            raise AuthError("stopped", COLLECTION_OVER) from None
 
 
 class _ClipScorer:
@@ -132,11 +137,11 @@ def _plan(cfg: Config, image_uris: list[str], limiter: ClusterLimiter, token: Se
     root = cfg.data.target_images
     items = [{"uri": u, "image_id": image_id_from_uri(u, root)} for u in image_uris]
     threads = math.ceil(c.max_in_flight / c.num_actors) + 1
-    cache_root = c.cache or storage.join(cfg.storage, "cache")
+    cache_roots = (cache_location(cfg), legacy_cache_location(cfg))
     ds = ray.data.from_items(items).map_batches(
         _CloudCaller, batch_size=threads, num_cpus=CLOUD_CPUS,
         fn_constructor_kwargs={"cfg": to_dict(cfg), "token": token, "limiter": limiter,
-                               "cache_root": cache_root, "threads": BATCHES_PER_ACTOR * threads,
+                               "cache_roots": cache_roots, "threads": BATCHES_PER_ACTOR * threads,
                                "keep_bytes": with_clip, "budget": budget},
         compute=ray.data.ActorPoolStrategy(size=c.num_actors,
                                            max_concurrent_calls_per_actor=BATCHES_PER_ACTOR,
@@ -160,7 +165,8 @@ def _drain(ds: "ray.data.Dataset", total: int, url: str = "") -> tuple[list[Dete
             if "clip" in batch:
                 clip.append(Detections.from_row(json.loads(batch["clip"][i])))
             tally.add(record, int(batch["calls"][i]), bool(batch["cache_hit"][i]),
-                      str(batch["reason"][i]), json.loads(batch["dropped"][i]))
+                      str(batch["reason"][i]), json.loads(batch["dropped"][i]),
+                      bool(batch["unfinished"][i]))
         progress.update(tally)
     progress.update(tally, force=True)
     return cloud, clip, tally
@@ -185,15 +191,13 @@ def run_collection(cfg: Config, image_uris: list[str], run: RunDir, *,
     limiter = ClusterLimiter.create(cfg.resolved_run_id(), c.requests_per_second,
                                     c.max_in_flight, lease_s=4 * c.timeout_s + c.poll_deadline_s)
     cap = call_cap(c.max_calls, c.max_spend, c.price_per_call)
-    ledger = (ray.remote(num_cpus=0)(SpendLedger).remote(run.collect_spend, cap)
-              if cap else None)
+    ledger = ray.remote(num_cpus=0)(SpendLedger).remote(_ledger_folder(cfg, run), cap, cfg.resolved_run_id())
     start = time.monotonic()
     try:
-        plan = _plan(cfg, image_uris, limiter, token, with_clip,
-                     _ClusterBudget(ledger) if ledger else None)
+        plan = _plan(cfg, image_uris, limiter, token, with_clip, _ClusterBudget(ledger))
         cloud, clip, tally = _drain(plan, len(image_uris), c.url)
         limiter_stats = limiter.stats()
-        spent = ray.get(ledger.totals.remote()) if ledger else None
+        spent = ray.get(ledger.totals.remote())
     except Exception as err:
         stopped = _stop_reason(limiter)
         if stopped:
@@ -201,8 +205,7 @@ def run_collection(cfg: Config, image_uris: list[str], run: RunDir, *,
         raise err
     finally:
         limiter.kill()
-        if ledger:
-            ray.kill(ledger)
+        ray.kill(ledger)
     seconds = time.monotonic() - start
     cloud.sort(key=lambda r: r.uri)
     clip.sort(key=lambda r: r.uri)
@@ -215,13 +218,23 @@ def run_collection(cfg: Config, image_uris: list[str], run: RunDir, *,
     summary = {**tally.as_dict(c.price_per_call), "backend": c.backend, "model": _model_name(cfg, token),
                "seconds": round(seconds, 3), "calls_per_s": round(tally.calls / max(seconds, 1e-9), 3),
                "limiter_grants": limiter_stats["granted"]}
-    if spent:
-        summary["budget"] = budget_summary(spent, c.price_per_call, c.max_spend)
+    summary["budget"] = budget_summary(spent, c.price_per_call, c.max_spend)
+    if cap:
         print(budget_line(summary["budget"], tally.not_asked_budget), file=sys.stderr, flush=True)
-    _warn_if_nothing(summary)
-    storage.write_text(run.collect_summary, json.dumps(summary, indent=2))
+    for line in failure_lines("collect", tally.failures, tally.failed, run.cloud_detections):
+        print(line, file=sys.stderr, flush=True)
     log.info("collection: %s", json.dumps(summary))
+    _warn_if_nothing(summary)  # after the log line: the console shows the warning once
+    storage.write_text(run.collect_summary, json.dumps(summary, indent=2))
     return summary
+
+
+def _ledger_folder(cfg: Config, run: RunDir) -> str:
+    """The spend ledger of ``cfg``'s backend in the answer cache; a ledger an older version
+    kept in ``run`` is counted there first."""
+    folder = spend_folder(cache_location(cfg), cfg.cloud.backend)
+    adopt_run_ledger(run.collect_spend, folder, f"from-{cfg.resolved_run_id()}")
+    return folder
 
 
 def _model_name(cfg: Config, token: Secret) -> str:
@@ -247,5 +260,4 @@ def _warn_if_nothing(summary: dict[str, Any]) -> None:
         summary["warning"] = (f"NOTHING WAS LABELLED: 0 boxes on {summary['images']} images "
                               f"({summary['errors']} errors, {summary['dropped_total']} labels "
                               "dropped as unmapped). Check prompts, label_map and threshold.")
-        log.warning(summary["warning"])
         print("!" * 72 + f"\n{summary['warning']}\n" + "!" * 72, file=sys.stderr, flush=True)

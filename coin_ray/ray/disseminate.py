@@ -19,7 +19,7 @@ from typing import Callable
 
 from coin_ray.config import Config
 from coin_ray.models.build import build_detector, save_detector
-from coin_ray.ray.train import prepare, run_stage, run_training, worker_setup
+from coin_ray.ray.train import prepare, run_stage, run_training, stage_uris, worker_setup
 from coin_ray.run import RunDir
 from coin_ray.tensorboard_log import TensorBoardLog
 from coin_ray.train.data import DetectionDataset, load_dissemination_records
@@ -65,5 +65,12 @@ def run_disseminate(cfg: Config, run: RunDir, uris: list[str] | None = None,
 
     ``uris`` and resuming as in ``coin_ray.ray.train.run_stage``; ``loop`` replaces the
     workers' loop (tests pass ``disseminate_worker`` with an ``after_step`` hook).
+
+    The epochs count the images the workers' dataset iterates over: the training images
+    whose cloud record (and, with CLIP's labels, CLIP record) is usable. An image whose
+    boxes all score below ``min_cloud_score`` still counts: it stays in the dataset as an
+    image with no objects.
     """
-    return run_stage(STAGE, loop, cfg, run, uris)
+    uris = stage_uris(cfg, uris)
+    images = len(load_dissemination_records(run, cfg.train.disseminate.labels, uris))
+    return run_stage(STAGE, loop, cfg, run, uris, images)

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from coin_ray.config import Config
 from coin_ray.models.build import save_detector
-from coin_ray.ray.train import prepare, run_stage, run_training, worker_setup
+from coin_ray.ray.train import prepare, run_stage, run_training, stage_uris, worker_setup
 from coin_ray.run import RunDir
 from coin_ray.tensorboard_log import TensorBoardLog
 from coin_ray.train.data import DetectionDataset, clip_det_records, cloud_records
@@ -77,5 +77,14 @@ def run_distill(cfg: Config, run: RunDir, uris: list[str] | None = None,
     Needs ``run.clip_detector``. ``uris`` and resuming as in
     ``coin_ray.ray.train.run_stage``; ``loop`` replaces the workers' loop (tests pass
     ``distill_worker`` with an ``after_step`` hook).
+
+    The epochs count the images of ``distill_images``.
     """
-    return run_stage(STAGE, loop, cfg, run, uris)
+    uris = stage_uris(cfg, uris)
+    return run_stage(STAGE, loop, cfg, run, uris, distill_images(run, uris))
+
+
+def distill_images(run: RunDir, uris: list[str] | None) -> int:
+    """How many images stage 3 trains on: the training images with a usable cloud record
+    (``cloud_records``; one with no boxes still counts), i.e. the workers' dataset size."""
+    return len(cloud_records(run, uris))

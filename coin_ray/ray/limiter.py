@@ -22,6 +22,7 @@ from coin_ray.cloud.errors import AuthError
 from coin_ray.cloud.ratelimit import SlotBook, late_tolerance, sleep_until
 
 NAMESPACE = "coin_ray"
+COLLECTION_OVER = "the collection was stopped; this image was not asked"
 _RECHECK_S = 1.0  # waiting callers re-check at least this often (stale leases expire)
 
 
@@ -106,9 +107,14 @@ class ClusterLimiter:
         raise RuntimeError(f"could not start the limiter actor {cls.actor_name(run_id)}")
 
     def acquire(self) -> str:
-        """Block (sleeping locally) until this caller's slot; raises AuthError after ``stop``."""
+        """Block (sleeping locally) until this caller's slot; raises AuthError after ``stop``,
+        and once the limiter is gone (the driver kills it when the collection ends or stops)."""
         while True:
-            got = ray.get(self.actor.reserve.remote())
+            try:
+                got = ray.get(self.actor.reserve.remote())
+            except ray.exceptions.RayActorError:
+                # Not a backend failure of this image: the collection is over, ask nothing more.
+                raise AuthError("stopped", COLLECTION_OVER) from None
             if isinstance(got, str):
                 raise AuthError("stopped", got)
             lease, slot = got

@@ -24,11 +24,10 @@ from typing import Any, Callable
 
 from coin_ray import storage
 from coin_ray.config import Config, to_yaml
-from coin_ray.demo import with_demo_world
+from coin_ray.demo import PLUMBING_NOTE, is_plumbing_check, with_demo_world
 from coin_ray.deploy import serve_command
-from coin_ray.location import describe, resolve_config
-from coin_ray.ray.cluster import check_storage, join
-from coin_ray.ray.progress_feed import filter_known_ray_noise
+from coin_ray.location import cache_location, describe, resolve_config
+from coin_ray.ray.cluster import check_storage, init_ray
 from coin_ray.ray.stages import (stage_clip_det, stage_collect, stage_disseminate, stage_distill,
                                  stage_evaluate, stage_export)
 from coin_ray.run import STAGE_NAMES, RunDir, changed_settings, run_dir, stage_settings
@@ -56,16 +55,9 @@ class AdaptationResult:
     ok: bool = True
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster named by RAY_ADDRESS (failing fast when it is dead), or start a
-    local Ray instance (see ``coin_ray.ray.cluster.join``); Ray's known-harmless noise then
-    stays off the console."""
-    join(num_cpus)
-    filter_known_ray_noise()
-
-
 def stages_to_run(run: RunDir, requested: list[str] | None, cfg: Config | None = None) -> list[str]:
-    """Requested stages are forced to re-run; otherwise every stage not yet in the manifest.
+    """Requested stages are forced to re-run; otherwise the first unfinished stage and every
+    stage after it (they depend on it: a collection finished by this run retrains them).
 
     With ``cfg``, the first finished stage whose recorded settings differ from ``cfg``'s
     (``coin_ray.run.stage_settings``) runs again, and so does every stage after it: a
@@ -77,7 +69,16 @@ def stages_to_run(run: RunDir, requested: list[str] | None, cfg: Config | None =
         return [s for s in STAGES if s in requested]
     if cfg is not None:
         forget_from_changed_stage(run, cfg)
-    return [s for s in STAGES if not run.is_done(s)]
+    first = run.first_unfinished()
+    if first is None:
+        return []
+    todo = list(STAGES)[list(STAGES).index(first):]
+    stale = [later for later in todo[1:] if run.is_done(later)]
+    if stale:
+        print(f"[coin-ray] {first} is not finished: running it, then {', '.join(stale)} again", flush=True)
+    for later in stale:
+        run.forget(later)
+    return todo
 
 
 def forget_from_changed_stage(run: RunDir, cfg: Config) -> str | None:
@@ -106,6 +107,8 @@ def run_adaptation(cfg: Config, stages: list[str] | None = None, num_cpus: int |
     if todo:
         init_ray(num_cpus or cfg.ray.num_cpus or None)
         check_storage(cfg.storage)
+        if "collect" in todo:
+            check_storage(cache_location(cfg), key="cloud.cache")
     else:
         print(f"[coin-ray] every stage of {run.root} is done: nothing to run "
               "(--stages names stages to run again)", flush=True)
@@ -118,12 +121,26 @@ def run_adaptation(cfg: Config, stages: list[str] | None = None, num_cpus: int |
                       settings=stage_settings(cfg, stage), **(info or {}))
         result.stages_run.append(stage)
         print(f"[coin-ray] stage {stage} done in {time.monotonic() - start:.0f} s", flush=True)
-    if storage.exists(run.table1):
-        result.table_markdown = storage.read_text(run.table1)
-        print("\n" + result.table_markdown)
-        print(f"report: {run.report_dir}")
-    if run.is_done("export"):  # the run's promise is an endpoint: say how to get it
-        print(f"serve this detector (Ray Serve, http protocol on 127.0.0.1:8000): {serve_command(run.root)}")
-    print(f"TensorBoard (every stage and the evaluation): tensorboard --logdir {run.tensorboard}", flush=True)
-    print(describe(cfg, run.root), flush=True)
+        if not run.is_done(stage):
+            print(f"[coin-ray] {stage} left {info['unfinished']} images unasked or unanswered: "
+                  "the next run asks them first, then runs every later stage again", flush=True)
+    result.table_markdown = storage.read_text(run.table1) if storage.exists(run.table1) else ""
+    print("\n".join(closing_lines(cfg, run, result.table_markdown)), flush=True)
     return result
+
+
+def closing_lines(cfg: Config, run: RunDir, table: str) -> list[str]:
+    """What a run prints at its end: Table 1 (when there is one), the report and TensorBoard
+    folders (only those that exist), and where the run and its answer cache live."""
+    lines = []
+    if table:
+        lines.append("\n" + table)
+        if is_plumbing_check(cfg) and PLUMBING_NOTE not in table:  # a table from before the note
+            lines.append(f"[coin-ray] {PLUMBING_NOTE}")
+    if storage.exists(run.report_dir):
+        lines.append(f"report: {run.report_dir}")
+    if storage.exists(run.tensorboard):  # a collect-only run has written none
+        lines.append(f"TensorBoard (every stage and the evaluation): tensorboard --logdir {run.tensorboard}")
+    if run.is_done("export"):  # the run's promise is an endpoint: say how to get it
+        lines.append(f"serve this detector (Ray Serve, http protocol on 127.0.0.1:8000): {serve_command(run.root)}")
+    return lines + [describe(cfg, run.root)]

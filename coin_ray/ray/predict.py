@@ -11,14 +11,16 @@ a list of {"image_id", "category_id", "bbox": [x, y, w, h] pixels, "score"}.
 Ids: with a COCO annotations file for the images, its image ids (matched by
 ``images/<file_name>``) and category ids (matched by name); otherwise image ids 1..N in
 sorted uri order and category ids label + 1, with the id -> file list written beside the
-results as ``<name>.images.json``.
+results as ``<name>.images.json`` (``results.json`` -> ``results.images.json``): COCO's
+``images`` (id, file_name = the image's uri, width, height) and ``categories`` (id, name),
+so the results and that file together read as a COCO dataset with detections.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -114,6 +116,8 @@ class PredictSummary:
     detections: int
     errors: int
     seconds: float
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (uri, error) of unreadable images
+    index: str = ""  # the <name>.images.json written beside the results, or "" with annotations
 
 
 def predict(export_uri: str, images_uri: str, out_uri: str, *, annotations_uri: str = "",
@@ -132,11 +136,13 @@ def predict(export_uri: str, images_uri: str, out_uri: str, *, annotations_uri: 
     image_ids, category_ids = coco_ids(meta["categories"], uris, images_uri, annotations_uri)
     results = coco_results(records, image_ids, category_ids)
     storage.write_text(out_uri, json.dumps(results))
-    if not annotations_uri:
+    index_uri = ""
+    if not annotations_uri:  # the ids are ours: say which file and category each one is
         index = [{"id": image_ids[r.uri], "file_name": r.uri, "width": r.width, "height": r.height}
                  for r in records if r.ok]
         cats = [{"id": category_ids[k], "name": c} for k, c in enumerate(meta["categories"])]
-        storage.write_text(out_uri.rsplit(".", 1)[0] + ".images.json",
-                           json.dumps({"images": index, "categories": cats}))
-    return PredictSummary(out_uri, len(uris), len(results), sum(not r.ok for r in records),
-                          time.monotonic() - start)
+        index_uri = out_uri.rsplit(".", 1)[0] + ".images.json"
+        storage.write_text(index_uri, json.dumps({"images": index, "categories": cats}))
+    failures = [(r.uri, r.error) for r in records if not r.ok]
+    return PredictSummary(out_uri, len(uris), len(results), len(failures), time.monotonic() - start,
+                          failures, index_uri)

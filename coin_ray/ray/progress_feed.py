@@ -19,7 +19,6 @@ Ray Train's own per-report INFO lines ("Reporting training result N: TrainingRep
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 from contextlib import contextmanager
@@ -28,13 +27,10 @@ from typing import Any, Iterator
 import ray.exceptions
 from ray.util.queue import Empty, Queue
 
-from coin_ray.progress import ProgressLine
+from coin_ray.progress import DurationEstimate, ProgressLine
+from coin_ray.ray.console import verbose
 
 POLL_S = 0.5
-
-
-def verbose() -> bool:
-    return os.environ.get("COIN_RAY_VERBOSE", "") not in ("", "0")
 
 
 class ProgressFeed:
@@ -54,7 +50,8 @@ class ProgressFeed:
             self.closed = True
 
 
-def _show(queue: Queue, progress: ProgressLine, stop: threading.Event) -> None:
+def _show(queue: Queue, progress: ProgressLine, stop: threading.Event,
+          estimate: DurationEstimate | None = None) -> None:
     last: dict[str, Any] = {}
     while not stop.is_set() or not queue.empty():
         try:
@@ -64,16 +61,20 @@ def _show(queue: Queue, progress: ProgressLine, stop: threading.Event) -> None:
         except Exception:  # the queue actor is gone (cluster shutting down): nothing left to show
             return
         if "step" in last:
+            if estimate is not None:
+                estimate.update(int(last["step"]))
             progress.update(int(last["step"]), last)
 
 
 @contextmanager
 def training_progress(stage: str, total_steps: int) -> Iterator[ProgressFeed]:
-    """A feed for rank 0 of a training loop whose metrics print progress on the driver."""
+    """A feed for rank 0 of a training loop whose metrics print progress on the driver,
+    with one estimate of the stage's duration once its first logged steps are timed."""
     queue = Queue(actor_options={"num_cpus": 0})
     progress = ProgressLine(stage, total_steps)
     stop = threading.Event()
-    thread = threading.Thread(target=_show, args=(queue, progress, stop), daemon=True)
+    thread = threading.Thread(target=_show, args=(queue, progress, stop, DurationEstimate(stage, total_steps)),
+                              daemon=True)
     thread.start()
     try:
         yield ProgressFeed(queue)
@@ -98,7 +99,9 @@ def quiet_train_reports() -> None:
 # They stay in Ray's session logs (/tmp/ray/session_latest/logs); COIN_RAY_VERBOSE=1 shows them.
 #  - Ray Train's PlacementGroupCleaner looks the cluster up by address; on a machine that
 #    runs several Ray instances it may pick another one and print a GCS-timeout traceback,
-#    and the TrainController one about failing to stop it (QUIET_STOP).
+#    and the TrainController one about failing to stop it (QUIET_STOP) or to register its
+#    placement group with it once it died (QUIET_REGISTER: a warning, with the dead actor's
+#    description on tab-indented lines).
 #  - Ray warns at error level that an actor whose constructor arguments sit in the object
 #    store cannot be restarted once their owner dies; Ray Data and Ray Train create such
 #    actors themselves (actor pools, PreemptionWatcher).
@@ -108,15 +111,18 @@ QUIET_LINE = re.compile(r"core_worker\.cc:\d+: Actor with class name: .* has con
 
 # The controller then reports, with a traceback, that stopping that cleaner timed out.
 QUIET_STOP = "Failed to stop PlacementGroupCleaner gracefully"
+QUIET_REGISTER = "Failed to register placement group with cleaner"
+_CLEANER_DEATH = ("\t", "The actor is dead because")  # how QUIET_REGISTER's message goes on
 
 
 def _without_cleaner_stop(lines: list[str]) -> list[str]:
-    """``lines`` less the QUIET_STOP message and the traceback after it (to its exception line)."""
+    """``lines`` less the QUIET_STOP and QUIET_REGISTER messages and what follows them (a
+    traceback to its exception line, the dead cleaner's description)."""
     kept, skipping = [], False
     for line in lines:
-        if QUIET_STOP in line:
+        if QUIET_STOP in line or QUIET_REGISTER in line:
             skipping = True
-        elif skipping and (line.startswith((" ", "Traceback")) or not line.strip()):
+        elif skipping and (line.startswith((" ", "Traceback", *_CLEANER_DEATH)) or not line.strip()):
             pass
         elif skipping and line.startswith("ray.exceptions."):
             skipping = False

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import socket
 from collections import Counter
 
 import numpy as np
@@ -32,9 +31,10 @@ from starlette.responses import JSONResponse
 
 from coin_ray.cloud import dds_serve
 from coin_ray.cloud.http_backend import answer_to_json
-from coin_ray.deploy import (ModelCard, RequestError, ServeSettings, answer_for, authorised, detect_images,
-                             http_request, model_card, presented_token, route, task_request)
+from coin_ray.deploy import (ModelCard, RequestError, ServeSettings, answer_for, authorised, http_request,
+                             model_card, presented_token, route, task_request)
 from coin_ray.export import load_exported
+from coin_ray.train.data import image_tensor
 
 log = logging.getLogger("coin_ray.serve")
 
@@ -129,6 +129,13 @@ class DetectorReplica:
         return 200, {"code": 0, "msg": "ok", "data": status}
 
 
+def detect_images(detector, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """Run an exported detector (``coin_ray.export.load_exported``) on decoded (H, W, 3) uint8
+    images in one call; per image {"boxes" (N,4) xyxy pixels, "labels", "scores", "probs"} as numpy."""
+    found = detector.detect([image_tensor(img) for img in images])
+    return [{key: value.numpy() for key, value in det.items()} for det in found]
+
+
 def relative_path(request: Request) -> str:
     """The request's path below the application's route prefix ("/v1/detect" under "/a")."""
     path, prefix = request.scope.get("path", "/"), request.scope.get("root_path", "").rstrip("/")
@@ -171,16 +178,6 @@ def detector_app(export_uri: str, settings: ServeSettings, card: ModelCard | Non
     card = card or model_card(export_uri, settings.runtime)
     tasks = TaskStore.bind() if settings.dds else None
     return DetectorReplica.options(**deployment_options(settings)).bind(export_uri, card, settings, tasks)
-
-
-def port_free(host: str, port: int) -> bool:
-    """Whether nothing listens on ``host:port`` (checked before Serve's proxy tries to bind)."""
-    with socket.socket() as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def serve_detector(export_uri: str, settings: ServeSettings, *, host: str = "127.0.0.1", port: int = 8000,

@@ -13,16 +13,21 @@ from coin_ray.cloud.clip_score import clip_baseline
 from coin_ray.config import Config
 from coin_ray.data.datasets import target_uris, val_split
 from coin_ray.data.images import load_image
-from coin_ray.demo import demo_cloud
+from coin_ray.data_check import (MIN_BOXES_PER_CATEGORY, MIN_CONSISTENT_PAIRS, category_counts,
+                                 consistent_counts, too_few)
+from coin_ray.demo import PLUMBING_NOTE, demo_cloud, is_plumbing_check
 from coin_ray.evaluate import EvalResult, evaluate
 from coin_ray.export import export_detector
 from coin_ray.ray.collect import run_collection
 from coin_ray.ray.detect import run_detection
 from coin_ray.ray.disseminate import run_disseminate
-from coin_ray.ray.distill import run_distill
-from coin_ray.report import write_report
+from coin_ray.ray.distill import distill_images, run_distill
+from coin_ray.ray.train import stage_uris
+from coin_ray.report import write_report, write_training_plots
 from coin_ray.run import RunDir
 from coin_ray.schema import Detections, table_to_records
+from coin_ray.train.data import clip_det_records, cloud_records
+from coin_ray.train.schedule import resolve_length
 
 
 def table1_rows(run: RunDir) -> dict[str, str]:
@@ -45,12 +50,27 @@ def stage_collect(cfg: Config, run: RunDir) -> dict[str, Any]:
     uris = detection_uris(cfg)
     with demo_cloud(cfg) as live_cfg:
         summary = run_collection(live_cfg, uris, run)
-    return {"images": len(uris), "calls": summary.get("calls"), "errors": summary.get("errors")}
+    info = {"images": len(uris), "calls": summary.get("calls"), "errors": summary.get("errors")}
+    if summary.get("unfinished"):  # not done: the next run asks these first (RunDir.is_done)
+        info["unfinished"] = summary["unfinished"]
+    return info
 
 
 def stage_disseminate(cfg: Config, run: RunDir) -> dict[str, Any]:
-    """Pre-train the CLIP detector on the cloud's boxes (CLIP's or the cloud's labels; Ray Train)."""
-    return {"model": run_disseminate(cfg, run)}
+    """Pre-train the CLIP detector on the cloud's boxes (CLIP's or the cloud's labels; Ray Train),
+    after one warning line when a category has few boxes above ``min_cloud_score`` (or none has any)."""
+    counts = check_cloud_boxes(cfg, run)
+    return {"model": run_disseminate(cfg, run), "boxes": counts}
+
+
+def check_cloud_boxes(cfg: Config, run: RunDir) -> dict[str, int]:
+    """Cloud boxes per category on the training images (above ``min_cloud_score``); prints one
+    warning line when some category has few (``coin_ray.data_check.too_few``)."""
+    records = cloud_records(run, target_uris(cfg) if cfg.data.target_images else None)
+    counts = category_counts(records, cfg.data.categories, cfg.train.disseminate.min_cloud_score)
+    _warn(too_few(f"cloud boxes to train on ({len(records)} images, score >= "
+                  f"{cfg.train.disseminate.min_cloud_score:g})", counts, MIN_BOXES_PER_CATEGORY))
+    return counts
 
 
 def stage_clip_det(cfg: Config, run: RunDir) -> dict[str, Any]:
@@ -61,8 +81,22 @@ def stage_clip_det(cfg: Config, run: RunDir) -> dict[str, Any]:
 
 
 def stage_distill(cfg: Config, run: RunDir) -> dict[str, Any]:
-    """Distil the target detector with the COIN losses and the CKG (Ray Train)."""
-    return {"model": run_distill(cfg, run)}
+    """Distil the target detector with the COIN losses and the CKG (Ray Train); warns first
+    when the consistent set (cloud and CLIP detector agree) is small in some category."""
+    d = cfg.train.distill
+    teacher = clip_det_records(run)  # [] when clip_det is older than the CLIP detector: not counted
+    counts = consistent_counts(cloud_records(run, target_uris(cfg) if cfg.data.target_images else None),
+                               teacher, cfg.data.categories, min_score=d.min_score,
+                               min_clip_score=d.min_clip_score, iou=d.match_iou) if teacher else None
+    if counts is not None:
+        _warn(too_few("consistent boxes (cloud and CLIP detector agree)", counts, MIN_CONSISTENT_PAIRS,
+                      if_none="the distillation learns from the inconsistent and private boxes only"))
+    return {"model": run_distill(cfg, run), **({"consistent_at_start": counts} if counts else {})}
+
+
+def _warn(line: str | None) -> None:
+    if line:
+        print(line, flush=True)
 
 
 def _records(uri: str) -> list[Detections] | None:
@@ -87,13 +121,17 @@ def evaluate_rows(cfg: Config, run: RunDir) -> dict[str, EvalResult]:
 
 def stage_evaluate(cfg: Config, run: RunDir) -> dict[str, Any]:
     """Detect with the target detector on the val split, then Table 1 and the report."""
+    # The report marks burn-up on the loss curves: at the step the distill stage resolved.
+    trained, _ = resolve_length(cfg, "distill", distill_images(run, stage_uris(cfg)), cfg.ray.num_workers)
     split = val_split(cfg)
     if split is None:
-        print("[coin-ray] no labelled target split (data.val_annotations): skipping Table 1")
-        return {"skipped": "no labelled split"}
+        plots = write_training_plots(trained, run)  # the training curves need no labels
+        print("[coin-ray] no labelled target split (data.val_annotations): skipping Table 1"
+              + (f"; training plots in {run.report_dir}" if plots else ""))
+        return {"skipped": "no labelled split", "plots": len(plots)}
     run_detection(cfg, run.target_detector, split.uris(), run.eval("coin"), source="coin")
     results = evaluate_rows(cfg, run)
-    write_report(cfg, run, split, results)
+    write_report(trained, run, split, results, note=PLUMBING_NOTE if is_plumbing_check(cfg) else "")
     return {"map50": {m: round(r.map50, 2) for m, r in results.items()}}
 
 

@@ -37,6 +37,7 @@ from coin_ray.search_space import Dimension, apply_params, is_finite_number, pla
 from coin_ray.sweep import SweepReport, Validation, collected_run, student_map50, sweep_name, validation, write_outputs
 from coin_ray.train.data import DetectionDataset, clip_det_records, cloud_records
 from coin_ray.train.distill import DistillTraining, build_run_state, remember_teacher_detections
+from coin_ray.train.schedule import resolve_length
 
 EVALS_PER_TRIAL = 4  # default number of reports (ASHA rungs are placed on them)
 
@@ -86,10 +87,11 @@ def distill_trial(params: dict[str, Any], *, base: dict[str, Any], run_root: str
     """
     torch.set_num_threads(max(1, threads))
     cfg = apply_params(from_dict(base), params)
-    d = cfg.train.distill
     run = RunDir(run_root)
-    state = build_run_state(cfg, run.clip_detector)
     dataset = DetectionDataset(cloud_records(run, val.train_uris), cfg.num_classes)
+    cfg, _ = resolve_length(cfg, "distill", len(dataset))  # a no-op unless the space sets epochs
+    d = cfg.train.distill
+    state = build_run_state(cfg, run.clip_detector)
     remember_teacher_detections(state, dataset, clip_det_records(run), d.min_clip_score)
     training = DistillTraining(state, dataset, d, cfg.seed)
 
@@ -110,7 +112,8 @@ def sweep_distill(cfg: Config, space: dict[str, Dimension], *, num_samples: int 
     Args:
         storage_uri: folder or s3:// prefix for sweeps (default ``run.tune_dir``).
         name: experiment name (default ``sweep_name``: stable, so a re-run resumes).
-        eval_every: steps between reports (default steps / EVALS_PER_TRIAL).
+        eval_every: steps between reports (default steps / EVALS_PER_TRIAL; the steps
+            are resolved once, from ``train.distill.epochs`` and the trials' training images).
         proxy: score on held-out cloud detections even when a labelled split exists.
         include_base: the first trial uses ``cfg``'s own values (the paper's defaults unless
             changed), so the table shows them beside the sampled ones.
@@ -120,6 +123,8 @@ def sweep_distill(cfg: Config, space: dict[str, Dimension], *, num_samples: int 
     start = time.monotonic()
     resolved, run = collected_run(cfg)
     val = validation(resolved, run, proxy)
+    resolved, length = resolve_length(resolved, "distill", len(cloud_records(run, val.train_uris)))
+    print(length.describe(), flush=True)
     d = resolved.train.distill
     every = eval_every or max(1, d.steps // EVALS_PER_TRIAL)
     swept = [k for k, dim in space.items() if dim.kind != "fixed"]

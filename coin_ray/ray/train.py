@@ -1,7 +1,7 @@
 """The Ray Train shell both training stages (and each sweep trial) run in: fit, checkpoint, resume.
 
 Driver side:
-    model_uri = run_stage("disseminate", loop, cfg, run)       # a whole training stage
+    model_uri = run_stage("disseminate", loop, cfg, run, uris, images)   # a whole training stage
     result = fit(loop, {"cfg": ..., ...}, cfg, name="disseminate", storage_path=run.root)
 
 ``name`` must be stable (the stage name): fitting again with the same (storage_path, name)
@@ -30,15 +30,17 @@ from typing import Any, Callable, Sequence
 
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from coin_ray import storage
 from coin_ray.config import Config, from_dict, to_dict
 from coin_ray.data.datasets import target_uris
+from coin_ray.ray.console import verbose
 from coin_ray.ray.progress_feed import ProgressFeed, quiet_train_reports, training_progress
 from coin_ray.run import RunDir
 from coin_ray.train.loop import StepLog, Training
+from coin_ray.train.schedule import Stage, resolve_length
 
 STATE_FILE = "state.pt"
 CHECKPOINTS_KEPT = 2
@@ -65,30 +67,43 @@ def fit(loop: Callable[[dict], None], loop_config: dict, cfg: Config, *, name: s
     path, filesystem = storage_target(storage_path)
     run_config = RunConfig(name=name, storage_path=path, storage_filesystem=filesystem,
                            failure_config=FailureConfig(max_failures=max_failures),
-                           checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT))
+                           checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+                           # The controller's worker-group INFO lines to its log file only.
+                           logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"))
     trainer = TorchTrainer(loop, train_loop_config=loop_config, scaling_config=scaling_config(cfg),
                            run_config=run_config,
                            torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"))
     return trainer.fit()
 
 
-def run_stage(stage: str, loop: Callable[[dict], None], cfg: Config, run: RunDir,
-              uris: list[str] | None = None) -> str:
+def stage_uris(cfg: Config, uris: list[str] | None = None) -> list[str] | None:
+    """The target training images a stage uses: ``uris`` when given, else the images under
+    ``cfg.data.target_images`` (the val split's records in cloud.parquet are left out), or
+    None (every collected record) when no folder is configured."""
+    if uris is None and cfg.data.target_images:
+        return target_uris(cfg)
+    return uris
+
+
+def run_stage(stage: Stage, loop: Callable[[dict], None], cfg: Config, run: RunDir, uris: list[str] | None,
+              images: int) -> str:
     """Run training stage ``stage`` under Ray Train; returns the uri of ``run.model(stage)``.
 
-    Every worker runs ``loop({"cfg": cfg as a dict, "run_dir": run.root, "uris": uris,
-    "progress": a ProgressFeed for the driver's progress line})``; the loop writes
-    ``run.model(stage)`` from rank 0. Checkpoints go under ``<run>/<stage>``, so running the
-    stage again on the same run resumes it.
+    The stage's length is resolved here, once, from ``images`` (``resolve_length``: its
+    epochs become steps) and printed as one line before the Trainer starts; the progress
+    line then gives one estimate of the whole stage's duration, measured on its first
+    logged steps. Every worker runs ``loop({"cfg": the resolved cfg as a dict, "run_dir":
+    run.root, "uris": uris, "progress": a ProgressFeed for the driver's progress line})``;
+    the loop writes ``run.model(stage)`` from rank 0. Checkpoints go under
+    ``<run>/<stage>``, so running the stage again on the same run resumes it.
 
     Args:
-        uris: target training images to use; by default the images under
-            ``cfg.data.target_images`` (the val split's records in cloud.parquet are left
-            out), or every collected record when no folder is configured.
+        uris: target training images to use (``stage_uris``); None: every collected record.
+        images: how many images the stage's training dataset iterates over.
     """
-    if uris is None and cfg.data.target_images:
-        uris = target_uris(cfg)
-    with training_progress(stage, getattr(cfg.train, stage).steps) as feed:
+    cfg, length = resolve_length(cfg, stage, images, world_size=cfg.ray.num_workers)
+    print(length.describe(), flush=True)
+    with training_progress(stage, length.steps) as feed:
         fit(loop, {"cfg": to_dict(cfg), "run_dir": run.root, "uris": uris, "progress": feed}, cfg, name=stage,
             storage_path=run.root)
     return run.model(stage)

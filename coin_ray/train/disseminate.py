@@ -22,13 +22,14 @@ from typing import Callable
 import torch
 from torch import nn
 
-from coin_ray.config import Config, DisseminateConfig
+from coin_ray.config import Config, DisseminateConfig, resolved_steps
 from coin_ray.losses import l_align
 from coin_ray.models.build import build_detector
 from coin_ray.models.ov_rcnn import OpenVocabularyRCNN
 from coin_ray.schema import Detections
 from coin_ray.train.data import DetectionDataset, load_batch, step_indices, to_device
 from coin_ray.train.loop import StepHook, build_scheduler, step_generator, unwrap
+from coin_ray.train.schedule import resolve_length
 
 
 def build_optimizer(model: OpenVocabularyRCNN, cfg: DisseminateConfig) -> torch.optim.Optimizer:
@@ -71,8 +72,9 @@ def run_steps(model: nn.Module, dataset: DetectionDataset, optimizer: torch.opti
     """Steps ``start_step + 1 .. cfg.steps`` (1-based); ``on_step(step, metrics)`` after each."""
     if len(dataset) == 0:
         raise ValueError("no training images with cloud detections (all records are errors?)")
+    steps = resolved_steps(cfg.steps, "train.disseminate")
     model.train()
-    for step in range(start_step + 1, cfg.steps + 1):
+    for step in range(start_step + 1, steps + 1):
         indices = step_indices(len(dataset), cfg.batch_size, step - 1, seed, rank, world_size)
         images, targets = to_device(*load_batch(dataset, indices), device)
         metrics = disseminate_step(model, images, targets, optimizer, scheduler, cfg,
@@ -91,9 +93,15 @@ def disseminate(cfg: Config, train_items: list[Detections], *, clip_path: str | 
         clip_path: CLIP checkpoint; ``cfg.clip.model`` when None.
     Returns:
         The trained detector (train mode).
+
+    The length is resolved on the images of ``train_items`` that are not errors (the
+    dataset's, images whose boxes all score below ``min_cloud_score`` included) and
+    printed as one line.
     """
     model = build_detector(cfg, clip_path)
     dataset = DetectionDataset(train_items, cfg.num_classes, cfg.train.disseminate.min_cloud_score)
+    cfg, length = resolve_length(cfg, "disseminate", len(dataset))
+    print(length.describe(), flush=True)
     optimizer = build_optimizer(model, cfg.train.disseminate)
     scheduler = build_scheduler(optimizer, cfg.train.disseminate.steps)
     run_steps(model, dataset, optimizer, scheduler, cfg.train.disseminate, seed=cfg.seed, on_step=on_step)

@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from coin_ray.config import Config, DistillConfig
+from coin_ray.config import Config, DistillConfig, resolved_steps
 from coin_ray.losses import l_align, l_ckg, l_con, l_inc, l_pri
 from coin_ray.models.build import build_student, load_detector
 from coin_ray.models.ckg import CKG, FUSIONS, mlp_gradients
@@ -53,7 +53,7 @@ from coin_ray.separate import (FusionStats, PairedSet, PrivateSet, Separation, S
 from coin_ray.train.augment import student_views
 from coin_ray.train.data import DetectionDataset, image_tensor, step_indices
 from coin_ray.train.loop import StepHook, step_generator
-from coin_ray.train.schedule import Phase, build_distill_scheduler, phase_at
+from coin_ray.train.schedule import Phase, build_distill_scheduler, phase_at, resolve_length
 
 
 @dataclass
@@ -337,8 +337,9 @@ def run_steps(state: DistillState, dataset: DetectionDataset, cfg: DistillConfig
     """
     if len(dataset) == 0:
         raise ValueError("no training images with cloud detections (all records are errors?)")
+    steps = resolved_steps(cfg.steps, "train.distill")
     state.student.train()
-    while state.step < cfg.steps:
+    while state.step < steps:
         step = state.step + 1
         batch = load_batch(dataset, step_indices(len(dataset), cfg.batch_size, step - 1, seed, rank,
                                                  world_size), device, ground_truth)
@@ -402,9 +403,14 @@ def distill(cfg: Config, teacher_uri: str, train_items: list[Detections], *,
             (``clip_det_records``), reused instead of detecting again while it is frozen.
     Returns:
         The final state; ``state.detector`` is the target detector.
+
+    The length is resolved on the images of ``train_items`` that are not errors (the
+    dataset's) and printed as one line.
     """
-    state = build_run_state(cfg, teacher_uri)
     dataset = DetectionDataset(train_items, cfg.num_classes)
+    cfg, length = resolve_length(cfg, "distill", len(dataset))
+    print(length.describe(), flush=True)
+    state = build_run_state(cfg, teacher_uri)
     remember_teacher_detections(state, dataset, teacher_records or [], cfg.train.distill.min_clip_score)
     run_steps(state, dataset, cfg.train.distill, seed=cfg.seed, on_step=on_step, ground_truth=ground_truth)
     return state

@@ -2,14 +2,17 @@
 
 It shows the headroom above the teachers, as the paper's Table 1 does. The detector is the
 one ``cfg.model.target_backbone`` distils (``models.build.build_student``, started from the
-CLIP detector like COIN's), trained for ``train.distill.steps`` steps at the same batch
-size, learning rate (and schedule, ``train.schedule``), weight decay, lambda, eta and
-background weight, with the supervised detection step of stage 1
+CLIP detector like COIN's), trained for as many epochs over the labelled train split as
+COIN trains over its images (``train.distill.epochs``; or ``train.distill.steps`` steps when
+set), at the same batch size, learning rate (and schedule, ``train.schedule``), weight
+decay, lambda, eta and background weight, with the supervised detection step of stage 1
 (``train.disseminate.disseminate_step``: L_RPN + L_ROI + lambda * L_align, prototype EMA)
 on every ground-truth box as a hard target. No cloud, no CLIP labels, no separation.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
@@ -21,7 +24,7 @@ from coin_ray.schema import Detections
 from coin_ray.train.data import DetectionDataset
 from coin_ray.train.disseminate import build_optimizer, run_steps
 from coin_ray.train.loop import StepHook
-from coin_ray.train.schedule import build_distill_scheduler
+from coin_ray.train.schedule import build_distill_scheduler, resolve_length
 
 SOURCE_ORACLE = "ground_truth"
 
@@ -40,7 +43,8 @@ def ground_truth_records(split: LabelledSplit) -> list[Detections]:
 
 
 def oracle_schedule(cfg: Config) -> DisseminateConfig:
-    """Stage 1's step settings filled from ``train.distill`` (the schedule COIN trains with)."""
+    """Stage 1's step settings filled from ``train.distill`` (the schedule COIN trains with;
+    its length resolved, ``coin_ray.train.schedule.resolve_length``)."""
     d = cfg.train.distill
     return DisseminateConfig(steps=d.steps, batch_size=d.batch_size, lr=d.lr, weight_decay=d.weight_decay,
                              lambda_=d.lambda_, eta_half_life=d.eta_half_life, background_weight=d.background_weight,
@@ -60,9 +64,11 @@ def train_oracle(cfg: Config, teacher_uri: str, split: LabelledSplit, *,
     """
     teacher = load_detector(teacher_uri, map_location="cpu")
     student = build_student(cfg, teacher)
+    dataset = DetectionDataset(ground_truth_records(split), cfg.num_classes)
+    cfg, length = resolve_length(cfg, "distill", len(dataset))
+    print(dataclasses.replace(length, stage="oracle").describe(), flush=True)
     schedule = oracle_schedule(cfg)
     optimizer = build_optimizer(student, schedule)
     scheduler = build_distill_scheduler(optimizer, cfg.train.distill)
-    dataset = DetectionDataset(ground_truth_records(split), cfg.num_classes)
     run_steps(student, dataset, optimizer, scheduler, schedule, seed=cfg.seed, on_step=on_step)
     return student

@@ -35,6 +35,7 @@ from typing import Iterator
 import torch
 
 from coin_ray.config import FOGGY_SHAPES_CATEGORIES, FOGGY_SHAPES_CLOUD_CONFUSION
+from coin_ray.location import cache_home
 from coin_ray.world.clip_standin import train_clip
 from coin_ray.world.cloud_standin import train_cloud_detector
 from coin_ray.world.dataset import SplitSpec, default_workers, write_split
@@ -92,7 +93,7 @@ class World:
 def world_root(size: str, seed: int = 0, cache_dir: str | Path | None = None,
                cloud_confusion: float = FOGGY_SHAPES_CLOUD_CONFUSION) -> Path:
     """Where the world of this size, seed and ``cloud_confusion`` is cached."""
-    base = Path(cache_dir or os.environ.get("COIN_RAY_CACHE") or Path.home() / ".cache" / "coin_ray")
+    base = Path(cache_dir or cache_home())
     suffix = f"-confusion{cloud_confusion:g}" if cloud_confusion else ""
     return base.expanduser() / "world" / f"{size}-{seed}{suffix}"
 
