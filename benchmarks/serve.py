@@ -16,8 +16,11 @@ it (JSON + base64 encoding, HTTP on loopback, decoding, detection, answer). Serv
 
 The detector: without ``--model``, a fresh target of the demo's architecture
 (``model.target_backbone=mobilenet_v3``, the demo script's choice) on the world's CLIP
-stand-in, exported at the world's image size: latency depends on the architecture and the
-input size, not on the weights. Every client sends the world's target val images in turn;
+stand-in, exported at the world's image size. Latency depends on the architecture and the
+input size, and on the weights only through the candidates the final NMS sees: an untrained
+head's flat probabilities make every proposal a candidate of every class (the per-image cap
+is reached), which a batch pays for together; measure a run's detector with ``--model``.
+Every client sends the world's target val images in turn;
 each measurement is bounded in requests (``--requests`` per client count, at least 6 per
 client) and in time (``--max-seconds``). Writes benchmarks/results/serve-<world>.json.
 """
