@@ -211,3 +211,20 @@ def test_each_bad_input_gets_its_4xx_and_the_next_good_request_works(served, run
     assert call(served + "/v2/task_status/0123abcd")[0] == 404
     assert call(served + "/v1/nowhere")[0] == 404 and call(served + "/v1/detect")[0] == 405
     assert call(served + "/v1/detect", good)[0] == 200
+
+
+@pytest.mark.timeout(300)
+def test_a_retried_task_creation_gets_its_task_back(served, run_export):
+    world, _ = run_export
+    uri = storage.list_files(str(world.target_val_images), (".jpg", ".png"))[0]
+    body = json.dumps({"image": "data:image/jpeg;base64," + _b64(storage.read_bytes(uri)),
+                       "prompt": {"type": "text", "text": ".".join(world.categories)}}).encode()
+    ids = []
+    for _ in range(2):
+        req = urllib.request.Request(served + "/v2/task/grounding_dino/detection", data=body, method="POST",
+                                     headers={"Token": TOKEN, "Idempotency-Key": "retry-7"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            ids.append(json.loads(resp.read())["data"]["task_uuid"])
+    assert ids[0] == ids[1]
+    status, reply = call(served + f"/v2/task_status/{ids[0]}")
+    assert status == 200 and reply["data"]["status"] == "success" and "objects" in reply["data"]["result"]
