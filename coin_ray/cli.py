@@ -1,6 +1,7 @@
 """The ``coin-ray`` console command: ``coin-ray adapt | tune | predict | serve | config``.
 
     coin-ray adapt --config my.yaml            # = python jobs/adapt.py --config my.yaml
+    coin-ray serve --run runs/<id>             # its detector on Ray Serve (--backend: a cloud-side one)
     coin-ray config > my.yaml                  # every key, its default and its range
 
 Output: progress, logs and results go to stdout; stderr carries only the verdict of a
@@ -110,6 +111,12 @@ def print_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def serves_a_backend(args: list[str]) -> bool:
+    """``coin-ray serve --backend ...`` serves a cloud-side backend (coin_ray.serve); without
+    --backend, ``coin-ray serve`` serves a run's exported detector on Ray Serve."""
+    return any(a == "--backend" or a.startswith("--backend=") for a in args)
+
+
 def serve(args: argparse.Namespace) -> int:
     serve_main(args.serve_args, prog="coin-ray serve")
     return EXIT_OK
@@ -129,7 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=text.splitlines()[0], description=text, formatter_class=fmt)
         add(p)
         p.set_defaults(fn=fn)
-    sub.add_parser("serve", help="serve a detector over HTTP (= python -m coin_ray.serve; see coin-ray serve --help)")
+    p = sub.add_parser("serve", parents=[common], help=commands.SERVE_HELP.splitlines()[0],
+                       description=commands.SERVE_HELP, formatter_class=fmt)
+    commands.add_serve_args(p)
+    p.set_defaults(fn=commands.serve_model)
     p = sub.add_parser("config", parents=[common], help="print the default config as commented YAML")
     p.set_defaults(fn=print_config)
     return parser
@@ -144,9 +154,9 @@ def check_ray_address(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``coin-ray`` and of ``jobs/*.py``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["serve"]:  # its own parser (python -m coin_ray.serve), --help included
+    if argv[:1] == ["serve"] and serves_a_backend(argv[1:]):  # python -m coin_ray.serve's own parser
         return serve(argparse.Namespace(serve_args=argv[1:]))
-    if argv[:1] in (["adapt"], ["tune"], ["predict"]):
+    if argv[:1] in (["adapt"], ["tune"], ["predict"], ["serve"]):
         code = run_guarded(check_ray_address, argparse.Namespace(debug="--debug" in argv))
         if code != EXIT_OK:
             return code

@@ -1,4 +1,4 @@
-"""What ``coin-ray adapt | tune | predict`` do, behind ``coin_ray.cli`` and the thin ``jobs/*.py``.
+"""What ``coin-ray adapt | tune | predict | serve --model`` do, behind ``coin_ray.cli`` and the thin ``jobs/*.py``.
 
 Each ``add_<name>_args`` fills an argparse parser; each ``<name>(args)`` runs the command and
 returns its exit code, raising ``coin_ray.errors.UserError`` (or a ConfigError) for what the
@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 from coin_ray import storage
 from coin_ray.config import ConfigError, load_config
-from coin_ray.errors import EXIT_FAILED, EXIT_OK
+from coin_ray.deploy import ServeSettings, model_card, port_free, token_digest
+from coin_ray.errors import EXIT_FAILED, EXIT_OK, CredentialError, UserError
 from coin_ray.location import resolve_config, resolve_input, resolve_output
 from coin_ray.preflight import check_adapt, check_exists, count_images
 from coin_ray.progress import failure_lines
@@ -228,3 +230,84 @@ def coco_map50(annotations_uri: str, results_uri: str) -> float:
         ev.summarize()
     return float(ev.stats[1] * 100)
 
+
+
+SERVE_HELP = """Serve a run's exported detector on Ray Serve, in the protocols the cloud speaks.
+
+    coin-ray serve --run runs/<run id>                   # = --model runs/<run id>/export
+    coin-ray serve --model s3://bucket/runs/<id>/export --port 8000 --token-env SERVE_TOKEN
+    coin-ray serve --run runs/<id> --protocol dds        # the DDS V2 task + poll shapes as well
+    coin-ray serve --run runs/<id> --min-replicas 1 --max-replicas 4   # autoscaling
+
+Routes: POST /v1/detect (the project's http protocol: point cloud.backend=http at it),
+GET /v1/health and /v1/model (run id, categories, export hash, val mAP50). Binds
+127.0.0.1 unless --host says otherwise. The cloud-side servers (hf, dds, rekognition,
+the Foggy-Shapes stand-in) are served with --backend: coin-ray serve --backend NAME --help."""
+
+
+def add_serve_args(parser: argparse.ArgumentParser) -> None:
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help="export folder (local or s3://) with export.json")
+    what.add_argument("--run", help="run folder (local or s3://): serves its export/")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--runtime", choices=["auto", "onnx", "torchscript"], default="auto",
+                        help="auto: model.onnx when exported and onnxruntime is installed, else TorchScript")
+    parser.add_argument("--protocol", choices=["http", "dds"], default="http",
+                        help="dds: also the DDS V2 task + poll routes")
+    parser.add_argument("--token-env", default="", help="NAME of an env var holding the bearer token clients must send")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="requests detected in one call (1: no batching)")
+    parser.add_argument("--batch-wait-ms", type=float, default=10.0, help="how long a batch waits to fill")
+    parser.add_argument("--min-replicas", type=int, default=1)
+    parser.add_argument("--max-replicas", type=int, default=1, help="above --min-replicas: autoscaling")
+    parser.add_argument("--cpus-per-replica", type=float, default=1.0)
+    parser.add_argument("--threads-per-replica", type=int, default=1, help="intra-op threads of each replica")
+    parser.add_argument("--max-request-mb", type=float, default=16.0, help="request body cap (413 above)")
+    parser.add_argument("--max-pixels", type=int, default=ServeSettings.max_pixels, help="image cap, width x height")
+    parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (only without RAY_ADDRESS)")
+
+
+def serve_settings(args: argparse.Namespace) -> ServeSettings:
+    """The ``ServeSettings`` of ``coin-ray serve --model``; UserError for a bad value,
+    CredentialError when --token-env names an unset variable."""
+    token = ""
+    if args.token_env:
+        token = os.environ.get(args.token_env, "")
+        if not token:
+            raise CredentialError(f"--token-env {args.token_env}: the variable is not set (export {args.token_env}=...)")
+    settings = ServeSettings(runtime=args.runtime, max_batch_size=args.max_batch_size,
+                             batch_wait_s=args.batch_wait_ms / 1000.0, min_replicas=args.min_replicas,
+                             max_replicas=max(args.max_replicas, args.min_replicas),
+                             cpus_per_replica=args.cpus_per_replica, threads_per_replica=args.threads_per_replica,
+                             max_request_bytes=int(args.max_request_mb * 2**20), max_pixels=args.max_pixels,
+                             dds=args.protocol == "dds", token_sha256=token_digest(token))
+    try:
+        settings.check()
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    return settings
+
+
+def serve_model(args: argparse.Namespace) -> int:
+    """Serve the export until interrupted (Ctrl-C), after checking the inputs and the port."""
+    export = resolve_input(args.model) if args.model else RunDir(resolve_input(args.run)).export_dir
+    check_exists("--run" if args.run else "--model", storage.join(export, "export.json"))
+    settings = serve_settings(args)
+    try:
+        card = model_card(export, settings.runtime)
+    except ValueError as err:  # --runtime onnx on an export without model.onnx
+        raise UserError(f"--runtime: {err}") from None
+    if not port_free(args.host, args.port):
+        raise UserError(f"--port {args.port}: {args.host}:{args.port} is in use; pick another port")
+
+    init_ray(args.num_cpus)
+    url = ray_side().serve_detector(export, settings, host=args.host, port=args.port)
+    score = "no report" if card.val_map50 is None else f"val mAP50 {card.val_map50:.1f}"
+    print(f"serving {card.model_name} ({card.runtime}, {score}; {', '.join(card.categories)}) at {url}")
+    print(f"  curl {url}/v1/health      # cloud.backend=http cloud.url={url} collects from it", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping", flush=True)
+    return EXIT_OK

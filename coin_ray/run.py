@@ -81,6 +81,7 @@ class RunDir:
     cloud_label_choice = _artefact("eval", "cloud_label_student.json")  # its s, chosen on the val split
     report_dir = _artefact("report")
     table1 = _artefact("report", "table1.md")
+    report_metrics = _artefact("report", "metrics.json")  # Table 1 as JSON (COIN's val mAP50)
     export_dir = _artefact("export")
     tune_dir = _artefact("tune")
 

@@ -19,8 +19,6 @@ instead (``coin_ray.cloud.dds_serve``), with tasks that take ``--task-ms`` and f
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
 import hashlib
 import hmac
 import json
@@ -44,7 +42,7 @@ from coin_ray import storage
 from coin_ray.cloud import dds_serve
 from coin_ray.cloud.backends import build_backend
 from coin_ray.cloud.base import DetectorBackend
-from coin_ray.cloud.http_backend import answer_to_json
+from coin_ray.cloud.http_backend import answer_to_json, request_from_json
 from coin_ray.config import FOGGY_SHAPES_CLOUD_CONFUSION, CloudConfig
 from coin_ray.data.images import ImageDecodeError, decode_image
 from coin_ray.errors import EXIT_BAD_INPUT, one_line
@@ -244,11 +242,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _detect(self, body: bytes) -> None:
         try:
-            request = json.loads(body)
-            image_bytes = base64.b64decode(request["image"], validate=True)
-            prompts = [str(p) for p in request["prompts"]]
+            image_bytes, prompts, _ = request_from_json(json.loads(body))
             image = decode_image(image_bytes, "request")
-        except (ValueError, KeyError, TypeError, binascii.Error, ImageDecodeError) as err:
+        except (ValueError, ImageDecodeError) as err:
             self._json(400, {"error": f"bad request: {err}"[:300]})
             return
         try:

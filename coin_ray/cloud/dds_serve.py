@@ -48,10 +48,15 @@ class _Task:
 
 
 class TaskBook:
-    """Tasks by id, idempotency keys, and creation counters; thread-safe."""
+    """Tasks by id, idempotency keys, and creation counters; thread-safe.
 
-    def __init__(self, seed: int = 0) -> None:
+    ``max_tasks`` > 0 keeps only the newest that many tasks (a long-running server's
+    memory stays bounded; clients poll soon after creating); 0 keeps every task.
+    """
+
+    def __init__(self, seed: int = 0, max_tasks: int = 0) -> None:
         self.lock = threading.Lock()
+        self.max_tasks = max_tasks
         self.tasks: dict[str, _Task] = {}
         self.by_key: dict[str, str] = {}
         self.creations: Counter = Counter()  # image sha -> tasks created for it
@@ -80,7 +85,16 @@ class TaskBook:
             if idempotency_key:
                 self.by_key[idempotency_key] = task_id
             self.creations[image_sha] += 1
+            self._forget_oldest()
             return task_id
+
+    def _forget_oldest(self) -> None:
+        """Drop the oldest tasks over ``max_tasks`` and their idempotency keys (lock held)."""
+        while self.max_tasks and len(self.tasks) > self.max_tasks:
+            gone = next(iter(self.tasks))  # dicts keep insertion order: the oldest first
+            del self.tasks[gone]
+            for key in [k for k, t in self.by_key.items() if t == gone]:
+                del self.by_key[key]
 
     def status(self, task_id: str) -> dict[str, Any] | None:
         """The ``data`` of a status reply, or None for an unknown task."""

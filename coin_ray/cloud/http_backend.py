@@ -26,6 +26,7 @@ Protocol (version 1; served by ``python -m coin_ray.serve``)
 from __future__ import annotations
 
 import base64
+import binascii
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,39 @@ from coin_ray.cloud.base import CloudAnswer
 from coin_ray.cloud.errors import Secret, TransientError
 from coin_ray.cloud.imageio import upload_bytes
 from coin_ray.cloud.rest import request_json
+
+
+def request_to_json(image_bytes: bytes, prompts: list[str], threshold: float) -> dict[str, Any]:
+    """The body of ``POST /v1/detect`` for ``image_bytes`` (an encoded image file)."""
+    return {"image": base64.b64encode(image_bytes).decode("ascii"), "prompts": list(prompts),
+            "threshold": float(threshold)}
+
+
+def request_from_json(body: Any) -> tuple[bytes, list[str], float | None]:
+    """(image file bytes, prompts, threshold or None when absent) of a parsed request body.
+
+    Raises:
+        ValueError: a field is missing or of the wrong type, or "image" is not base64
+            (the message names which).
+    """
+    if not isinstance(body, dict):
+        raise ValueError("the body is not a JSON object")
+    for key in ("image", "prompts"):
+        if key not in body:
+            raise ValueError(f"missing field {key!r}")
+    if not isinstance(body["image"], str):
+        raise ValueError("field 'image' is not a base64 string")
+    try:
+        image_bytes = base64.b64decode(body["image"], validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("field 'image' is not valid base64") from None
+    prompts = body["prompts"]
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("field 'prompts' is not a list of strings")
+    threshold = body.get("threshold")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
+        raise ValueError("field 'threshold' is not a number")
+    return image_bytes, list(prompts), None if threshold is None else float(threshold)
 
 
 def answer_to_json(answer: CloudAnswer, categories: list[str] | None = None,
@@ -112,8 +146,7 @@ class HttpBackend:
         """
         headers = {"Authorization": f"Bearer {self.token.reveal()}"} if self.token else {}
         data, _, _ = upload_bytes(image_bytes, image)
-        body = {"image": base64.b64encode(data).decode("ascii"),
-                "prompts": list(prompts), "threshold": self.threshold}
+        body = request_to_json(data, prompts, self.threshold)
         reply = request_json("POST", f"{self.url}/v1/detect", body, headers, self.timeout_s,
                              self.token)
         return answer_from_json(reply, self.categories)

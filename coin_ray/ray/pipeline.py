@@ -25,6 +25,7 @@ from typing import Any, Callable
 from coin_ray import storage
 from coin_ray.config import Config, to_yaml
 from coin_ray.demo import PLUMBING_NOTE, is_plumbing_check, with_demo_world
+from coin_ray.deploy import serve_command
 from coin_ray.location import cache_location, describe, resolve_config
 from coin_ray.ray.cluster import check_storage, init_ray
 from coin_ray.ray.stages import (stage_clip_det, stage_collect, stage_disseminate, stage_distill,
@@ -140,4 +141,6 @@ def closing_lines(cfg: Config, run: RunDir, table: str) -> list[str]:
         lines.append(f"report: {run.report_dir}")
     if storage.exists(run.tensorboard):  # a collect-only run has written none
         lines.append(f"TensorBoard (every stage and the evaluation): tensorboard --logdir {run.tensorboard}")
+    if run.is_done("export"):  # the run's promise is an endpoint: say how to get it
+        lines.append(f"serve this detector (Ray Serve, http protocol on 127.0.0.1:8000): {serve_command(run.root)}")
     return lines + [describe(cfg, run.root)]
