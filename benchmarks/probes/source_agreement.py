@@ -1,6 +1,7 @@
 """Do the cloud and CLIP know different things? The per-class agreement table on a world's split.
+Backs docs/method.md (Foggy-Shapes: the two sources fail differently) and docs/results-history.md, 2026-11-30.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/source_agreement.py [--size demo] [--seed 0]
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/probes/source_agreement.py [--size demo] [--seed 0]
         [--cloud-confusion RHO] [--cache DIR] [--split target_train] [--clip-det RUN/clip_det/detections.parquet]
         [--json OUT.json]
 

@@ -1,6 +1,7 @@
 """Would the cloud's full class distributions change COIN? A copy of a run, re-answered with them.
+Backs docs/fidelity.md, "Why: the separation statistics" (the cloud's full distributions).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/cloud_full_probs.py RUN_DIR OUT_RUN_DIR
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/probes/cloud_full_probs.py RUN_DIR OUT_RUN_DIR
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/coin_tables.py --from-run OUT_RUN_DIR ...
 
 The Foggy-Shapes stand-in cloud is served class-only, as the Grounding DINO 1.5 API answers:
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from coin_ray import storage  # noqa: E402
 from coin_ray.cloud.mapping import CategoryMap, answer_to_detections  # noqa: E402

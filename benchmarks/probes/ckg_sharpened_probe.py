@@ -1,6 +1,7 @@
 """Probe, not a product setting: does the CKG side with the cloud because the cloud is surer?
+Backs docs/fidelity.md, "Why: the separation statistics" (the sharpened-CLIP probe).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ckg_sharpened_probe.py --temperature 0.5 \\
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/probes/ckg_sharpened_probe.py --temperature 0.5 \\
         --world bench --seeds 0 --tables 1 --no-oracle --steps 2000 --storage runs-probe \\
         --from-run RUN_DIR train.disseminate.steps=1800 model.target_backbone=mobilenet_v3
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # coin_tables.py
 
 import torch  # noqa: E402
 

@@ -1,6 +1,7 @@
 """Does the stand-in CLIP know background? Crop accuracy on objects and on non-object crops.
+Backs docs/fidelity.md, "The CLIP detector" (the stand-in CLIP and background).
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/clip_background.py --world-root DIR \\
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/probes/clip_background.py --world-root DIR \\
         --clip before=OLD_WORLD/clip --clip after=DIR/clip [--split target_val] [--per-kind 300]
 
 Scores, with the collector's scorer (``ClipBoxScorer``: K names + background, the default
