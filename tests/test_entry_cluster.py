@@ -1,11 +1,12 @@
-"""How users run it (issue 14), on real Ray: `ray job submit --working-dir .` twice against a
-`ray start --head` cluster (the whole pipeline, its results at the printed location; the second
-job re-collects and pays nothing),
+"""How users run it (issue 14), on real Ray: `ray job submit --working-dir .` against a
+`ray start --head` cluster (the whole pipeline with every path on S3; then twice with the
+default relative storage: results at the printed location, the second job pays nothing),
 `jobs/tune.py` with the default relative storage, and the user errors that only show once
 the cloud is asked (a refused token, a cloud that drops every connection)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -17,9 +18,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import boto3
 import pytest
 from ray._common.utils import get_ray_address_file
 
+from coin_ray import storage
 from coin_ray.errors import EXIT_BAD_INPUT, EXIT_CREDENTIAL
 from coin_ray.serve import Knobs, checkpoint_model_name, start_server
 from coin_ray.world.cloud_standin import StandInCloudDetector
@@ -34,6 +37,10 @@ RAY = str(Path(sys.executable).with_name("ray"))  # the ray CLI of this interpre
 FAST = ["data.world=tiny", "train.disseminate.steps=2", "train.disseminate.batch_size=2",
         "train.distill.batch_size=2", "train.distill.steps=4", "ray.num_workers=0",
         "cloud.requests_per_second=50", "cloud.num_actors=1"]
+ARTEFACTS = ["manifest.json", "config.yaml", "collect/cloud.parquet", "collect/clip.parquet",
+             "collect/summary.json", "disseminate/model.pt", "clip_det/detections.parquet",
+             "distill/model.pt", "eval/coin.parquet", "report/table1.md", "report/metrics.json",
+             "report/ap_per_class.png", "report/detections.png", "export/export.json"]
 LOCATION = re.compile(r"\[coin-ray\] run: (\S+)  answer cache: (\S+)")
 
 
@@ -115,6 +122,14 @@ def _wait_http(url: str, head: subprocess.Popen, timeout: float) -> None:
             time.sleep(1)
 
 
+def upload(local: Path, bucket: str, prefix: str, endpoint: str) -> str:
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    for f in sorted(local.rglob("*")):
+        if f.is_file():
+            s3.put_object(Bucket=bucket, Key=f"{prefix}/{f.relative_to(local).as_posix()}", Body=f.read_bytes())
+    return f"s3://{bucket}/{prefix}"
+
+
 def _submit(head: RayHead, env: dict[str, str], args: list[str]) -> subprocess.CompletedProcess:
     for _ in range(20):  # the dashboard answers before its job agent is up
         proc = subprocess.run([RAY, "job", "submit", f"--address=http://127.0.0.1:{head.dashboard}", "--working-dir", ".",
@@ -128,30 +143,49 @@ def _submit(head: RayHead, env: dict[str, str], args: list[str]) -> subprocess.C
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_job_submit_with_working_dir_twice_keeps_results_and_never_pays_twice(world, cloud, tmp_path):
-    _, cache = world
+def test_job_submit_with_every_path_on_s3_then_a_relative_storage_that_never_pays_twice(
+        world, cloud, s3_bucket, s3_endpoint, tmp_path):
+    w, _ = world
+    target = upload(w.target_train_images, s3_bucket, "data/train", s3_endpoint)
+    val = upload(w.target_val_images, s3_bucket, "data/val", s3_endpoint)
+    clip = upload(w.clip_dir, s3_bucket, "models/clip", s3_endpoint)
+    ann = f"s3://{s3_bucket}/data/val.json"
+    storage.write_bytes(ann, w.target_val_json.read_bytes())
+    runs, bucket_answers = f"s3://{s3_bucket}/runs", f"s3://{s3_bucket}/answers"  # a cluster's answer cache
+    data = [f"data.target_images={target}", f"data.val_images={val}", f"data.val_annotations={ann}",
+            f"clip.model={clip}", f"cloud.url={cloud.url}", *FAST]
     home = tmp_path / "home"
-    env = job_env(COIN_RAY_HOME=str(home))  # the cluster's setting: drivers inherit it
+    env = job_env(COIN_RAY_HOME=str(home))  # the cluster's setting (and the bucket's endpoint): drivers inherit it
     head = start_head(env)
-    args = [f"data.world_cache={cache}", f"cloud.url={cloud.url}", *FAST]
     try:
-        first = _submit(head, env, args)  # the whole pipeline, with the default relative storage
+        # 1. The whole pipeline, every path on S3: nothing is written locally instead.
+        first = _submit(head, env, [f"storage={runs}", "run_id=t", f"cloud.cache={bucket_answers}", *data])
         assert first.returncode == 0 and "succeeded" in first.stdout.lower(), first.stdout[-3000:] + first.stderr[-3000:]
         assert "| COIN |" in first.stdout
+        for rel in ARTEFACTS:
+            assert storage.exists(f"{runs}/t/{rel}"), rel
+        assert storage.list_files(bucket_answers), "the cloud answer cache is in the bucket too"
+        manifest = json.loads(storage.read_text(f"{runs}/t/manifest.json"))
+        assert list(manifest["stages"]) == ["collect", "disseminate", "clip_det", "distill", "evaluate", "export"]
+        assert not home.exists()  # nothing written under the local home instead
+        # 2. The default relative storage and the per-user answer cache: results where it said.
+        paid = cloud.stats()["detect_requests"]
+        second = _submit(head, env, ["--stages", "collect", *data])
+        assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
         calls = cloud.stats()["detect_requests"]
-        assert calls > 0
-        run, answers = LOCATION.search(first.stdout).groups()
+        assert calls > paid  # another cache: asked again
+        run, answers = LOCATION.search(second.stdout).groups()
         assert run.startswith(str(home / "runs") + "/")
         assert answers == os.path.join(os.environ["COIN_RAY_CACHE"], "answers")  # the per-user cache
-        for rel in ("manifest.json", "config.yaml", "collect/cloud.parquet", "collect/summary.json",
-                    "report/table1.md", "export/export.json"):
+        for rel in ("manifest.json", "config.yaml", "collect/cloud.parquet", "collect/summary.json"):
             assert (Path(run) / rel).exists(), rel  # after the job ended, where it said
         assert list(Path(answers).rglob("*.json"))
-        second = _submit(head, env, ["--stages", "collect", *args])  # collect again: every answer is cached
-        assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-        assert cloud.stats()["detect_requests"] == calls, "the second submission must be all cache hits"
-        assert LOCATION.search(second.stdout).groups() == (run, answers)
-        assert f"[coin-ray] run: {run}" in second.stdout.split("stage collect done")[-1]  # at the end too
+        # 3. The same submission again: every answer is in the per-user cache.
+        third = _submit(head, env, ["--stages", "collect", *data])
+        assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+        assert cloud.stats()["detect_requests"] == calls, "the third submission must be all cache hits"
+        assert LOCATION.search(third.stdout).groups() == (run, answers)
+        assert f"[coin-ray] run: {run}" in third.stdout.split("stage collect done")[-1]  # at the end too
     finally:
         stop_head(head)
 

@@ -7,13 +7,12 @@ import json
 import pytest
 import torch
 
-from coin_ray.config import ModelConfig
 from coin_ray.data.images import load_image
 from coin_ray.export import export_detector, load_exported, pair_detections
 from coin_ray.train.data import image_tensor, resize_to
 from coin_ray.models.build import load_detector, save_detector
-from coin_ray.models.ov_rcnn import OpenVocabularyRCNN
 from coin_ray.onnx_export import ONNX_BOX_ATOL, ONNX_PROB_ATOL
+from tiny_detector import detector_with_wide_gap_threshold
 
 pytest.importorskip("onnxruntime")
 
@@ -26,18 +25,7 @@ def tiny_export(tiny_world, tmp_path_factory):
     world = tiny_world
     tmp = tmp_path_factory.mktemp("onnx")
     val = storage.list_files(str(world.target_val_images), (".jpg", ".png"))
-    # An untrained head spreads probability over K+1 classes, so its scores crowd together:
-    # the threshold goes in the widest gap between them around the median, so that a varying
-    # number of boxes per image survives (per-image grouping is tested too) and no score sits
-    # within ONNX's numerical noise of the threshold.
-    probe = OpenVocabularyRCNN.from_clip(str(world.clip_dir), list(world.categories),
-                                         ModelConfig(score_threshold=0.0, detections_per_image=100), seed=0)
-    scores = torch.cat([d["scores"] for d in probe.eval().detect([image_tensor(load_image(u)) for u in val])])
-    ranked = scores.sort().values[len(scores) // 4: 3 * len(scores) // 4]
-    gap = int((ranked[1:] - ranked[:-1]).argmax())
-    threshold = float(ranked[gap] + ranked[gap + 1]) / 2
-    cfg = ModelConfig(score_threshold=threshold, detections_per_image=100)
-    save_detector(OpenVocabularyRCNN.from_clip(str(world.clip_dir), list(world.categories), cfg, seed=0),
+    save_detector(detector_with_wide_gap_threshold(str(world.clip_dir), list(world.categories), val),
                   str(tmp / "model.pt"))
     meta = export_detector(str(tmp / "model.pt"), str(tmp / "export"), example_uri=val[0],
                            batch_sizes=(1, 2), check_uris=val)

@@ -5,8 +5,12 @@ config. A documented command that stops working fails here; each test id starts 
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import importlib.util
+import io
 import os
+import runpy
 import re
 import shlex
 import subprocess
@@ -48,24 +52,36 @@ def cli_argv(cmd: str) -> list[str] | None:
     return None
 
 
-# Runs a script up to its argument parsing: parse_args parses, then the script stops there.
-PARSE_ONLY = """
-import argparse, runpy, sys
-parse = argparse.ArgumentParser.parse_args
-def parse_then_stop(self, *a, **k):
-    parse(self, *a, **k)
-    raise SystemExit(0)
-argparse.ArgumentParser.parse_args = parse_then_stop
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
+class _Parsed(Exception):
+    """Raised by ``parse_args`` once it has parsed: the script stops there."""
 
 
 def parse_only(script: str, args: list[str]) -> None:
-    """``script`` accepts ``args`` (and its dotted overrides load as a config)."""
-    proc = subprocess.run([sys.executable, "-c", PARSE_ONLY, script, *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    """``script`` accepts ``args`` (and its dotted overrides load as a config).
+
+    The script runs in this process as ``__main__`` up to its ``parse_args``, which parses and
+    then stops it (the heavy imports are already loaded here: no interpreter start per command).
+    """
+    parse = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, *a, **k):
+        parse(self, *a, **k)
+        raise _Parsed
+
+    said = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(said):
+        mp.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+        mp.setattr(sys, "argv", [script, *args])
+        mp.setattr(sys, "path", list(sys.path))  # scripts may put their own folder first
+        mp.chdir(ROOT)
+        try:
+            runpy.run_path(str(ROOT / script), run_name="__main__")
+        except _Parsed:
+            pass
+        except SystemExit as stop:
+            pytest.fail(f"{script} {' '.join(args)}: exit {stop.code}: {said.getvalue()[-2000:]}")
+        else:
+            pytest.fail(f"{script} never parsed its arguments")
     load_config(None, [a for a in args if re.fullmatch(r"[a-z_]+(\.[a-z_0-9]+)+=\S+", a)])
 
 

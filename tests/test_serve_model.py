@@ -20,18 +20,17 @@ from coin_ray.cloud.dds import DdsBackend
 from coin_ray.cloud.errors import Secret
 from coin_ray.cloud.http_backend import HttpBackend, request_to_json
 from coin_ray.cloud.imageio import encode_png
-from coin_ray.config import ModelConfig, from_dict
+from coin_ray.config import from_dict
 from coin_ray.data.images import load_image
 from coin_ray.deploy import ServeSettings, token_digest
 from coin_ray.export import export_detector, pair_detections
 from coin_ray.models.build import save_detector
-from coin_ray.models.ov_rcnn import OpenVocabularyRCNN
 from coin_ray.ray.collect import CollectionStopped, run_collection
 from coin_ray.ray.predict import ExportedPredictor
 from coin_ray.run import RunDir
 from coin_ray.schema import table_to_records
 from coin_ray.serve import free_port
-from coin_ray.train.data import image_tensor
+from tiny_detector import detector_with_wide_gap_threshold
 
 pytest.importorskip("onnxruntime")
 serve = pytest.importorskip("ray.serve")
@@ -39,17 +38,6 @@ serve = pytest.importorskip("ray.serve")
 TOKEN = "tok-serve-model-5d2e81c0a7"
 BODY_CAP = 96 * 1024  # bytes; the tiny world's JPEGs are ~10 KB
 PIXEL_CAP = 256 * 160 * 2  # twice the tiny world's images
-
-
-def wide_gap_threshold(clip_dir: str, categories: list[str], uris: list[str]) -> float:
-    """A score threshold in the widest gap between an untrained head's middle scores, so that
-    a varying number of boxes survives per image and no score sits within numerical noise of it."""
-    probe = OpenVocabularyRCNN.from_clip(clip_dir, categories, ModelConfig(score_threshold=0.0,
-                                                                           detections_per_image=100), seed=0)
-    scores = torch.cat([d["scores"] for d in probe.eval().detect([image_tensor(load_image(u)) for u in uris])])
-    ranked = scores.sort().values[len(scores) // 4: 3 * len(scores) // 4]
-    gap = int((ranked[1:] - ranked[:-1]).argmax())
-    return float(ranked[gap] + ranked[gap + 1]) / 2
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +49,7 @@ def run_export(tmp_path_factory):
     world = build_world("tiny")
     root = tmp_path_factory.mktemp("runs") / "tiny-run"
     val = storage.list_files(str(world.target_val_images), (".jpg", ".png"))
-    cfg = ModelConfig(score_threshold=wide_gap_threshold(str(world.clip_dir), list(world.categories), val),
-                      detections_per_image=100)
-    model = OpenVocabularyRCNN.from_clip(str(world.clip_dir), list(world.categories), cfg, seed=0)
+    model = detector_with_wide_gap_threshold(str(world.clip_dir), list(world.categories), val)
     save_detector(model, str(root / "distill" / "model.pt"))
     export_detector(str(root / "distill" / "model.pt"), str(root / "export"), example_uri=val[0],
                     batch_sizes=(1, 2), check_uris=val[:2])
