@@ -31,6 +31,7 @@ KNOWN_ERRORS = {("coin_ray.config", "ConfigError"): EXIT_BAD_INPUT,
                 ("coin_ray.search_space", "SpaceError"): EXIT_BAD_INPUT,
                 ("coin_ray.sweep", "SweepInputsMissing"): EXIT_BAD_INPUT,
                 ("coin_ray.cloud.errors", "AuthError"): EXIT_CREDENTIAL,
+                ("coin_ray.ray.collect", "CategoriesUnknown"): EXIT_BAD_INPUT,  # before its base class
                 ("coin_ray.ray.collect", "CollectionStopped"): EXIT_CREDENTIAL,
                 ("ray.exceptions", "AuthenticationError"): EXIT_CREDENTIAL}  # Ray 2.60 token auth
 
