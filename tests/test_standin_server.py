@@ -148,3 +148,22 @@ def test_unknown_prompts_stop_the_collection_after_one_request(tiny_world):
     finally:
         server.stop()
     assert requests == 1
+
+
+def test_a_private_local_instance_gets_a_token_of_its_own_and_writes_none(tmp_path):
+    """Issue 27, 4.4: the first `coin-ray adapt` silently wrote ~/.ray/auth_token (Ray 2.60's
+    ray.init() does when RAY_AUTH_MODE is unset and it finds no token), which then turned token
+    authentication on for a later `ray start --head`."""
+    from coin_ray.ray.cluster import private_instance_token
+
+    env: dict[str, str] = {}
+    assert private_instance_token(env, tmp_path) and len(env["RAY_AUTH_TOKEN"]) == 64
+    assert not (tmp_path / ".ray").exists()
+    first = env["RAY_AUTH_TOKEN"]
+    assert not private_instance_token(env, tmp_path) and env["RAY_AUTH_TOKEN"] == first  # kept
+    for chosen in ({"RAY_AUTH_MODE": "disabled"}, {"RAY_AUTH_MODE": "token"}, {"RAY_AUTH_TOKEN_PATH": "/t"}):
+        assert not private_instance_token(dict(chosen), tmp_path)
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("x" * 64)
+    other: dict[str, str] = {}
+    assert not private_instance_token(other, tmp_path) and other == {}  # the user's token is Ray's to use
