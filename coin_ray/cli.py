@@ -1,4 +1,4 @@
-"""The ``coin-ray`` console command: ``coin-ray adapt | tune | predict | serve | config``.
+"""The ``coin-ray`` console command: ``coin-ray adapt | tune | predict | serve | world | config``.
 
     coin-ray adapt --config my.yaml            # = python jobs/adapt.py --config my.yaml
     coin-ray serve --run runs/<id>             # its detector on Ray Serve (--backend: a cloud-side one)
@@ -31,6 +31,7 @@ KNOWN_ERRORS = {("coin_ray.config", "ConfigError"): EXIT_BAD_INPUT,
                 ("coin_ray.search_space", "SpaceError"): EXIT_BAD_INPUT,
                 ("coin_ray.sweep", "SweepInputsMissing"): EXIT_BAD_INPUT,
                 ("coin_ray.cloud.errors", "AuthError"): EXIT_CREDENTIAL,
+                ("coin_ray.ray.collect", "CategoriesUnknown"): EXIT_BAD_INPUT,  # before its base class
                 ("coin_ray.ray.collect", "CollectionStopped"): EXIT_CREDENTIAL,
                 ("ray.exceptions", "AuthenticationError"): EXIT_CREDENTIAL}  # Ray 2.60 token auth
 
@@ -122,12 +123,25 @@ def serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def world(args: argparse.Namespace) -> int:
+    """Build (or find, when cached) a Foggy-Shapes world without running anything on it; print
+    where its stand-in cloud detector is and the categories that stand-in can answer."""
+    from coin_ray.world.build import build_world  # imported on use: torch, only for this command
+    from coin_ray.world.cloud_standin import StandInCloudDetector
+
+    built = build_world(args.size, seed=args.seed)
+    print(f"world: {built.root}")
+    print(f"stand-in checkpoint: {built.cloud_detector}")
+    print(f"it answers: {', '.join(StandInCloudDetector.load(built.cloud_detector).categories)}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the traceback of a user error too")
     parser = _Parser(prog="coin-ray", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{adapt,tune,predict,serve,config}",
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{adapt,tune,predict,serve,world,config}",
                                 parser_class=_Parser)
     fmt = argparse.RawDescriptionHelpFormatter
     for name, text, add, fn in (("adapt", commands.ADAPT_HELP, commands.add_adapt_args, commands.adapt),
@@ -140,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description=commands.SERVE_HELP, formatter_class=fmt)
     commands.add_serve_args(p)
     p.set_defaults(fn=commands.serve_model)
+    p = sub.add_parser("world", parents=[common], help="build or find the Foggy-Shapes world and its stand-in "
+                       "cloud detector (no run); print its checkpoint and the categories it answers")
+    p.add_argument("--size", choices=["tiny", "demo", "bench"], default="demo", help="which world (data.world)")
+    p.add_argument("--seed", type=int, default=0, help="the world's seed (the run's seed)")
+    p.set_defaults(fn=world)
     p = sub.add_parser("config", parents=[common], help="print the default config as commented YAML")
     p.set_defaults(fn=print_config)
     return parser

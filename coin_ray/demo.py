@@ -15,7 +15,7 @@ from typing import Iterator
 from coin_ray.config import CloudConfig, Config, with_updates
 from coin_ray.serve import Knobs, checkpoint_model_name, start_server
 from coin_ray.world.build import MANIFEST, World, build_world, world_root
-from coin_ray.world.cloud_standin import StandInCloudDetector
+from coin_ray.world.cloud_standin import SCORE_FLOOR, StandInCloudDetector
 
 log = logging.getLogger("coin_ray.pipeline")
 
@@ -27,7 +27,12 @@ DEMO_CLOUD_RPS = 25.0
 def with_demo_world(cfg: Config) -> Config:
     """Fill the data and CLIP paths from the Foggy-Shapes world when no target images are given.
 
-    Builds the world on first use (cached under ``data.world_cache``).
+    Builds the world on first use (cached under ``data.world_cache``). When the run will ask
+    the world's own stand-in (``demo_cloud``: backend http, no URL), ``cloud.threshold`` is
+    set to the stand-in's score floor (``SCORE_FLOOR``, 0.05), the threshold every demo
+    figure was collected at, since the server honours a request's threshold. Rule: a
+    ``cloud.threshold`` left at its default (0.25) is taken as unset and replaced; any other
+    value is the user's and is kept (so asking the stand-in at exactly 0.25 is not possible).
     """
     if cfg.data.target_images:
         return cfg
@@ -39,8 +44,15 @@ def with_demo_world(cfg: Config) -> Config:
                  "data.val_format=coco", f"data.style={world.style}"]
     if not cfg.clip.model:
         overrides.append(f"clip.model={world.clip_dir}")
+    if asks_the_standin(cfg) and cfg.cloud.threshold == CloudConfig().threshold:
+        overrides.append(f"cloud.threshold={SCORE_FLOOR}")
     cfg = with_updates(cfg, overrides)
     return cfg
+
+
+def asks_the_standin(cfg: Config) -> bool:
+    """Whether ``cfg``'s collection asks the world's stand-in served by ``demo_cloud``."""
+    return cfg.cloud.backend == "http" and not cfg.cloud.url
 
 
 def demo_world(cfg: Config) -> World | None:
@@ -85,7 +97,7 @@ def demo_cloud(cfg: Config) -> Iterator[Config]:
     otherwise ``cfg`` passes through unchanged.
     """
     world = demo_world(cfg)
-    if cfg.cloud.backend != "http" or cfg.cloud.url or world is None:
+    if not asks_the_standin(cfg) or world is None:
         yield cfg
         return
     # The model name keys the answer cache: name the weights, so a rebuilt stand-in is asked anew.

@@ -41,8 +41,8 @@ from urllib.request import urlopen
 from coin_ray import storage
 from coin_ray.cloud import dds_serve
 from coin_ray.cloud.backends import build_backend
-from coin_ray.cloud.base import DetectorBackend
-from coin_ray.cloud.http_backend import answer_to_json, request_from_json
+from coin_ray.cloud.base import DetectorBackend, at_least, request_threshold
+from coin_ray.cloud.http_backend import answer_to_json, request_from_json, unknown_prompts_reply
 from coin_ray.config import FOGGY_SHAPES_CLOUD_CONFUSION, CloudConfig
 from coin_ray.data.images import ImageDecodeError, decode_image
 from coin_ray.errors import EXIT_BAD_INPUT, one_line
@@ -242,19 +242,32 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _detect(self, body: bytes) -> None:
         try:
-            image_bytes, prompts, _ = request_from_json(json.loads(body))
+            image_bytes, prompts, threshold = request_from_json(json.loads(body))
+            threshold = request_threshold(threshold)
             image = decode_image(image_bytes, "request")
         except (ValueError, ImageDecodeError) as err:
             self._json(400, {"error": f"bad request: {err}"[:300]})
             return
+        unknown = unknown_prompts(self.server.backend, prompts)
+        if unknown:
+            # Answering with the known prompts only would look like "nothing there" for the rest.
+            self._json(400, unknown_prompts_reply(unknown, getattr(self.server.backend, "categories", None)))
+            return
         try:
-            answer = self.server.backend.detect(image_bytes, image, prompts)
+            answer = at_least(self.server.backend.detect(image_bytes, image, prompts), threshold)
         except Exception as err:  # a backend failure is the server's 500, never a crash
             log.exception("backend failed")
             self._json(500, {"error": f"backend failed: {type(err).__name__}"})
             return
         categories = getattr(self.server.backend, "categories", None)
         self._json(200, answer_to_json(answer, categories, self.server.model_name))
+
+
+def unknown_prompts(backend: DetectorBackend, prompts: list[str]) -> list[str]:
+    """The prompts a closed-vocabulary backend (one with ``unknown_prompts``, as the
+    Foggy-Shapes stand-in) cannot answer; [] for open-vocabulary backends."""
+    check = getattr(backend, "unknown_prompts", None)
+    return list(check(prompts)) if check is not None else []
 
 
 @dataclass

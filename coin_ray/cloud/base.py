@@ -25,6 +25,27 @@ class CloudAnswer:
     probs: np.ndarray | None = None
 
 
+def at_least(answer: CloudAnswer, threshold: float) -> CloudAnswer:
+    """``answer`` without its boxes scoring below ``threshold`` (a request's minimum score;
+    a box scoring exactly ``threshold`` stays)."""
+    scores = np.asarray(answer.scores, np.float32).reshape(-1)
+    # Compared in float32, as the scores travel: a box sent at 0.25 must not fall to rounding.
+    keep = scores >= np.float32(threshold)
+    if keep.all():
+        return answer
+    probs = None if answer.probs is None else np.asarray(answer.probs)[keep]
+    return CloudAnswer(np.asarray(answer.boxes, np.float32).reshape(-1, 4)[keep],
+                       [p for p, k in zip(answer.phrases, keep) if k], scores[keep], probs)
+
+
+def request_threshold(value: float | None) -> float:
+    """The minimum score a request asks for (absent: 0, every box); ValueError outside [0, 1]."""
+    threshold = 0.0 if value is None else float(value)
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold {threshold:g} is outside [0, 1]")
+    return threshold
+
+
 class DetectorBackend(Protocol):
     """A cloud (or self-hosted) detector: one image plus text prompts in, raw boxes out."""
 

@@ -2,7 +2,7 @@
 
     client = CloudClient(backend, prompts=cmap.prompt_list(), model="...", threshold=0.25,
                          cache=AnswerCache(root, "http"), limiter=LocalLimiter(10, 8))
-    outcome = client.ask(image_bytes, image)   # never raises, except AuthError
+    outcome = client.ask(image_bytes, image)   # never raises, except AuthError, UnknownCategories
 
 Every attempt (first try or retry) passes the limiter, so retries count against the
 requests-per-second budget; every paid call (a detect request, a task creation) is first
@@ -10,7 +10,8 @@ charged to the spend cap, and is not sent when the cap is reached. 429s wait the
 Retry-After (at most ``RetryPolicy.max_wait_s``); other transient errors back off
 exponentially with jitter. After ``max_retries`` retries the image gets an error outcome
 with the last reason. 401/403 stop the limiter (every other caller in the run is then
-refused too) and raise ``AuthError`` naming the backend and the token's env var.
+refused too) and raise ``AuthError`` naming the backend and the token's env var; prompts
+the detector cannot answer (``UnknownCategories``) stop the limiter the same way.
 
 Task backends (``base.TaskBackend``, e.g. dds) are paid once per question: the created
 task's handle is stored in the cache as "pending" before polling, and a poll timeout, a
@@ -36,7 +37,7 @@ from coin_ray.cloud.base import CloudAnswer, DetectorBackend, is_task_backend
 from coin_ray.cloud.budget import Budget, Unlimited
 from coin_ray.cloud.cache import AnswerCache, cache_key, idempotency_key
 from coin_ray.cloud.errors import (AuthError, PermanentError, TaskGone, TransientError,
-                                   auth_message)
+                                   UnknownCategories, auth_message)
 from coin_ray.cloud.ratelimit import Limiter
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,9 @@ class CloudClient:
         """The answer for one image (from the cache when present; stored there before return).
 
         Raises:
-            AuthError: credentials refused (here or by another caller of the same limiter).
+            AuthError: credentials refused (here or by another caller of the same limiter),
+                or the limiter was stopped by another caller.
+            UnknownCategories: the detector cannot answer some of the prompts.
         """
         key = self.key(image_bytes)
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
@@ -155,6 +158,8 @@ class CloudClient:
                            "(raise cloud.max_calls / cloud.max_spend and run again)", BUDGET, True)
         except _GaveUp as err:
             return Outcome(None, tally.calls, False, err.error, err.reason, True)
+        except UnknownCategories:
+            raise  # about the run's prompts, not this image: not remembered as its failure
         except PermanentError as err:
             self._remember_failure(key, err, tally.generation)
             return Outcome(None, tally.calls, False, str(err), err.reason)
@@ -234,6 +239,11 @@ class CloudClient:
             self.limiter.stop(message)
             self.limiter.release(lease, ok=False)
             raise AuthError(err.reason, message) from None
+        except UnknownCategories as err:
+            # Every image would get the same answer: stop the others before they pay for it.
+            self.limiter.stop(str(err))
+            self.limiter.release(lease, ok=False)
+            raise
         except BaseException:
             self.limiter.release(lease, ok=False)
             raise

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from coin_ray.cloud.base import CloudAnswer
+from coin_ray.cloud.base import CloudAnswer, at_least, request_threshold
 from coin_ray.data.images import ImageDecodeError, decode_image
 
 log = logging.getLogger("coin_ray.serve")
@@ -118,14 +118,19 @@ class TaskBook:
                     "tasks_failed": sum(t.failed for t in self.tasks.values())}
 
 
-def parse_task_request(body: dict[str, Any]) -> tuple[bytes, list[str]]:
-    """(image bytes, prompts) of a create request; raises ValueError when malformed."""
+def parse_task_request(body: dict[str, Any]) -> tuple[bytes, list[str], float]:
+    """(image bytes, prompts, bbox_threshold: 0 when absent) of a create request; raises
+    ValueError when malformed (a threshold outside [0, 1] included)."""
     try:
         data = base64.b64decode(str(body["image"]).split(",", 1)[1], validate=True)
         prompts = [p.strip() for p in str(body["prompt"]["text"]).split(".") if p.strip()]
-    except (KeyError, IndexError, TypeError, binascii.Error) as err:
+        threshold = body.get("bbox_threshold")
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
+            raise ValueError("bbox_threshold is not a number")
+        threshold = request_threshold(threshold)
+    except (KeyError, IndexError, TypeError, ValueError) as err:  # binascii.Error is a ValueError
         raise ValueError(f"bad task request: {err}") from None
-    return data, prompts
+    return data, prompts, threshold
 
 
 def answer_to_objects(answer: CloudAnswer) -> list[dict[str, Any]]:
@@ -182,13 +187,17 @@ def handle_create(handler: Any) -> None:
 
 def _new_task(server: Any, key: str, body: Any) -> str:
     """Decode the upload, run the backend now (the answer waits for the task's time)."""
-    data, prompts = parse_task_request(body)
+    data, prompts, threshold = parse_task_request(body)
     try:
         image = decode_image(data, "request")
     except ImageDecodeError as err:
         raise ValueError(str(err)) from None
+    unknown = getattr(server.backend, "unknown_prompts", lambda _: [])(prompts)
+    if unknown:  # a 400 naming them, not a task that answers nothing
+        raise ValueError(f"unknown categories: {', '.join(unknown)} (this detector knows: "
+                         f"{', '.join(getattr(server.backend, 'categories', []))})")
     time.sleep(server.knobs.latency_s)
-    answer = server.backend.detect(data, image, prompts)
+    answer = at_least(server.backend.detect(data, image, prompts), threshold)
     return server.tasks.create(key, image_sha(data), server.knobs.task_s, server.knobs.fail_task,
                                answer_to_objects(answer))
 

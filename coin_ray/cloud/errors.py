@@ -4,6 +4,7 @@ Backends raise exactly one of these; the retry loop decides what to do from the 
     TransientError  429, 5xx, timeouts, malformed bodies, "try again" codes -> retry with backoff
     PermanentError  the request itself is wrong (HTTP 400, image too large) -> error record now
     AuthError       401/403 -> stop the whole run, naming the backend and the token's env var
+    UnknownCategories (a PermanentError) the detector cannot answer some prompts -> stop the run
     TaskFailed      (a PermanentError) a task-based service says the task failed
     TaskGone        a task-based service no longer knows the task -> create it again
 """
@@ -11,14 +12,19 @@ Backends raise exactly one of these; the retry loop decides what to do from the 
 from __future__ import annotations
 
 import os
+from typing import Any
+
+UNKNOWN_CATEGORIES = "unknown categories"  # the reason of UnknownCategories and of the run's stop line
 
 
 class CloudError(Exception):
-    """Base class; ``reason`` is a short machine-friendly tag ("http 500", "timeout", ...)."""
+    """Base class; ``reason`` is a short machine-friendly tag ("http 500", "timeout", ...);
+    ``body`` the service's parsed JSON error body, when it sent one (token scrubbed)."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    def __init__(self, reason: str, detail: str = "", body: Any = None) -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+        self.body = body
 
 
 class TransientError(CloudError):
@@ -31,6 +37,18 @@ class TransientError(CloudError):
 
 class PermanentError(CloudError):
     """Retrying the same request cannot help; the image gets an error record."""
+
+
+class UnknownCategories(PermanentError):
+    """A closed-vocabulary detector (the Foggy-Shapes stand-in) does not know some of the
+    run's prompts. The same for every image: the run stops in one line naming them."""
+
+    def __init__(self, unknown: list[str], known: list[str] | None, where: str) -> None:
+        self.unknown, self.known = list(unknown), list(known or [])
+        knows = f" (it knows: {', '.join(self.known)})" if self.known else ""
+        super().__init__(UNKNOWN_CATEGORIES, f"the detector at {where} cannot answer "
+                         f"{', '.join(repr(u) for u in self.unknown)}{knows}; drop them from "
+                         "data.categories, name them with cloud.prompts, or serve a detector that knows them")
 
 
 class AuthError(CloudError):

@@ -15,6 +15,10 @@ Protocol (version 1; served by ``python -m coin_ray.serve``)
          "categories": ["car", ...] | null,     ... whose first K columns are these names
          "model": "<name of the model>"}
     400 {"error": "..."}   the request is wrong (not an image, missing field): not retried
+    400 {"error": "...", "unknown_categories": ["traffic light"], "categories": ["car", ...]}
+                           a closed-vocabulary detector (the Foggy-Shapes stand-in) cannot
+                           answer these prompts; "categories" (or null) is what it knows.
+                           The client raises UnknownCategories and the run stops in one line.
     401 / 403              token missing or refused: the client stops the run
     429 + Retry-After: <seconds, decimals allowed>   over the server's rate limit
     5xx                    server trouble: retried with backoff
@@ -32,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from coin_ray.cloud.base import CloudAnswer
-from coin_ray.cloud.errors import Secret, TransientError
+from coin_ray.cloud.errors import PermanentError, Secret, TransientError, UnknownCategories
 from coin_ray.cloud.imageio import upload_bytes
 from coin_ray.cloud.rest import request_json
 
@@ -84,6 +88,23 @@ def answer_to_json(answer: CloudAnswer, categories: list[str] | None = None,
         "categories": list(categories) if with_probs else None,
         "model": model,
     }
+
+
+def unknown_prompts_reply(unknown: list[str], known: list[str] | None) -> dict[str, Any]:
+    """The 400 body for prompts the serving detector cannot answer (see the protocol above)."""
+    return {"error": f"unknown categories: {', '.join(unknown)}"
+                     + (f" (this detector knows: {', '.join(known)})" if known else ""),
+            "unknown_categories": list(unknown), "categories": list(known) if known else None}
+
+
+def unknown_categories_in(err: PermanentError, where: str) -> UnknownCategories | None:
+    """The ``UnknownCategories`` a 400 body of ``unknown_prompts_reply`` stands for, else None."""
+    body = err.body
+    if not isinstance(body, dict) or not isinstance(body.get("unknown_categories"), list):
+        return None
+    known = body.get("categories")
+    return UnknownCategories([str(u) for u in body["unknown_categories"]],
+                             [str(k) for k in known] if isinstance(known, list) else None, where)
 
 
 def answer_from_json(body: Any, categories: list[str] | None = None) -> CloudAnswer:
@@ -143,10 +164,17 @@ class HttpBackend:
 
         The file itself is sent when a plain decoder sees ``image`` in it; a rotated, CMYK,
         palette or 16-bit file is sent as a PNG of ``image`` (``imageio.upload_bytes``).
+        Raises UnknownCategories when the server cannot answer some of ``prompts``.
         """
         headers = {"Authorization": f"Bearer {self.token.reveal()}"} if self.token else {}
         data, _, _ = upload_bytes(image_bytes, image)
         body = request_to_json(data, prompts, self.threshold)
-        reply = request_json("POST", f"{self.url}/v1/detect", body, headers, self.timeout_s,
-                             self.token)
+        try:
+            reply = request_json("POST", f"{self.url}/v1/detect", body, headers, self.timeout_s,
+                                 self.token)
+        except PermanentError as err:
+            unknown = unknown_categories_in(err, self.url)
+            if unknown is not None:
+                raise unknown from None
+            raise
         return answer_from_json(reply, self.categories)

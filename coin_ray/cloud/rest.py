@@ -81,9 +81,11 @@ def request_json(method: str, url: str, body: dict | None, headers: dict[str, st
 def _raise_for_status(err: urllib.error.HTTPError, token: Secret | None) -> None:
     code = err.code
     try:
-        detail = _scrub(err.read().decode("utf-8", "replace"), token)
+        text = err.read().decode("utf-8", "replace")
     except OSError:
-        detail = ""
+        text = ""
+    detail = _scrub(text, token)
+    body = _json_or_none(text.replace(token.reveal(), "***") if token and token.reveal() else text)
     if code in (401, 403):
         raise AuthError(f"http {code}", detail) from None
     if code == 429:
@@ -91,4 +93,12 @@ def _raise_for_status(err: urllib.error.HTTPError, token: Secret | None) -> None
         raise TransientError("http 429", detail, retry_after=retry_after) from None
     if code == 408 or code >= 500:
         raise TransientError(f"http {code}", detail) from None
-    raise PermanentError(f"http {code}", detail) from None
+    raise PermanentError(f"http {code}", detail, body=body) from None
+
+
+def _json_or_none(text: str) -> Any:
+    """The parsed JSON of an error body (whole, not cut to the detail's length), or None."""
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return None

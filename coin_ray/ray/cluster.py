@@ -11,9 +11,11 @@ from __future__ import annotations
 import _thread
 import logging
 import os
+import secrets
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import MutableMapping, TextIO
 
 import ray
@@ -84,6 +86,27 @@ def plain_log_prefixes(stream: TextIO | None = None, env: MutableMapping[str, st
         env["RAY_COLOR_PREFIX"] = "0"
 
 
+def private_instance_token(env: MutableMapping[str, str] | None = None, home: Path | None = None) -> bool:
+    """Give a fresh local instance a token of its own (``RAY_AUTH_TOKEN``) when Ray would
+    otherwise write ``~/.ray/auth_token``; returns whether it did.
+
+    Ray 2.60's ``ray.init()`` turns token authentication on for an instance it starts when
+    ``RAY_AUTH_MODE`` is unset, and writes a new token to ``~/.ray/auth_token`` when it finds
+    none (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``, that file). That file then silently
+    turns token authentication on for every later ``ray start --head`` on the machine, and
+    ``ray job submit`` fails there unless ``RAY_AUTH_MODE=token``. A token in this process's
+    environment (the workers inherit it) protects the instance the same way and writes nothing.
+    A mode or a token the user chose is left alone.
+    """
+    env = os.environ if env is None else env
+    home = Path.home() if home is None else home
+    if "RAY_AUTH_MODE" in env or env.get("RAY_AUTH_TOKEN") or env.get("RAY_AUTH_TOKEN_PATH") \
+            or (home / ".ray" / "auth_token").exists():
+        return False
+    env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # 256 bits, as Ray's own generator
+    return True
+
+
 def join(num_cpus: int | None = None, timeout_s: float = JOIN_TIMEOUT_S) -> None:
     """Join the cluster named by RAY_ADDRESS, or start a fresh local Ray instance.
 
@@ -101,6 +124,7 @@ def join(num_cpus: int | None = None, timeout_s: float = JOIN_TIMEOUT_S) -> None
     # `ray job submit` runtime_env, whose own keys are left alone.
     quiet = {"runtime_env": {"env_vars": env}} if (env := worker_env_vars()) else {}
     if address in ("", "local"):  # "local": a fresh instance even when a cluster runs here
+        private_instance_token()
         ray.init(address="local", num_cpus=num_cpus or None, **quiet)
         return
     if num_cpus:

@@ -30,7 +30,7 @@ from coin_ray.cloud.budget import (SpendLedger, adopt_run_ledger, budget_line, b
                                    spend_folder)
 from coin_ray.cloud.cache import AnswerCache
 from coin_ray.cloud.clip_score import ClipBoxScorer
-from coin_ray.cloud.errors import AuthError, Secret, read_token
+from coin_ray.cloud.errors import UNKNOWN_CATEGORIES, AuthError, Secret, read_token
 from coin_ray.cloud.export_coco import export_coco
 from coin_ray.cloud.label import RunTally, label_image
 from coin_ray.cloud.mapping import CategoryMap
@@ -53,6 +53,10 @@ BATCHES_PER_ACTOR = 4
 
 class CollectionStopped(RuntimeError):
     """The backend refused the credentials; nothing more will be asked."""
+
+
+class CategoriesUnknown(CollectionStopped):
+    """The detector cannot answer some of the run's prompts (a setting to change, exit 2)."""
 
 
 def _category_map(cfg: Config) -> CategoryMap:
@@ -182,6 +186,7 @@ def run_collection(cfg: Config, image_uris: list[str], run: RunDir, *,
 
     Raises:
         CollectionStopped: the backend refused the credentials.
+        CategoriesUnknown: the detector cannot answer some prompts (the first request says so).
     """
     c = cfg.cloud
     if with_clip and not cfg.clip.model:
@@ -201,7 +206,8 @@ def run_collection(cfg: Config, image_uris: list[str], run: RunDir, *,
     except Exception as err:
         stopped = _stop_reason(limiter)
         if stopped:
-            raise CollectionStopped(stopped) from None
+            kind = CategoriesUnknown if stopped.startswith(UNKNOWN_CATEGORIES) else CollectionStopped
+            raise kind(stopped) from None
         raise err
     finally:
         limiter.kill()

@@ -38,6 +38,9 @@ from coin_ray.cloud.base import CloudAnswer
 ANCHOR_SIZES = (12, 24, 48, 96, 192)
 CONFUSION = {"rider": "person", "train": "bus"}  # true category -> the name the cloud learns for it
 ANCHOR_RATIOS = (0.25, 0.5, 1.0, 2.0, 3.5)  # height / width: trains ... persons
+# The stand-in answers only boxes scoring above this (torchvision's box_score_thresh is strict):
+# the Foggy-Shapes world's runs ask at it (coin_ray.demo), so a request's threshold keeps them all.
+SCORE_FLOOR = 0.05
 
 
 def _conv(c_in: int, c_out: int, stride: int) -> nn.Sequential:
@@ -46,7 +49,7 @@ def _conv(c_in: int, c_out: int, stride: int) -> nn.Sequential:
 
 
 def build_detector(num_classes: int, *, width: int = 32, min_size: int = 160, max_size: int = 320,
-                   score_threshold: float = 0.05, detections_per_image: int = 50) -> FasterRCNN:
+                   score_threshold: float = SCORE_FLOOR, detections_per_image: int = 50) -> FasterRCNN:
     """A small Faster R-CNN for K = ``num_classes`` categories (K+1 outputs with background).
 
     Input images are (3, H, W) float in [0, 1]; outputs boxes are xyxy pixels of the input.
@@ -90,7 +93,7 @@ class StandInCloudDetector:
         self.device = device
 
     @classmethod
-    def load(cls, path: str | Path, *, full_probs: bool = False, score_threshold: float = 0.05,
+    def load(cls, path: str | Path, *, full_probs: bool = False, score_threshold: float = SCORE_FLOOR,
              device: str = "cpu") -> "StandInCloudDetector":
         """Rebuild the detector from a checkpoint written by ``train_cloud_detector``."""
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -99,6 +102,10 @@ class StandInCloudDetector:
         model = build_detector(len(meta["categories"]), **kwargs)
         model.load_state_dict(ckpt["state_dict"])
         return cls(model, meta["categories"], full_probs, device)
+
+    def unknown_prompts(self, prompts: list[str]) -> list[str]:
+        """The prompts naming none of its categories (it answers them with nothing, ever)."""
+        return [p for p in prompts if not prompt_categories([p], self.categories)]
 
     @torch.no_grad()
     def detect(self, image_bytes: bytes, image: np.ndarray, prompts: list[str]) -> CloudAnswer:
