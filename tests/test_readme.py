@@ -30,8 +30,11 @@ DOCS = documents()
 
 
 def on_every_page(rows):
-    """pytest params for (page, row) over every page, each id "<page>: <row's first item>"."""
-    return [pytest.param(*row, id=f"{doc_name(page)}: {row[0]}") for page in DOCS for row in rows(page)]
+    """pytest params for (page, row) over every page, each id "<page>: <row's first item>"; the
+    README's tiny try joins the session's ``tiny_try`` group (conftest: one run, one xdist worker)."""
+    return [pytest.param(*row, id=f"{doc_name(page)}: {row[0]}",
+                         marks=[pytest.mark.xdist_group("tiny_try")] if row[0] == tiny_try_command() else [])
+            for page in DOCS for row in rows(page)]
 
 
 def is_cheap(cmd: str) -> bool:
