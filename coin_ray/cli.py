@@ -126,13 +126,8 @@ def serve(args: argparse.Namespace) -> int:
 def world(args: argparse.Namespace) -> int:
     """Build (or find, when cached) a Foggy-Shapes world without running anything on it; print
     where its stand-in cloud detector is and the categories that stand-in can answer."""
-    from coin_ray.world.build import build_world  # imported on use: torch, only for this command
-    from coin_ray.world.cloud_standin import StandInCloudDetector
-
-    built = build_world(args.size, seed=args.seed)
-    print(f"world: {built.root}")
-    print(f"stand-in checkpoint: {built.cloud_detector}")
-    print(f"it answers: {', '.join(StandInCloudDetector.load(built.cloud_detector).categories)}")
+    for line in commands.ray_side().describe_world(args.size, args.seed):  # torch loads here
+        print(line)
     return EXIT_OK
 
 

@@ -114,3 +114,13 @@ def demo_cloud(cfg: Config) -> Iterator[Config]:
         stats = server.stats()
         log.info("stand-in cloud served %s requests", stats.get("requests", stats))
         server.stop()
+
+
+def describe_world(size: str, seed: int = 0) -> list[str]:
+    """Build (or find, when cached) the Foggy-Shapes world of ``size`` and ``seed`` without
+    running anything on it: lines naming its folder, its stand-in cloud checkpoint and the
+    categories that stand-in can answer (what ``coin-ray world`` prints)."""
+    built = build_world(size, seed=seed)
+    categories = StandInCloudDetector.load(built.cloud_detector).categories
+    return [f"world: {built.root}", f"stand-in checkpoint: {built.cloud_detector}",
+            f"it answers: {', '.join(categories)}"]

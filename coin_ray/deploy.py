@@ -299,14 +299,11 @@ def task_request(body: bytes, categories: list[str], settings: ServeSettings) ->
     """Check and decode a DDS ``POST /v2/task/<kind>/detection`` body (``coin_ray.cloud.dds``'s schema)."""
     parsed = parse_body(body, settings.max_request_bytes)
     try:
-        data, prompts = dds_serve.parse_task_request(parsed)
+        data, prompts, threshold = dds_serve.parse_task_request(parsed)  # threshold checked there
     except ValueError as err:
         raise RequestError(400, str(err)) from None
-    threshold = parsed.get("bbox_threshold", 0.0)
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise RequestError(400, "bad task request: bbox_threshold is not a number")
     labels = prompt_labels(prompts, categories)
-    return DetectRequest(decode_capped(data, settings.max_pixels), labels, float(threshold),
+    return DetectRequest(decode_capped(data, settings.max_pixels), labels, threshold,
                          dds_serve.image_sha(data))
 
 

@@ -217,6 +217,7 @@ def tiny_try(shell_env, tiny_world, tmp_path_factory) -> ShellRun:
     return run_in_shell(tiny_try_command(), tmp_path_factory.mktemp("tiny-try"), {**shell_env, "COIN_RAY_CACHE": home})
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the items
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under ``pytest -n`` (xdist's ``--dist loadgroup``) a module's tests stay on one worker, so
     its module fixtures (a local Ray, a collected run) are built once; the tests that read the

@@ -94,7 +94,7 @@ def test_hf_served_over_http_matches_direct(tiny):
     try:
         image, _ = draw(1)
         direct = backend.detect(png_bytes(image), image, ["car", "bus"])
-        remote = HttpBackend(server.url).detect(png_bytes(image), image, ["car", "bus"])
+        remote = HttpBackend(server.url, threshold=0.0).detect(png_bytes(image), image, ["car", "bus"])
     finally:
         server.stop()
     np.testing.assert_allclose(remote.boxes, direct.boxes, atol=1e-4)
