@@ -130,6 +130,16 @@ def test_a_gone_limiter_ends_a_caller_as_stopped_not_as_a_backend_failure(local_
     limiter = ClusterLimiter.create("gone-limiter-test", 50.0, 2)
     limiter.release(limiter.acquire(), ok=True)
     limiter.kill()
+    # ray.kill returns before the actor is gone (a call queued first may still be answered):
+    # wait until it is, as a caller that comes after the collection's end finds it.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            ray.get(limiter.actor.__ray_ready__.remote(), timeout=5)
+        except ray.exceptions.RayActorError:
+            break
+        assert time.monotonic() < deadline, "the killed limiter still answers"
+        time.sleep(0.1)
     with pytest.raises(AuthError, match="the collection was stopped"):
         limiter.acquire()
 
