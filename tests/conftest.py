@@ -215,14 +215,3 @@ def tiny_try(shell_env, tiny_world, tmp_path_factory) -> ShellRun:
     README says, test_console reads its console; a broken pipeline fails both."""
     home = cache_home_of_its_own(tmp_path_factory.mktemp("tiny-try-cache"))  # its answers are its own
     return run_in_shell(tiny_try_command(), tmp_path_factory.mktemp("tiny-try"), {**shell_env, "COIN_RAY_CACHE": home})
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the items
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under ``pytest -n`` (xdist's ``--dist loadgroup``) a module's tests stay on one worker, so
-    its module fixtures (a local Ray, a collected run) are built once; the tests that read the
-    session's tiny try share one group, so it runs once."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            group = "tiny_try" if "tiny_try" in getattr(item, "fixturenames", ()) else item.module.__name__
-            item.add_marker(pytest.mark.xdist_group(group))

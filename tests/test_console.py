@@ -80,3 +80,12 @@ def test_workers_get_transformers_switches_unless_the_user_or_the_job_set_them()
     job = '{"runtime_env": {"env_vars": {"HF_HUB_DISABLE_PROGRESS_BARS": "0"}}}'
     assert worker_env_vars({"RAY_JOB_CONFIG_JSON_ENV_VAR": job, "TRANSFORMERS_VERBOSITY": "info"}) == {}
     assert worker_env_vars({"RAY_JOB_CONFIG_JSON_ENV_VAR": job}) == {"TRANSFORMERS_VERBOSITY": "error"}
+
+
+@pytest.mark.slow
+def test_the_readme_tiny_try_ends_as_the_readme_says(tiny_try):
+    """The README's tiny try, run verbatim from an empty folder: it succeeds, prints Table 1
+    and writes its runs under the current folder."""
+    assert tiny_try.cmd.startswith("coin-ray adapt data.world=tiny")
+    assert tiny_try.proc.returncode == 0, tiny_try.console[-3000:]
+    assert "| COIN |" in tiny_try.proc.stdout and (tiny_try.cwd / "runs").is_dir()

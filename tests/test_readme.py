@@ -1,5 +1,5 @@
 """The README and docs/*.md run as written: every shell command in their ```bash blocks is either
-run (the cheap ones: help, config, a documented error, the tiny-world try) or parsed by the parser
+run (the cheap ones: help, config, a documented error; the tiny-world try is conftest.tiny_try, checked in test_console.py) or parsed by the parser
 the command really uses (a benchmark: its script's argparse), and every ```yaml block loads as a
 config. A documented command that stops working fails here; each test id starts with its page."""
 
@@ -30,11 +30,8 @@ DOCS = documents()
 
 
 def on_every_page(rows):
-    """pytest params for (page, row) over every page, each id "<page>: <row's first item>"; the
-    README's tiny try joins the session's ``tiny_try`` group (conftest: one run, one xdist worker)."""
-    return [pytest.param(*row, id=f"{doc_name(page)}: {row[0]}",
-                         marks=[pytest.mark.xdist_group("tiny_try")] if row[0] == tiny_try_command() else [])
-            for page in DOCS for row in rows(page)]
+    """pytest params for (page, row) over every page, each id "<page>: <row's first item>"."""
+    return [pytest.param(*row, id=f"{doc_name(page)}: {row[0]}") for page in DOCS for row in rows(page)]
 
 
 def is_cheap(cmd: str) -> bool:
@@ -127,6 +124,7 @@ def test_readme_has_commands_of_every_way_to_run_it():
     assert any(c.startswith("ray job submit --working-dir .") for c in cmds)
     assert any("jobs/tune.py" in c for c in cmds)
     assert "source .venv/bin/activate" in cmds
+    assert tiny_try_command() in cmds  # run by conftest.tiny_try, checked in test_console.py
 
 
 def heading_anchors(page: Path) -> set[str]:
@@ -160,10 +158,12 @@ def test_readme_yaml_loads_as_a_config(yaml_text, tmp_path):
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("cmd, comment", on_every_page(lambda p: [(c, m) for c, m in doc_commands(p) if is_cheap(c)]))
-def test_readme_command_runs(cmd, comment, shell_env, tmp_path, request):
-    # The tiny try is the session's one shared adaptation (conftest.tiny_try): run once, read here.
-    run = request.getfixturevalue("tiny_try") if cmd == tiny_try_command() else run_in_shell(cmd, tmp_path, shell_env)
+# The README's tiny try is the session's one shared adaptation (conftest.tiny_try), run once and
+# checked in test_console.py, beside the tests that read its console (one xdist worker, one run).
+@pytest.mark.parametrize("cmd, comment", on_every_page(
+    lambda p: [(c, m) for c, m in doc_commands(p) if is_cheap(c) and c != tiny_try_command()]))
+def test_readme_command_runs(cmd, comment, shell_env, tmp_path):
+    run = run_in_shell(cmd, tmp_path, shell_env)
     proc = run.proc
     expected = re.search(r"\(exit (\d)\)", comment)
     if expected:  # a documented error: its exit code and its one line
