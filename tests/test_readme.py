@@ -1,7 +1,8 @@
 """The README and docs/*.md run as written: every shell command in their ```bash blocks is either
-run (the cheap ones: help, config, a documented error; the tiny-world try is conftest.tiny_try, checked in test_console.py) or parsed by the parser
-the command really uses (a benchmark: its script's argparse), and every ```yaml block loads as a
-config. A documented command that stops working fails here; each test id starts with its page."""
+run (the cheap ones: help, config, a documented error; the tiny-world try is conftest.tiny_try,
+checked in test_console.py) or parsed by the parser the command really uses (a benchmark: its
+script's argparse), and every ```yaml block loads as a config. A documented command that
+stops working fails here; each test id starts with its page."""
 
 from __future__ import annotations
 
