@@ -35,11 +35,6 @@ def doc_commands(path: Path) -> list[tuple[str, str]]:
     return found
 
 
-def readme_blocks(lang: str) -> list[str]:
-    """The bodies of the README's fenced blocks in ``lang``, in order."""
-    return doc_blocks(README, lang)
-
-
 def readme_commands() -> list[tuple[str, str]]:
     """(command, trailing comment) for every line of every README bash block."""
     return doc_commands(README)
