@@ -28,6 +28,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import ray.exceptions
 import ray.train
 import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -70,10 +71,27 @@ def fit(loop: Callable[[dict], None], loop_config: dict, cfg: Config, *, name: s
                            checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
                            # The controller's worker-group INFO lines to its log file only.
                            logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"))
-    trainer = TorchTrainer(loop, train_loop_config=loop_config, scaling_config=scaling_config(cfg),
-                           run_config=run_config,
-                           torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"))
-    return trainer.fit()
+    restarts_left = max_failures
+    while True:
+        trainer = TorchTrainer(loop, train_loop_config=loop_config, scaling_config=scaling_config(cfg),
+                               run_config=run_config,
+                               torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"))
+        try:
+            return trainer.fit()
+        except ray.train.ControllerError as error:
+            if restarts_left == 0 or not lost_a_worker(error):
+                raise
+            restarts_left -= 1
+            # Ray Train 2.60 can lose a worker of the group it is tearing down after a
+            # worker failure, and reports that as a (non-retryable) controller error. The
+            # same name resumes from the newest checkpoint, so fitting again loses no step.
+            print(f"[{name}] Ray Train lost a worker while restarting its group; resuming from the "
+                  f"newest checkpoint", flush=True)
+
+
+def lost_a_worker(error: ray.train.ControllerError) -> bool:
+    """True when the controller failed because a training worker actor died under it."""
+    return isinstance(error.controller_failure, ray.exceptions.ActorDiedError)
 
 
 def stage_uris(cfg: Config, uris: list[str] | None = None) -> list[str] | None:
