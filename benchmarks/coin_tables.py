@@ -44,6 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from coin_ray import storage  # noqa: E402
@@ -59,7 +60,8 @@ from coin_ray.train.schedule import resolve_length  # noqa: E402
 from coin_ray.schema import SOURCE_COIN, Detections, table_to_records  # noqa: E402
 from coin_ray.separate import Separation, SeparationStats, as_source, separate  # noqa: E402
 from coin_ray.source_agreement import hit_labels  # noqa: E402
-from coin_ray.train.data import clip_det_records  # noqa: E402
+from coin_ray.train.data import clip_det_records, clip_records  # noqa: E402
+from coin_ray.confusion import SOURCES, box_annotations, estimate_source_confusions  # noqa: E402
 from coin_ray.train.cloud_label import CLOUD_LABEL_STUDENT, best_cloud_label_student, detect_split  # noqa: E402
 from coin_ray.train.oracle import train_oracle  # noqa: E402
 
@@ -81,12 +83,13 @@ TABLE6 = {
     "COIN w/ avg": ["train.distill.fusion=avg"],
     "COIN w/ s-avg": ["train.distill.fusion=score_avg"],
     "COIN w/ CKG": [],
+    "COIN w/ DS (ours, beyond the paper)": ["train.distill.fusion=ds"],
 }
 # The keys of fidelity.json for the rows above.
 TABLE5_KEYS = {"L_con": "L_con", "L_align + L_con": "L_align+L_con", "L_align + L_con + L_pri": "L_align+L_con+L_pri",
                "L_align + L_con + L_inc": "L_align+L_con+L_inc", FULL: "L_align+L_con+L_inc+L_pri"}
 TABLE6_KEYS = {"COIN w/ cloud det probs": "cloud", "COIN w/ CLIP det probs": "clip_det", "COIN w/ avg": "avg",
-               "COIN w/ s-avg": "s_avg", "COIN w/ CKG": "ckg"}
+               "COIN w/ s-avg": "s_avg", "COIN w/ CKG": "ckg", "COIN w/ DS (ours, beyond the paper)": "ds"}
 TEACHERS = ("Cloud det", "CLIP", "CLIP det")
 
 
@@ -177,6 +180,51 @@ def separation_by_class(separations: list[tuple[GroundTruth, Separation]], categ
     return out
 
 
+def source_confusions(cfg: Config, run: RunDir, train_gt: LabelledSplit) -> dict:
+    """The sources' confusions on the target train images: Dawid-Skene's estimate (from the
+    records alone, as fusion ds computes it) next to the true ones (each cloud box's class
+    from ground truth, background when it hits no object), rows the true class."""
+    d, k = cfg.train.distill, cfg.num_classes
+    truth_of = {g.uri: g for g in train_gt.items}
+    cloud = [r for r in records_at(run.cloud_detections) if r.uri in truth_of]
+    clip, det = clip_records(run), records_at(run.clip_detections)
+    estimate = estimate_source_confusions(cloud, clip, det, k, min_score=d.min_score,
+                                          min_clip_score=d.min_clip_score, match_iou=d.match_iou)
+    clip_by, det_by = {r.uri: r for r in clip if r.ok}, {r.uri: r for r in det}
+    counts = np.zeros((len(SOURCES), k + 1, k + 1))
+    for r in cloud:
+        labels = box_annotations(r, clip_by.get(r.uri), det_by.get(r.uri), min_score=d.min_score,
+                                 min_clip_score=d.min_clip_score, match_iou=d.match_iou)
+        truth = hit_labels(truth_of[r.uri], np.asarray(r.boxes).reshape(-1, 4)[np.asarray(r.scores) >= d.min_score])
+        truth = np.where(truth < 0, k, truth)
+        for j in range(len(SOURCES)):
+            seen = labels[:, j] >= 0
+            np.add.at(counts[j], (truth[seen], labels[seen, j]), 1)
+    rows = counts.sum(axis=2, keepdims=True)
+    true = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+    prior = counts[0].sum(axis=1)  # every usable cloud box, by its true class
+    return {"estimated": estimate.to_dict(cfg.data.categories),
+            "true": {"prior": (prior / max(prior.sum(), 1)).round(6).tolist(),
+                     "confusion": {s: true[j].round(6).tolist() for j, s in enumerate(SOURCES)},
+                     "boxes_per_true_class": prior.astype(int).tolist()}}
+
+
+def confusion_lines(report: dict, categories: list[str]) -> list[str]:
+    """Per source and true class: p(right label), estimated vs true, and the largest confusion."""
+    names = [*categories, "background"]
+    lines = []
+    for source in SOURCES:
+        est = np.asarray(report["estimated"]["confusion"][source])
+        true = np.asarray(report["true"]["confusion"][source])
+        for z, name in enumerate(names):
+            off = est[z].copy()
+            off[z] = -1
+            worst = int(off.argmax())
+            lines.append(f"  {source:8s} {name:12s} right {est[z, z]:.2f} (true {true[z, z]:.2f}); most often called "
+                         f"{names[worst]} {est[z, worst]:.2f} (true {true[z, worst]:.2f})")
+    return lines
+
+
 @dataclass
 class Variant:
     """One distilled (or Oracle) detector, evaluated: its Table 1 row and what it learnt from."""
@@ -223,7 +271,7 @@ def run_variant(cfg: Config, run: RunDir, overrides: list[str], seed: int, split
 
     state = distill(vcfg, run.clip_detector, items, on_step=progress,
                     ground_truth=ground_truth_by_uri(train_gt) if train_gt else None,
-                    teacher_records=clip_det_records(run))
+                    teacher_records=clip_det_records(run), clip_records=clip_records(run))
     variant = Variant(evaluate(split, detect_split(state.detector, split, SOURCE_COIN)), state.fusion_stats.summary(),
                       state.stats.summary())
     storage.write_text(uri, json.dumps(variant.to_json()))
@@ -361,6 +409,9 @@ def world_tables(args: argparse.Namespace, overrides: list[str], tables: set[str
         data["disagreement_confidence"] = disagreement_confidence(separations)
         print("disagreements (target train): who is more confident, who is right:",
               json.dumps(data["disagreement_confidence"], indent=1))
+        data["source_confusions"] = source_confusions(cfg, run, train_gt)
+        print("source confusions (target train), Dawid-Skene estimate against the truth:",
+              *confusion_lines(data["source_confusions"], list(cfg.data.categories)), sep="\n")
 
     def rows(variants: dict[str, list[str]]) -> dict[str, list[Variant]]:
         return {name: [run_variant(cfg, run, ov, s, split, cache, train_gt) for s in args.seeds]
@@ -387,6 +438,8 @@ def world_tables(args: argparse.Namespace, overrides: list[str], tables: set[str
     for number, variants, keys in (("5", TABLE5, TABLE5_KEYS), ("6", TABLE6, TABLE6_KEYS)):
         if number not in tables:
             continue
+        if number == "6" and args.fusions:
+            variants = {name: ov for name, ov in variants.items() if keys[name] in args.fusions.split(",")}
         results = rows(variants)
         table = {"CLIP det": teachers["CLIP det"]} if number == "5" and "CLIP det" in teachers else {}
         table |= {f"{name} ({spread([v.result for v in r])})": mean_result([v.result for v in r])
@@ -428,6 +481,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0,
                         help="distillation steps (0 = the config's: train.distill.epochs over the target images)")
     parser.add_argument("--tables", default="1,5,6")
+    parser.add_argument("--fusions", default="",
+                        help="Table 6 rows to run, by key (cloud,clip_det,avg,s_avg,ckg,ds); default every row")
     parser.add_argument("--rho", type=float, nargs="*", default=[],
                         help="cloud_confusion values for the rho curve (each builds its own world)")
     parser.add_argument("--no-oracle", action="store_true", help="leave the Oracle row out of Table 1")

@@ -221,7 +221,10 @@ class DistillConfig:
     min_score: float = _range(0.0, 1.0, default=0.3)  # cloud boxes below it are not separated
     min_clip_score: float = _range(0.0, 1.0, default=0.1)  # CLIP-det boxes below it are not separated
     background_weight: float = _range(0.0, None, default=1.0)  # background RoIs' weight in L_con
-    fusion: Literal["ckg", "cloud", "clip", "avg", "score_avg"] = "ckg"
+    # How an inconsistent pair becomes one target: the paper's Table 6 ("ckg" is COIN), or
+    # "ds": each source's confusions estimated by Dawid-Skene EM (coin_ray/confusion.py).
+    fusion: Literal["ckg", "cloud", "clip", "avg", "score_avg", "ds"] = "ckg"
+    admit_posterior: float = _range(0.0, 1.0, lo_open=True, default=0.9)  # ds: pairs this sure join the consistent set
     use_align: bool = True
     use_con: bool = True
     use_inc: bool = True

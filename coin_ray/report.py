@@ -314,10 +314,16 @@ def write_report(cfg: Config, run: RunDir, split: LabelledSplit, results: dict[s
     d = cfg.train.distill
     burn_up = int(round(d.burn_up * d.steps))
     extra = {"separation": separation_summary(read_metrics(run.metrics("distill")), burn_up)}
+    notes = [n["note"] for n in (row_notes or {}).values() if n.get("note")]
+    if storage.exists(run.distill_sets):
+        sets = json.loads(storage.read_text(run.distill_sets))
+        extra["separation_by_class"] = class_coverage(sets, cfg.data.categories)
+        if "confusions" in sets:
+            extra["source_confusions"] = sets["confusions"]
+        notes.append(coverage_warning(unconfirmed_classes(extra["separation_by_class"]), d.fusion))
     if row_notes:
         extra["row_notes"] = row_notes
-    md = write_tables(results, cfg.data.categories, out, extra=extra, note=note,
-                      notes=[n["note"] for n in (row_notes or {}).values() if n.get("note")])
+    md = write_tables(results, cfg.data.categories, out, extra=extra, note=note, notes=notes)
     plot_ap_bars(results, cfg.data.categories, storage.join(out, "ap_per_class.png"), run=name, split=split_name)
     write_training_plots(cfg, run)
     sources = {}
@@ -335,6 +341,32 @@ def write_report(cfg: Config, run: RunDir, split: LabelledSplit, results: dict[s
                        title=f"detections on the {split_name}, run {name}")
     write_tensorboard(results, out, run)
     return md
+
+
+COVERED_SETS = ("consistent", "admitted", "inconsistent_cloud", "inconsistent_clip", "private_cloud", "private_clip")
+
+
+def class_coverage(sets: dict, categories: Sequence[str]) -> dict[str, dict[str, int]]:
+    """{class name: {set name: boxes}} from ``<run>/distill/sets.json``: how many boxes each
+    set held under each label over the distillation (a consistent box under its agreed
+    label, an inconsistent one under each source's label; see ``SeparationStats``)."""
+    by_class = sets.get("separation", {}).get("by_class", {})
+    return {name: {s: int(by_class.get(s, {}).get(str(k), 0)) for s in COVERED_SETS}
+            for k, name in enumerate(categories)}
+
+
+def unconfirmed_classes(coverage: dict[str, dict[str, int]]) -> list[str]:
+    """Classes no box of which was confirmed: none agreed by both sources, none admitted."""
+    return [name for name, sets in coverage.items() if sets["consistent"] + sets["admitted"] == 0]
+
+
+def coverage_warning(classes: Sequence[str], fusion: str) -> str:
+    """One line under Table 1 when some classes were never confirmed ('' when all were)."""
+    if not classes:
+        return ""
+    hint = " (try train.distill.fusion=ds, which estimates where each source is wrong)" if fusion != "ds" else ""
+    return (f"Warning: no box of {', '.join(classes)} was confirmed by both sources during distillation, so the "
+            f"consistent set never taught {'it' if len(classes) == 1 else 'them'}{hint}.")
 
 
 def separation_summary(rows: list[dict], burn_up: int) -> dict:

@@ -18,6 +18,8 @@ one of these, and no other module spells them:
     clip_det/detections.parquet    CLIP-detector detections (source="clip_det")
     distill/model.pt               the target detector (stage 3)
     distill/metrics.jsonl, tb/     its per-step losses, as JSON lines and for TensorBoard
+    distill/sets.json              boxes per set and class, the fusion's statistics, the estimated
+                                   source confusions (fusion ds)
     eval/<method>.parquet          detections on the labelled target split
     eval/cloud_label_student.json  the cloud-label student's cut s and mAP50 per cut (report.cloud_label_student)
     report/                        metrics.json, table1.md, plots
@@ -77,6 +79,7 @@ class RunDir:
     clip_detector = _artefact("disseminate", MODEL_FILE)  # the disseminated CLIP detector
     clip_detections = _artefact("clip_det", "detections.parquet")  # source "clip_det", every image
     target_detector = _artefact("distill", MODEL_FILE)  # the distilled target detector
+    distill_sets = _artefact("distill", "sets.json")  # coin_ray.train.distill.distill_meta, as JSON
     tensorboard = _artefact("tensorboard")  # every stage's events: tensorboard --logdir <this>
     cloud_label_choice = _artefact("eval", "cloud_label_student.json")  # its s, chosen on the val split
     report_dir = _artefact("report")

@@ -167,6 +167,29 @@ def separate(cloud: SourceBoxes, clip_det: SourceBoxes, *,
     return Separation(consistent, inconsistent, private)
 
 
+def admit_confident(sep: Separation, pair_posterior: torch.Tensor, threshold: float) -> Separation:
+    """Move the inconsistent pairs whose true class is near certain into the consistent set.
+
+    ``pair_posterior`` (K, K+1, K+1): p(true class | cloud label, CLIP-detector label), as
+    estimated from the sources' confusions (``coin_ray.confusion``). A pair whose most
+    probable class is an object class (not K) with probability >= ``threshold`` becomes
+    consistent, both labels set to that class: the way a class the cloud always calls by
+    another name still reaches L_con. The other pairs stay inconsistent.
+    """
+    inc = sep.inconsistent
+    posterior = pair_posterior.to(inc.cloud_labels.device)[inc.cloud_labels, inc.clip_labels]
+    best, label = posterior.max(dim=1) if len(inc) else (torch.zeros(0), torch.zeros(0, dtype=torch.int64))
+    admit = (best >= threshold) & (label < pair_posterior.shape[-1] - 1)
+    if not bool(admit.any()):
+        return sep
+    moved = PairedSet(inc.boxes[admit], label[admit], label[admit], inc.cloud_scores[admit],
+                      inc.clip_scores[admit], inc.cloud_probs[admit], inc.clip_probs[admit])
+    kept = PairedSet(*(getattr(inc, f.name)[~admit] for f in fields(PairedSet)))
+    consistent = PairedSet(*(torch.cat([getattr(sep.consistent, f.name), getattr(moved, f.name)])
+                             for f in fields(PairedSet)))
+    return Separation(consistent, kept, sep.private)
+
+
 def _cat_probs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     # An empty side may carry a (0, 0) probs tensor; keep the other side's width.
     width = max(a.shape[1], b.shape[1])
@@ -188,14 +211,17 @@ class SeparationStats:
     """Counts of each set over many images, and how often each set's label is right.
 
     ``counts[name]`` is the number of boxes; ``right[name]`` how many of them carry a
-    correct label against ground truth (only counted for images given ground truth).
-    Names: consistent, inconsistent_cloud / inconsistent_clip (the same boxes, judged by
-    each source's label), private_cloud, private_clip.
+    correct label against ground truth (only counted for images given ground truth);
+    ``by_class[name][label]`` the boxes of each label. Names: consistent,
+    inconsistent_cloud / inconsistent_clip (the same boxes, judged by each source's
+    label), private_cloud, private_clip, and "admitted" (inconsistent pairs the ``ds``
+    fusion moved into the consistent set, by the label it gave them).
     """
 
     counts: dict[str, int] = field(default_factory=dict)
     judged: dict[str, int] = field(default_factory=dict)
     right: dict[str, int] = field(default_factory=dict)
+    by_class: dict[str, dict[int, int]] = field(default_factory=dict)  # set name -> label -> boxes
 
     def add(self, sep: Separation, gt_boxes: torch.Tensor | None = None,
             gt_labels: torch.Tensor | None = None) -> None:
@@ -210,7 +236,7 @@ class SeparationStats:
             "private_clip": (p.boxes[~p.from_cloud], p.labels[~p.from_cloud]),
         }
         for name, (boxes, labels) in groups.items():
-            self.counts[name] = self.counts.get(name, 0) + len(boxes)
+            self.count(name, labels)
             if gt_boxes is None or gt_labels is None:
                 continue
             ok = label_right(boxes, labels, torch.as_tensor(gt_boxes, dtype=torch.float32).reshape(-1, 4),
@@ -218,12 +244,20 @@ class SeparationStats:
             self.judged[name] = self.judged.get(name, 0) + len(boxes)
             self.right[name] = self.right.get(name, 0) + int(ok.sum())
 
+    def count(self, name: str, labels: torch.Tensor) -> None:
+        """Add boxes with ``labels`` (B,) to set ``name``'s count, in total and per label."""
+        self.counts[name] = self.counts.get(name, 0) + len(labels)
+        per_label = self.by_class.setdefault(name, {})
+        for label, n in zip(*torch.unique(labels.cpu(), return_counts=True)):
+            per_label[int(label)] = per_label.get(int(label), 0) + int(n)
+
     def accuracy(self) -> dict[str, float]:
         """Fraction of judged boxes with a right label, per set name (NaN when none)."""
         return {k: (self.right.get(k, 0) / n if n else float("nan")) for k, n in self.judged.items()}
 
     def summary(self) -> dict[str, Any]:
-        return {"counts": dict(self.counts), "label_accuracy": self.accuracy()}
+        return {"counts": dict(self.counts), "label_accuracy": self.accuracy(),
+                "by_class": {name: {str(k): v for k, v in sorted(per.items())} for name, per in self.by_class.items()}}
 
 
 @dataclass

@@ -244,3 +244,56 @@ def test_steps_with_augmented_views_are_deterministic_under_a_seed(clip_dir):
 
     assert two_steps(3) == two_steps(3)
     assert two_steps(3) != two_steps(4)
+
+
+def test_fusion_ds_admits_the_pairs_it_is_sure_of_and_targets_the_rest_with_the_pair_posterior(clip_dir):
+    torch.manual_seed(0)
+    teacher, student = _models(clip_dir)
+    cfg = _cfg(fusion="ds", admit_posterior=0.9)
+    state = build_state(teacher, student, cfg)
+    batch = _batch(state.teacher)
+    raw = detect_and_separate(state, batch, Phase(after_burn_up=True), cfg)
+    disagreements = sum(len(s.inconsistent) for s in raw)
+    assert disagreements > 0
+    ckg_before = copy.deepcopy(state.ckg.state_dict())
+
+    # Sure that the CLIP detector is right on every disagreement: all of them become consistent.
+    sure = torch.zeros(K, K + 1, K + 1)
+    sure[:, torch.arange(K + 1), torch.arange(K + 1)] = 0.95
+    sure[:, :, K] += 0.05
+    state.pair_posterior = sure
+    m = distill_step(state, batch, Phase(after_burn_up=True), cfg)
+    assert m["sep_inconsistent"] == 0 and state.stats.counts["admitted"] == disagreements
+    assert m["sep_consistent"] == sum(len(s.consistent) for s in raw) + disagreements
+    assert all(torch.equal(state.ckg.state_dict()[n], ckg_before[n]) for n, _ in state.ckg.named_parameters())
+
+    # Unsure everywhere: nothing is admitted and L_inc learns the (uniform) pair posterior.
+    state.pair_posterior = torch.full((K, K + 1, K + 1), 1 / (K + 1))
+    m = distill_step(state, batch, Phase(after_burn_up=True), cfg)
+    assert m["sep_inconsistent"] == disagreements and state.stats.counts["admitted"] == disagreements
+    assert m["l_inc"] > 0
+
+
+def test_fusion_ds_estimates_the_confusions_from_the_stored_records(clip_dir):
+    from coin_ray.train.distill import use_source_confusions
+
+    torch.manual_seed(0)
+    teacher, student = _models(clip_dir)
+    cfg = _cfg(fusion="ds")
+    state = build_state(teacher, student, cfg)
+    box = np.array([[0, 0, 20, 20]], np.float32)
+
+    def rec(i, label, source):
+        probs = np.eye(K + 1, dtype=np.float32)[[label]]
+        return Detections(f"i{i}", f"u{i}", 64, 64, box, np.array([label]), np.array([0.9], np.float32), probs,
+                          source)
+
+    # Class 1 is always called 0 by the cloud; CLIP's crop and the detector are right.
+    truth = [0, 0, 0, 1, 1, 2, 2, 2]
+    cloud = [rec(i, 0 if t == 1 else t, "cloud") for i, t in enumerate(truth)]
+    clip = [rec(i, t, "clip") for i, t in enumerate(truth)]
+    det = [rec(i, t, SOURCE_CLIP_DET) for i, t in enumerate(truth)]
+    est = use_source_confusions(state, DetectionDataset(cloud, K), clip, det, cfg)
+    assert est.items == len(truth)
+    assert est.source("cloud")[1, 0] > 0.9 and est.source("clip_det")[1, 1] > 0.9
+    assert state.pair_posterior[0, 1].argmax() == 1 and state.pair_posterior[0, 1, 1] > 0.9

@@ -20,7 +20,7 @@ from coin_ray.models.clip_factory import write_clip
 from coin_ray.models.light_rcnn import LightRCNN
 from coin_ray.ray.distill import distill_worker, run_distill
 from coin_ray.run import RunDir
-from coin_ray.schema import Detections, records_to_table
+from coin_ray.schema import SOURCE_CLIP_DET, Detections, records_to_table
 from coin_ray.train.data import image_tensor
 
 pytestmark = pytest.mark.slow
@@ -28,8 +28,9 @@ pytestmark = pytest.mark.slow
 CATEGORIES = ["car", "person", "bus"]
 
 
-def make_run(root: Path, clip_dir: str, steps: int, target_backbone: str = "clip") -> object:
-    """A run dir with a 'disseminated' detector and cloud records that half agree with it."""
+def make_run(root: Path, clip_dir: str, steps: int, target_backbone: str = "clip", fusion: str = "ckg") -> object:
+    """A run dir with a 'disseminated' detector, its detections (the clip_det stage) and cloud
+    records that half agree with them."""
     cfg = from_dict({
         "data": {"categories": CATEGORIES}, "clip": {"model": clip_dir}, "storage": str(root),
         "model": {"min_size": 64, "max_size": 96, "num_extra_context": 1, "detections_per_image": 6,
@@ -38,22 +39,28 @@ def make_run(root: Path, clip_dir: str, steps: int, target_backbone: str = "clip
                               "log_every": 1, "min_score": 0.0, "min_clip_score": 0.0, "pi": 0.0,
                               # A long half-life: the EMA path runs, but the teacher stays near
                               # the CLIP detector, so its boxes keep matching the cloud's.
-                              "teacher_half_life": 100.0}},
+                              "teacher_half_life": 100.0, "fusion": fusion}},
         "ray": {"num_workers": 2, "cpus_per_worker": 1.0}})
     teacher = build_detector(cfg).eval()
     save_detector(teacher, str(root / "disseminate" / "model.pt"))
+    run = RunDir(str(root))
+    run.mark_done("disseminate")
     rng = np.random.default_rng(0)
-    records = []
+    records, detected = [], []
     for i in range(4):
         uri = str(root / f"img{i}.png")
         Image.fromarray(rng.integers(0, 255, size=(72, 96, 3), dtype=np.uint8)).save(uri)
         det = teacher.detect([image_tensor(np.asarray(Image.open(uri)))])[0]
+        detected.append(Detections(f"img{i}", uri, 96, 72, det["boxes"].numpy(), det["labels"].numpy(),
+                                   det["scores"].numpy(), det["probs"].numpy(), SOURCE_CLIP_DET))
         labels = det["labels"][:4].clone()
         labels[1::2] = (labels[1::2] + 1) % len(CATEGORIES)
         records.append(Detections.from_class_only(f"img{i}", uri, 96, 72, det["boxes"][:4].numpy(),
                                                   labels.numpy(), np.full(len(labels), 0.9, np.float32),
                                                   len(CATEGORIES), "cloud"))
-    storage.write_parquet(records_to_table(records), str(root / "collect" / "cloud.parquet"))
+    storage.write_parquet(records_to_table(records), run.cloud_detections)
+    storage.write_parquet(records_to_table(detected), run.clip_detections)
+    run.mark_done("clip_det")
     return cfg
 
 
@@ -82,22 +89,23 @@ def check_then_fail_once(step_to_fail: int, folder: str, step: int, state) -> No
 
 
 @pytest.mark.timeout(480)
-@pytest.mark.parametrize("target_backbone", ["clip", "mobilenet_v3"])
+@pytest.mark.parametrize("target_backbone,fusion", [("clip", "ckg"), ("mobilenet_v3", "ds")])
 def test_two_gloo_workers_agree_on_gradients_checkpoint_get_killed_and_resume(local_ray, tmp_path,
-                                                                              target_backbone):
+                                                                              target_backbone, fusion):
     clip_dir = str(write_clip(tmp_path / "clip", CATEGORIES + ["a", "photo", "of"], hidden_size=32,
                               projection_dim=32, num_layers=2))
     run_dir = tmp_path / "run"
-    cfg = make_run(run_dir, clip_dir, steps=4, target_backbone=target_backbone)
+    cfg = make_run(run_dir, clip_dir, steps=4, target_backbone=target_backbone, fusion=fusion)
     loop = functools.partial(distill_worker, after_step=functools.partial(check_then_fail_once, 3, str(tmp_path)))
     model_uri = run_distill(cfg, RunDir(str(run_dir)), loop=loop)
 
     rows = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
     # Checkpoint at step 2, killed after step 3, resumed at step 3 (not 1, not 4).
     assert [r["step"] for r in rows] == [1, 2, 3, 3, 4]
-    # The second-order loss was active at every step: the teacher stays the CLIP detector
-    # (its EMA for the CLIP student), whose detections half agree with the cloud's.
-    assert all(r["ckg_norm"] > 0 for r in rows), [r["ckg_norm"] for r in rows]
+    # With the CKG, the second-order loss was active at every step: the teacher stays the CLIP
+    # detector (its EMA for the CLIP student), whose detections half agree with the cloud's.
+    # Fusion ds leaves the CKG untrained.
+    assert all((r["ckg_norm"] > 0) == (fusion == "ckg") for r in rows), [r["ckg_norm"] for r in rows]
     for r in rows:
         assert r["student_norm"] > 0
         assert r["student_diff"] <= 1e-6 * max(1.0, r["student_norm"])
@@ -109,6 +117,12 @@ def test_two_gloo_workers_agree_on_gradients_checkpoint_get_killed_and_resume(lo
     model = load_detector(model_uri)
     counts = model.meta["separation"]["counts"]  # counted since the resume (steps 3-4)
     assert counts["inconsistent_cloud"] > 0
+    sets = json.loads((run_dir / "distill" / "sets.json").read_text())
+    assert sets["separation"]["counts"] == counts and sets["fusion_name"] == fusion
+    # Fusion ds estimated the sources' confusions from the stored records, on every box.
+    assert ("confusions" in sets) == (fusion == "ds")
+    if fusion == "ds":
+        assert sets["confusions"]["items"] == 16 and sets["confusions"]["classes"] == CATEGORIES + ["background"]
     if target_backbone == "clip":
         fresh = build_detector(cfg)
     else:

@@ -113,3 +113,19 @@ def test_training_plots_are_written_without_labels(tmp_path):
     written = write_training_plots(load_config(None, ["train.distill.steps=3"]), run)
     assert [p.rsplit("/", 1)[-1] for p in written] == ["losses.png", "separation.png"]
     assert all((tmp_path / "run" / "report" / name).stat().st_size > 0 for name in ("losses.png", "separation.png"))
+
+
+def test_classes_no_source_pair_confirmed_are_named_under_table_1():
+    from coin_ray.report import class_coverage, coverage_warning, unconfirmed_classes
+
+    sets = {"separation": {"by_class": {"consistent": {"0": 5}, "admitted": {"2": 3},
+                                        "inconsistent_cloud": {"0": 4}, "inconsistent_clip": {"1": 4}}}}
+    coverage = class_coverage(sets, ["person", "rider", "bus", "train"])
+    assert coverage["rider"] == {"consistent": 0, "admitted": 0, "inconsistent_cloud": 0, "inconsistent_clip": 4,
+                                 "private_cloud": 0, "private_clip": 0}
+    assert coverage["bus"]["admitted"] == 3
+    assert unconfirmed_classes(coverage) == ["rider", "train"]
+    line = coverage_warning(["rider", "train"], "ckg")
+    assert line.startswith("Warning: no box of rider, train was confirmed") and "fusion=ds" in line
+    assert "fusion=ds" not in coverage_warning(["rider"], "ds")
+    assert coverage_warning([], "ckg") == ""

@@ -169,3 +169,37 @@ def test_fusion_stats_count_pairs_passing_pi_and_judge_them_by_ground_truth():
     stats.add(fused[:1], 0.7, boxes[:1])  # no ground truth: counted, not judged
     assert stats.summary() == {"pairs": 4, "passed": 3, "judged": 2, "right": 1, "pass_rate": 0.75,
                                "right_rate": 0.5}
+
+
+def test_pairs_the_estimated_confusions_make_sure_of_join_the_consistent_set_with_that_label():
+    from coin_ray.separate import admit_confident
+
+    # Cloud says 0 three times; the CLIP detector says 1, 2 and 1 on them, plus one agreed pair.
+    cloud = _src([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50], [60, 60, 70, 70]], [0, 0, 0, 2],
+                 [0.9, 0.8, 0.7, 0.9])
+    clip = _src([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50], [60, 60, 70, 70]], [1, 2, 1, 2],
+                [0.6, 0.6, 0.6, 0.6])
+    sep = separate(cloud, clip)
+    table = torch.full((K, K + 1, K + 1), 1 / (K + 1))
+    table[0, 1] = torch.tensor([0.05, 0.95, 0.0, 0.0])  # (cloud 0, det 1): surely class 1
+    table[0, 2] = torch.tensor([0.5, 0.0, 0.5, 0.0])  # (cloud 0, det 2): a coin flip
+    out = admit_confident(sep, table, 0.9)
+    assert out.consistent.cloud_labels.tolist() == [2, 1, 1]
+    assert out.consistent.clip_labels.tolist() == [2, 1, 1]
+    assert out.consistent.boxes[1:].tolist() == [[0, 0, 10, 10], [40, 40, 50, 50]]
+    assert out.inconsistent.cloud_labels.tolist() == [0] and out.inconsistent.clip_labels.tolist() == [2]
+    assert torch.equal(out.private.boxes, sep.private.boxes)
+    # Sure of background: the pair stays inconsistent (no object class to teach).
+    table[0, 1] = torch.tensor([0.0, 0.0, 0.0, 1.0])
+    assert admit_confident(sep, table, 0.9).consistent.cloud_labels.tolist() == [2]
+
+
+def test_stats_count_each_set_per_label():
+    stats = SeparationStats()
+    stats.add(separate(_src([[0, 0, 10, 10], [20, 20, 30, 30]], [0, 1], [0.9, 0.9]),
+                       _src([[0, 0, 10, 10], [20, 20, 30, 30]], [0, 2], [0.6, 0.6])))
+    stats.count("admitted", torch.tensor([2, 2]))
+    by_class = stats.summary()["by_class"]
+    assert by_class["consistent"] == {"0": 1}
+    assert by_class["inconsistent_cloud"] == {"1": 1} and by_class["inconsistent_clip"] == {"2": 1}
+    assert by_class["admitted"] == {"2": 2} and stats.counts["admitted"] == 2

@@ -17,20 +17,24 @@ its prototypes), the EMA teacher, the CKG (with its two prototype matrices), bot
 optimizers, the scheduler and the step; a restarted worker group or a re-submitted run
 resumes there. Rank 0 logs per-step metrics to ``run.metrics("distill")`` and to
 TensorBoard under ``run.tensorboard_dir("distill")`` (written locally and uploaded for
-s3:// runs), and finally writes the model with the separation statistics in its meta.
+s3:// runs), and finally writes the model with the separation statistics in its meta, and
+the same statistics to ``run.distill_sets`` for the report.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable
 
+from coin_ray import storage
 from coin_ray.config import Config
 from coin_ray.models.build import save_detector
 from coin_ray.ray.train import prepare, run_stage, run_training, stage_uris, worker_setup
 from coin_ray.run import RunDir
 from coin_ray.tensorboard_log import TensorBoardLog
-from coin_ray.train.data import DetectionDataset, clip_det_records, cloud_records
-from coin_ray.train.distill import DistillState, DistillTraining, build_run_state, remember_teacher_detections
+from coin_ray.train.data import DetectionDataset, clip_det_records, clip_records, cloud_records
+from coin_ray.train.distill import (DistillState, DistillTraining, build_run_state, distill_meta,
+                                    remember_teacher_detections, use_source_confusions)
 from coin_ray.train.loop import MetricsLog, StepLog
 
 STAGE = "distill"
@@ -48,7 +52,11 @@ def distill_worker(config: dict[str, Any], after_step: AfterStep | None = None) 
     d = w.cfg.train.distill
     dataset = DetectionDataset(cloud_records(w.run, w.uris), w.cfg.num_classes)
     state = build_run_state(w.cfg, w.run.clip_detector, wrap=prepare, device=w.device)
-    remember_teacher_detections(state, dataset, clip_det_records(w.run), d.min_clip_score)
+    stored = clip_det_records(w.run)
+    remember_teacher_detections(state, dataset, stored, d.min_clip_score)
+    if d.fusion == "ds":
+        require_clip_det(stored, w.run)
+        use_source_confusions(state, dataset, clip_records(w.run), stored, d)
     training = DistillTraining(state, dataset, d, w.cfg.seed, w.rank, w.world_size, w.device)
 
     def logs(start: int) -> list[StepLog]:
@@ -60,9 +68,16 @@ def distill_worker(config: dict[str, Any], after_step: AfterStep | None = None) 
                  logs=logs, feed=w.feed,
                  after_step=None if after_step is None else lambda step: after_step(step, state))
     if w.rank == 0:
-        save_detector(state.detector, w.run.target_detector,
-                      {"steps": d.steps, "separation": state.stats.summary(),
-                       "fusion": state.fusion_stats.summary()})
+        meta = distill_meta(state, w.cfg)
+        storage.write_text(w.run.distill_sets, json.dumps(meta, indent=1))
+        save_detector(state.detector, w.run.target_detector, meta)
+
+
+def require_clip_det(stored: list, run: RunDir) -> None:
+    """Fusion "ds" estimates the CLIP detector's confusions from its stored detections."""
+    if not stored:
+        raise RuntimeError(f"train.distill.fusion=ds needs the CLIP detector's detections of the target images "
+                           f"({run.clip_detections}, current with its model): run the clip_det stage first")
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

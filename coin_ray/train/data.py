@@ -96,7 +96,7 @@ def load_dissemination_records(run: RunDir, labels: Literal["clip", "cloud"],
         raise FileNotFoundError(f"train.disseminate.labels=clip needs {run.clip_scores}"
                                 " (collect with CLIP), or set train.disseminate.labels=cloud")
     cloud = cloud_records(run, uris)
-    clip = table_to_records(storage.read_parquet(run.clip_scores, DETECTION_SCHEMA)) if labels == "clip" else None
+    clip = clip_records(run) if labels == "clip" else None
     targets = dissemination_targets(cloud, clip, labels)
     bad = [r for r in targets if not r.ok]
     if bad:
@@ -193,6 +193,14 @@ def cloud_records(run: RunDir, uris: list[str] | None = None) -> list[Detections
     records = table_to_records(storage.read_parquet(run.cloud_detections, DETECTION_SCHEMA))
     wanted = set(uris) if uris is not None else None
     return [r for r in records if r.ok and (wanted is None or r.uri in wanted)]
+
+
+def clip_records(run: RunDir) -> list[Detections]:
+    """The collection's CLIP records of the cloud boxes (``run.clip_scores``), or [] when the
+    run collected without CLIP."""
+    if not storage.exists(run.clip_scores):
+        return []
+    return table_to_records(storage.read_parquet(run.clip_scores, DETECTION_SCHEMA))
 
 
 def clip_det_records(run: RunDir) -> list[Detections]:

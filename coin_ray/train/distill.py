@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coin_ray.config import Config, DistillConfig, resolved_steps
+from coin_ray.confusion import SourceConfusions, estimate_source_confusions
 from coin_ray.losses import l_align, l_ckg, l_con, l_inc, l_pri
 from coin_ray.models.build import build_student, load_detector
 from coin_ray.models.ckg import CKG, FUSIONS, mlp_gradients
@@ -48,8 +49,8 @@ from coin_ray.models.roi_heads import MAX_LOGIT_SCALE
 from coin_ray.models.student import DistillStudent, StudentPass
 from coin_ray.models.teacher import ema_update, make_teacher
 from coin_ray.schema import Detections
-from coin_ray.separate import (FusionStats, PairedSet, PrivateSet, Separation, SeparationStats, SourceBoxes, as_source,
-                               separate)
+from coin_ray.separate import (FusionStats, PairedSet, PrivateSet, Separation, SeparationStats, SourceBoxes,
+                               admit_confident, as_source, separate)
 from coin_ray.train.augment import student_views
 from coin_ray.train.data import DetectionDataset, image_tensor, step_indices
 from coin_ray.train.loop import StepHook, step_generator
@@ -81,6 +82,8 @@ class DistillState:
     stats: SeparationStats = field(default_factory=SeparationStats)
     fusion_stats: FusionStats = field(default_factory=FusionStats)  # after burn-up only
     teacher_cache: dict[str, SourceBoxes] = field(default_factory=dict)  # while the teacher is frozen
+    confusions: SourceConfusions | None = None  # fusion "ds": the sources' estimated confusions
+    pair_posterior: torch.Tensor | None = None  # fusion "ds": (K, K+1, K+1), from ``confusions``
 
     @property
     def detector(self) -> RegionDetector:
@@ -174,6 +177,8 @@ def distill_step(state: DistillState, batch: Batch, phase: Phase, cfg: DistillCo
     for i, sep in enumerate(seps):
         gt = batch.gt[i] if batch.gt else {}
         state.stats.add(sep, gt.get("boxes"), gt.get("labels"))
+    if cfg.fusion == "ds":
+        seps = admit_by_confusions(state, seps, cfg.admit_posterior)
     inc_boxes = [s.inconsistent.boxes for s in seps]  # in the frame of the ground truth
     # The student learns from a weak (flipped) view made strong; the teacher saw the plain image.
     images, seps = student_views(batch.images, seps, state.generator, flip=cfg.flip, strong=cfg.strong_augment)
@@ -184,8 +189,11 @@ def distill_step(state: DistillState, batch: Batch, phase: Phase, cfg: DistillCo
     priv = concat_private([s.private for s in seps]).to(device)
     # 3. Fuse the inconsistent pairs (Table 6) and compute the student's losses.
     p_ckg = state.ckg(out.inconsistent.embeddings.detach(), inc.cloud_probs, inc.clip_probs)
-    fused = FUSIONS[cfg.fusion](inc.cloud_probs, inc.clip_probs, inc.cloud_scores, inc.clip_scores,
-                                p_ckg.detach())
+    if cfg.fusion == "ds":
+        fused = ds_posterior(state, inc)
+    else:
+        fused = FUSIONS[cfg.fusion](inc.cloud_probs, inc.clip_probs, inc.cloud_scores, inc.clip_scores,
+                                    p_ckg.detach())
     if phase.after_burn_up:
         state.fusion_stats.add(fused, cfg.pi, inc_boxes, batch.gt)
     losses = student_losses(state.detector, out, inc_fused=fused, private=priv, phase=phase, cfg=cfg)
@@ -208,6 +216,42 @@ def distill_step(state: DistillState, batch: Batch, phase: Phase, cfg: DistillCo
     return {"loss": total.item(), "l_ckg": loss_ckg.item(), **{k: v.item() for k, v in losses.items()},
             "sep_consistent": len(cons), "sep_inconsistent": len(inc), "sep_private": len(priv),
             "after_burn_up": float(phase.after_burn_up), "lr": float(state.optimizer.param_groups[-1]["lr"])}
+
+
+def admit_by_confusions(state: DistillState, seps: list[Separation], threshold: float) -> list[Separation]:
+    """Fusion "ds": per image, the inconsistent pairs whose true class the estimated
+    confusions make at least ``threshold`` sure join the consistent set with that label
+    (``coin_ray.separate.admit_confident``); counted in ``state.stats`` as "admitted"."""
+    if state.pair_posterior is None:
+        raise RuntimeError("fusion ds needs the sources' confusions: set state.pair_posterior "
+                           "(use_source_confusions)")
+    admitted = [admit_confident(sep, state.pair_posterior, threshold) for sep in seps]
+    for before, after in zip(seps, admitted):
+        state.stats.count("admitted", after.consistent.cloud_labels[len(before.consistent):])
+    return admitted
+
+
+def ds_posterior(state: DistillState, inc: PairedSet) -> torch.Tensor:
+    """(P, K+1) fusion "ds": p(true class | cloud label, CLIP-detector label) of each pair."""
+    assert state.pair_posterior is not None
+    table = state.pair_posterior.to(inc.cloud_labels.device)
+    return table[inc.cloud_labels, inc.clip_labels]
+
+
+def use_source_confusions(state: DistillState, dataset: DetectionDataset, clip: list[Detections],
+                          clip_det: list[Detections], cfg: DistillConfig) -> SourceConfusions:
+    """Estimate the sources' confusions (Dawid-Skene over the training images' cloud boxes,
+    ``coin_ray.confusion``) and give the step their pair posterior; returns the estimate.
+
+    clip: the collection's CLIP records of the cloud boxes; clip_det: the CLIP detector's
+    stored detections (``clip_det_records``). Deterministic, so every rank computes the same.
+    """
+    confusions = estimate_source_confusions(dataset.records, clip, clip_det, dataset.num_classes,
+                                            min_score=cfg.min_score, min_clip_score=cfg.min_clip_score,
+                                            match_iou=cfg.match_iou)
+    state.confusions = confusions
+    state.pair_posterior = confusions.pair_posterior("cloud", "clip_det")
+    return confusions
 
 
 def student_losses(detector: RegionDetector, out: StudentPass, *, inc_fused: torch.Tensor,
@@ -312,6 +356,16 @@ def load_state_dict(state: DistillState, blob: dict[str, Any]) -> None:
     state.generator.set_state(blob["generator"])
 
 
+def distill_meta(state: DistillState, cfg: Config) -> dict[str, Any]:
+    """What the target detector's file records of its training: length, the sets' counts
+    (per class too), the fusion's statistics and, for fusion "ds", the estimated confusions."""
+    meta: dict[str, Any] = {"steps": cfg.train.distill.steps, "fusion_name": cfg.train.distill.fusion,
+                            "separation": state.stats.summary(), "fusion": state.fusion_stats.summary()}
+    if state.confusions is not None:
+        meta["confusions"] = state.confusions.to_dict(cfg.data.categories)
+    return meta
+
+
 def load_batch(dataset: DetectionDataset, indices: list[int], device: torch.device,
                ground_truth: Mapping[str, dict[str, torch.Tensor]] | None = None) -> Batch:
     """The images at ``indices`` on ``device`` with their cloud detections (on the CPU), and
@@ -391,7 +445,8 @@ def build_run_state(cfg: Config, teacher_uri: str, wrap: Callable[[nn.Module], n
 def distill(cfg: Config, teacher_uri: str, train_items: list[Detections], *,
             on_step: StepHook | None = None,
             ground_truth: Mapping[str, dict[str, torch.Tensor]] | None = None,
-            teacher_records: list[Detections] | None = None) -> DistillState:
+            teacher_records: list[Detections] | None = None,
+            clip_records: list[Detections] | None = None) -> DistillState:
     """Distil a target detector in this process (no Ray): tests, sweeps, benchmarks.
 
     Args:
@@ -400,7 +455,9 @@ def distill(cfg: Config, teacher_uri: str, train_items: list[Detections], *,
             coin_ray.storage); error records are skipped.
         ground_truth: optional labels of those images by uri, for the statistics only.
         teacher_records: that detector's stored detections of the images
-            (``clip_det_records``), reused instead of detecting again while it is frozen.
+            (``clip_det_records``), reused instead of detecting again while it is frozen;
+            fusion "ds" needs them to estimate the sources' confusions.
+        clip_records: the collection's CLIP records of the cloud boxes (fusion "ds").
     Returns:
         The final state; ``state.detector`` is the target detector.
 
@@ -412,5 +469,9 @@ def distill(cfg: Config, teacher_uri: str, train_items: list[Detections], *,
     print(length.describe(), flush=True)
     state = build_run_state(cfg, teacher_uri)
     remember_teacher_detections(state, dataset, teacher_records or [], cfg.train.distill.min_clip_score)
+    if cfg.train.distill.fusion == "ds":
+        if not teacher_records:
+            raise ValueError("fusion ds needs teacher_records: the CLIP detector's detections of the images")
+        use_source_confusions(state, dataset, clip_records or [], teacher_records, cfg.train.distill)
     run_steps(state, dataset, cfg.train.distill, seed=cfg.seed, on_step=on_step, ground_truth=ground_truth)
     return state
