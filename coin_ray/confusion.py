@@ -15,13 +15,17 @@ Labels and classes run over K+1 values: index K is "background" (CLIP calls the 
 background; the CLIP detector has no box there; the box holds no object). The cloud never
 says K. Ground truth is never read here; benchmarks compare the estimate with it.
 
-``SourceConfusions.pair_posterior`` turns the estimate into what a training step can use
-without the crop: p(true class | cloud label, CLIP-detector label), a (K, K+1, K+1) table.
+``corrected_cloud`` turns the estimate into what distillation learns from (fusion ``ds``):
+each cloud box carries its posterior over the true class given all three labels as its
+probs, and takes the posterior's class as its label where that class is an object and at
+least ``threshold`` sure. A rider the cloud calls person, but CLIP's crop and the CLIP
+detector call rider, is then a rider: agreed with the detector, it reaches the consistent set.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -52,19 +56,6 @@ class SourceConfusions:
     def source(self, name: str) -> np.ndarray:
         """(L, L) confusion of the named source."""
         return self.confusion[self.sources.index(name)]
-
-    def pair_posterior(self, first: str = "cloud", second: str = "clip_det") -> torch.Tensor:
-        """(K, L, L) float32: [a, b] is p(true class | ``first`` says a, ``second`` says b).
-
-        The first source is the cloud, which says one of the K classes; the second may say K
-        (no box). Every other source is marginalised out (it is not observed in the step).
-        """
-        a, b = self.source(first), self.source(second)
-        joint = self.prior[None, None, :] * a.T[:, None, :] * b.T[None, :, :]  # [a, b, z]
-        joint = joint[: len(self.prior) - 1]
-        total = joint.sum(axis=2, keepdims=True)
-        posterior = np.divide(joint, total, out=np.full_like(joint, 1.0 / len(self.prior)), where=total > 0)
-        return torch.as_tensor(posterior, dtype=torch.float32)
 
     def to_dict(self, class_names: Sequence[str] | None = None) -> dict[str, Any]:
         """JSON-ready: prior and per-source confusion as nested lists (rows: true class)."""
@@ -182,10 +173,51 @@ def estimate_source_confusions(cloud: list[Detections], clip: list[Detections], 
     num_classes: K; the estimate is over K+1 classes. A source with no record for an image
     leaves its labels MISSING there.
     """
+    return corrected_cloud(cloud, clip, clip_det, num_classes, min_score=min_score, min_clip_score=min_clip_score,
+                           match_iou=match_iou, threshold=1.0)[1]
+
+
+def box_posteriors(labels: np.ndarray, confusions: SourceConfusions) -> np.ndarray:
+    """(N, L) p(true class | the box's labels (N, J), as ``box_annotations`` gives them)."""
+    return e_step(np.asarray(labels, np.int64).reshape(len(labels), -1), confusions.prior, confusions.confusion)
+
+
+def corrected_record(cloud: Detections, posterior: np.ndarray, min_score: float, threshold: float) -> Detections:
+    """``cloud`` with its boxes scoring >= ``min_score`` (in order) corrected by ``posterior``
+    (their (n, K+1) posteriors): probs become the posterior; the label becomes the posterior's
+    class where that is an object class (< K) with probability >= ``threshold``."""
+    keep = np.flatnonzero(np.asarray(cloud.scores) >= min_score)
+    labels, probs = np.array(cloud.labels, np.int64), np.array(cloud.probs, np.float32)
+    if len(keep) == 0:
+        return cloud
+    best, sure = posterior.argmax(axis=1), posterior.max(axis=1) >= threshold
+    relabel = sure & (best < posterior.shape[1] - 1)
+    labels[keep[relabel]] = best[relabel]
+    probs[keep] = posterior
+    return replace(cloud, labels=labels, probs=probs)
+
+
+def corrected_cloud(cloud: list[Detections], clip: list[Detections], clip_det: list[Detections], num_classes: int, *,
+                    min_score: float, min_clip_score: float, match_iou: float, threshold: float
+                    ) -> tuple[list[Detections], SourceConfusions]:
+    """The cloud's records corrected by the sources' estimated confusions, and the estimate.
+
+    Dawid-Skene over every usable box of ``cloud`` (``estimate_source_confusions``), then each
+    record through ``corrected_record``. Records are matched by uri; error records pass as
+    they are. num_classes: K.
+    """
     clip_by_uri = {r.uri: r for r in clip if r.ok}
     det_by_uri = {r.uri: r for r in clip_det if r.ok}
-    rows = [box_annotations(r, clip_by_uri.get(r.uri), det_by_uri.get(r.uri), min_score=min_score,
-                            min_clip_score=min_clip_score, match_iou=match_iou)
-            for r in cloud if r.ok and len(r)]
+
+    def annotate(r: Detections) -> np.ndarray:
+        return box_annotations(r, clip_by_uri.get(r.uri), det_by_uri.get(r.uri), min_score=min_score,
+                               min_clip_score=min_clip_score, match_iou=match_iou)
+
+    usable = [r for r in cloud if r.ok and len(r)]
+    annotations = {id(r): annotate(r) for r in usable}
+    rows = list(annotations.values())
     labels = np.concatenate(rows) if rows else np.zeros((0, len(SOURCES)), np.int64)
-    return dawid_skene(labels, num_classes + 1)
+    confusions = dawid_skene(labels, num_classes + 1)
+    out = [corrected_record(r, box_posteriors(annotations[id(r)], confusions), min_score, threshold)
+           if id(r) in annotations else r for r in cloud]
+    return out, confusions

@@ -343,7 +343,8 @@ def write_report(cfg: Config, run: RunDir, split: LabelledSplit, results: dict[s
     return md
 
 
-COVERED_SETS = ("consistent", "admitted", "inconsistent_cloud", "inconsistent_clip", "private_cloud", "private_clip")
+COVERED_SETS = ("consistent", "admitted", "inconsistent_cloud", "inconsistent_clip", "private_cloud", "private_clip",
+                "relabelled")
 
 
 def class_coverage(sets: dict, categories: Sequence[str]) -> dict[str, dict[str, int]]:

@@ -167,19 +167,20 @@ def separate(cloud: SourceBoxes, clip_det: SourceBoxes, *,
     return Separation(consistent, inconsistent, private)
 
 
-def admit_confident(sep: Separation, pair_posterior: torch.Tensor, threshold: float) -> Separation:
-    """Move the inconsistent pairs whose true class is near certain into the consistent set.
+def admit_confident(sep: Separation, threshold: float) -> Separation:
+    """Move the inconsistent pairs whose cloud probs are at least ``threshold`` sure of an
+    object class into the consistent set, both labels set to that class.
 
-    ``pair_posterior`` (K, K+1, K+1): p(true class | cloud label, CLIP-detector label), as
-    estimated from the sources' confusions (``coin_ray.confusion``). A pair whose most
-    probable class is an object class (not K) with probability >= ``threshold`` becomes
-    consistent, both labels set to that class: the way a class the cloud always calls by
-    another name still reaches L_con. The other pairs stay inconsistent.
+    Meant for cloud records corrected by the sources' estimated confusions
+    (``coin_ray.confusion.corrected_cloud``), whose probs are the posterior over the true
+    class given the cloud's, CLIP's and the CLIP detector's labels: a disagreement that
+    posterior has already settled is no disagreement. The other pairs stay inconsistent.
     """
     inc = sep.inconsistent
-    posterior = pair_posterior.to(inc.cloud_labels.device)[inc.cloud_labels, inc.clip_labels]
-    best, label = posterior.max(dim=1) if len(inc) else (torch.zeros(0), torch.zeros(0, dtype=torch.int64))
-    admit = (best >= threshold) & (label < pair_posterior.shape[-1] - 1)
+    if len(inc) == 0:
+        return sep
+    best, label = inc.cloud_probs.max(dim=1)
+    admit = (best >= threshold) & (label < inc.cloud_probs.shape[1] - 1)
     if not bool(admit.any()):
         return sep
     moved = PairedSet(inc.boxes[admit], label[admit], label[admit], inc.cloud_scores[admit],
@@ -214,8 +215,9 @@ class SeparationStats:
     correct label against ground truth (only counted for images given ground truth);
     ``by_class[name][label]`` the boxes of each label. Names: consistent,
     inconsistent_cloud / inconsistent_clip (the same boxes, judged by each source's
-    label), private_cloud, private_clip, and "admitted" (inconsistent pairs the ``ds``
-    fusion moved into the consistent set, by the label it gave them).
+    label), private_cloud, private_clip; with fusion ``ds`` also "admitted" (inconsistent
+    pairs moved into the consistent set, by the label they were given) and "relabelled"
+    (cloud boxes whose label the estimated confusions changed, by their new label).
     """
 
     counts: dict[str, int] = field(default_factory=dict)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coin_ray.confusion import MISSING, box_annotations, dawid_skene, m_step, majority_posterior
+from coin_ray.confusion import (MISSING, box_annotations, box_posteriors, corrected_record, dawid_skene, m_step,
+                                majority_posterior)
 from coin_ray.schema import Detections
 
 
@@ -43,21 +44,29 @@ def test_smoothing_adds_pseudo_counts_to_every_cell():
     np.testing.assert_allclose(prior, [1 / 3] * 3)
 
 
-def test_the_pair_posterior_follows_the_estimated_confusions():
-    # Two classes and background (L = 3). The cloud calls every class-1 box class 0; CLIP's
-    # crop and the CLIP detector are right. Then (cloud 0, det 1) means class 1 for sure, and
-    # (cloud 0, det 0) means class 0.
+def test_box_posteriors_follow_the_estimated_confusions():
+    # Two classes and background (L = 3). The cloud calls every class-1 box and every
+    # background box class 0; CLIP's crop and the CLIP detector are right.
     truth = np.repeat([0, 1, 2], [6, 3, 3])
-    cloud = np.where(truth == 1, 0, np.where(truth == 2, 0, truth))
+    cloud = np.where(truth == 0, 0, 0)
     est = dawid_skene(np.stack([cloud, truth, truth], axis=1), 3, smoothing=0.0)
-    table = est.pair_posterior("cloud", "clip_det").numpy()
-    assert table.shape == (2, 3, 3)
-    np.testing.assert_allclose(table[0, 1], [0, 1, 0], atol=1e-6)
-    np.testing.assert_allclose(table[0, 0], [1, 0, 0], atol=1e-6)
-    np.testing.assert_allclose(table[0, 2], [0, 0, 1], atol=1e-6)
-    np.testing.assert_allclose(table.sum(axis=2), 1.0, atol=1e-6)
-    # A combination never seen (the cloud saying 1) gets the uniform row, not NaN.
-    np.testing.assert_allclose(table[1, 1], [1 / 3] * 3, atol=1e-6)
+    np.testing.assert_allclose(est.source("cloud"), [[1, 0, 0], [1, 0, 0], [1, 0, 0]], atol=1e-9)
+    post = box_posteriors(np.array([[0, 1, 1], [0, 0, 0], [0, 2, 2], [0, MISSING, 1]]), est)
+    np.testing.assert_allclose(post, [[0, 1, 0], [1, 0, 0], [0, 0, 1], [0, 1, 0]], atol=1e-9)
+
+
+def test_corrected_records_take_the_posterior_as_probs_and_its_class_where_it_is_sure():
+    cloud = record([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50], [60, 60, 70, 70]], [0, 0, 1, 0],
+                   [0.9, 0.9, 0.9, 0.1])
+    posterior = np.array([[0.05, 0.95, 0.0], [0.4, 0.6, 0.0], [0.0, 0.0, 1.0]])  # the 3 boxes >= min_score
+    out = corrected_record(cloud, posterior, min_score=0.3, threshold=0.9)
+    # Sure of class 1: relabelled. Unsure: the cloud's label stays. Sure of background: the
+    # label stays (no object class to teach), the probs say background. Under min_score: untouched.
+    np.testing.assert_array_equal(out.labels, [1, 0, 1, 0])
+    np.testing.assert_allclose(out.probs[:3], posterior)
+    np.testing.assert_allclose(out.probs[3], cloud.probs[3])
+    np.testing.assert_array_equal(out.scores, cloud.scores)
+    np.testing.assert_array_equal(cloud.labels, [0, 0, 1, 0])  # the input record is not changed
 
 
 def test_the_estimate_round_trips_through_json():

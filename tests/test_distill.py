@@ -246,7 +246,7 @@ def test_steps_with_augmented_views_are_deterministic_under_a_seed(clip_dir):
     assert two_steps(3) != two_steps(4)
 
 
-def test_fusion_ds_admits_the_pairs_it_is_sure_of_and_targets_the_rest_with_the_pair_posterior(clip_dir):
+def test_fusion_ds_admits_the_disagreements_the_posterior_settles_and_targets_the_rest_with_it(clip_dir):
     torch.manual_seed(0)
     teacher, student = _models(clip_dir)
     cfg = _cfg(fusion="ds", admit_posterior=0.9)
@@ -257,24 +257,24 @@ def test_fusion_ds_admits_the_pairs_it_is_sure_of_and_targets_the_rest_with_the_
     assert disagreements > 0
     ckg_before = copy.deepcopy(state.ckg.state_dict())
 
-    # Sure that the CLIP detector is right on every disagreement: all of them become consistent.
-    sure = torch.zeros(K, K + 1, K + 1)
-    sure[:, torch.arange(K + 1), torch.arange(K + 1)] = 0.95
-    sure[:, :, K] += 0.05
-    state.pair_posterior = sure
+    # Cloud probs sure of each box's label (as corrected records are where the posterior is
+    # sure): every disagreement is settled and becomes consistent.
+    for c in batch.cloud:
+        c.probs = torch.nn.functional.one_hot(c.labels, K + 1).float() * 0.95 + 0.05 / (K + 1)
     m = distill_step(state, batch, Phase(after_burn_up=True), cfg)
     assert m["sep_inconsistent"] == 0 and state.stats.counts["admitted"] == disagreements
     assert m["sep_consistent"] == sum(len(s.consistent) for s in raw) + disagreements
     assert all(torch.equal(state.ckg.state_dict()[n], ckg_before[n]) for n, _ in state.ckg.named_parameters())
 
-    # Unsure everywhere: nothing is admitted and L_inc learns the (uniform) pair posterior.
-    state.pair_posterior = torch.full((K, K + 1, K + 1), 1 / (K + 1))
+    # Unsure everywhere: nothing is admitted and L_inc learns the cloud's (posterior) probs.
+    for c in batch.cloud:
+        c.probs = torch.full_like(c.probs, 1 / (K + 1))
     m = distill_step(state, batch, Phase(after_burn_up=True), cfg)
     assert m["sep_inconsistent"] == disagreements and state.stats.counts["admitted"] == disagreements
     assert m["l_inc"] > 0
 
 
-def test_fusion_ds_estimates_the_confusions_from_the_stored_records(clip_dir):
+def test_fusion_ds_corrects_the_cloud_records_with_the_estimated_confusions(clip_dir):
     from coin_ray.train.distill import use_source_confusions
 
     torch.manual_seed(0)
@@ -293,7 +293,10 @@ def test_fusion_ds_estimates_the_confusions_from_the_stored_records(clip_dir):
     cloud = [rec(i, 0 if t == 1 else t, "cloud") for i, t in enumerate(truth)]
     clip = [rec(i, t, "clip") for i, t in enumerate(truth)]
     det = [rec(i, t, SOURCE_CLIP_DET) for i, t in enumerate(truth)]
-    est = use_source_confusions(state, DetectionDataset(cloud, K), clip, det, cfg)
-    assert est.items == len(truth)
+    dataset = DetectionDataset(cloud, K)
+    est = use_source_confusions(state, dataset, clip, det, cfg)
+    assert est.items == len(truth) and state.confusions is est
     assert est.source("cloud")[1, 0] > 0.9 and est.source("clip_det")[1, 1] > 0.9
-    assert state.pair_posterior[0, 1].argmax() == 1 and state.pair_posterior[0, 1, 1] > 0.9
+    assert [int(r.labels[0]) for r in dataset.records] == truth
+    assert all(r.probs[0].argmax() == t for r, t in zip(dataset.records, truth))
+    assert state.stats.counts["relabelled"] == 2 and state.stats.by_class["relabelled"] == {1: 2}

@@ -122,7 +122,7 @@ def test_classes_no_source_pair_confirmed_are_named_under_table_1():
                                         "inconsistent_cloud": {"0": 4}, "inconsistent_clip": {"1": 4}}}}
     coverage = class_coverage(sets, ["person", "rider", "bus", "train"])
     assert coverage["rider"] == {"consistent": 0, "admitted": 0, "inconsistent_cloud": 0, "inconsistent_clip": 4,
-                                 "private_cloud": 0, "private_clip": 0}
+                                 "private_cloud": 0, "private_clip": 0, "relabelled": 0}
     assert coverage["bus"]["admitted"] == 3
     assert unconfirmed_classes(coverage) == ["rider", "train"]
     line = coverage_warning(["rider", "train"], "ckg")

@@ -171,27 +171,23 @@ def test_fusion_stats_count_pairs_passing_pi_and_judge_them_by_ground_truth():
                                "right_rate": 0.5}
 
 
-def test_pairs_the_estimated_confusions_make_sure_of_join_the_consistent_set_with_that_label():
+def test_disagreements_the_corrected_clouds_posterior_settles_join_the_consistent_set():
     from coin_ray.separate import admit_confident
 
-    # Cloud says 0 three times; the CLIP detector says 1, 2 and 1 on them, plus one agreed pair.
-    cloud = _src([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50], [60, 60, 70, 70]], [0, 0, 0, 2],
-                 [0.9, 0.8, 0.7, 0.9])
-    clip = _src([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50], [60, 60, 70, 70]], [1, 2, 1, 2],
-                [0.6, 0.6, 0.6, 0.6])
+    # Cloud boxes corrected by the estimated confusions: probs are the posterior (K+1 = 4).
+    boxes = [[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50], [60, 60, 70, 70]]
+    posterior = [[0.02, 0.95, 0.03, 0.0], [0.5, 0.0, 0.5, 0.0], [0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 1.0, 0.0]]
+    cloud = _src(boxes, [1, 0, 0, 2], [0.9, 0.8, 0.7, 0.9], probs=posterior)
+    clip = _src(boxes, [2, 2, 1, 2], [0.6, 0.6, 0.6, 0.6])
     sep = separate(cloud, clip)
-    table = torch.full((K, K + 1, K + 1), 1 / (K + 1))
-    table[0, 1] = torch.tensor([0.05, 0.95, 0.0, 0.0])  # (cloud 0, det 1): surely class 1
-    table[0, 2] = torch.tensor([0.5, 0.0, 0.5, 0.0])  # (cloud 0, det 2): a coin flip
-    out = admit_confident(sep, table, 0.9)
-    assert out.consistent.cloud_labels.tolist() == [2, 1, 1]
-    assert out.consistent.clip_labels.tolist() == [2, 1, 1]
-    assert out.consistent.boxes[1:].tolist() == [[0, 0, 10, 10], [40, 40, 50, 50]]
-    assert out.inconsistent.cloud_labels.tolist() == [0] and out.inconsistent.clip_labels.tolist() == [2]
+    out = admit_confident(sep, 0.9)
+    # Box 0: sure of class 1 though the detector says 2 -> consistent as 1. Box 1: unsure.
+    # Box 2: sure of background -> stays inconsistent. Box 3 agreed already.
+    assert out.consistent.cloud_labels.tolist() == [2, 1] and out.consistent.clip_labels.tolist() == [2, 1]
+    assert out.consistent.boxes[1].tolist() == [0, 0, 10, 10]
+    assert out.inconsistent.cloud_labels.tolist() == [0, 0] and out.inconsistent.clip_labels.tolist() == [2, 1]
     assert torch.equal(out.private.boxes, sep.private.boxes)
-    # Sure of background: the pair stays inconsistent (no object class to teach).
-    table[0, 1] = torch.tensor([0.0, 0.0, 0.0, 1.0])
-    assert admit_confident(sep, table, 0.9).consistent.cloud_labels.tolist() == [2]
+    assert admit_confident(sep, 0.99).consistent.cloud_labels.tolist() == [2]
 
 
 def test_stats_count_each_set_per_label():

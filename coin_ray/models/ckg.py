@@ -171,4 +171,7 @@ FUSIONS: dict[str, Callable[..., torch.Tensor]] = {
     "avg": _average,  # COIN w/ avg
     "score_avg": _score_average,  # COIN w/ s-avg
     "ckg": _ckg,  # COIN w/ CKG (the paper's method)
+    # Beyond the paper: the cloud's records corrected by the sources' estimated confusions
+    # carry the posterior over the true class as their probs (coin_ray/confusion.py).
+    "ds": _cloud,
 }

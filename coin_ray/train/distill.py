@@ -33,13 +33,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from coin_ray.config import Config, DistillConfig, resolved_steps
-from coin_ray.confusion import SourceConfusions, estimate_source_confusions
+from coin_ray.confusion import SourceConfusions, corrected_cloud
 from coin_ray.losses import l_align, l_ckg, l_con, l_inc, l_pri
 from coin_ray.models.build import build_student, load_detector
 from coin_ray.models.ckg import CKG, FUSIONS, mlp_gradients
@@ -83,7 +84,6 @@ class DistillState:
     fusion_stats: FusionStats = field(default_factory=FusionStats)  # after burn-up only
     teacher_cache: dict[str, SourceBoxes] = field(default_factory=dict)  # while the teacher is frozen
     confusions: SourceConfusions | None = None  # fusion "ds": the sources' estimated confusions
-    pair_posterior: torch.Tensor | None = None  # fusion "ds": (K, K+1, K+1), from ``confusions``
 
     @property
     def detector(self) -> RegionDetector:
@@ -178,7 +178,7 @@ def distill_step(state: DistillState, batch: Batch, phase: Phase, cfg: DistillCo
         gt = batch.gt[i] if batch.gt else {}
         state.stats.add(sep, gt.get("boxes"), gt.get("labels"))
     if cfg.fusion == "ds":
-        seps = admit_by_confusions(state, seps, cfg.admit_posterior)
+        seps = admit_settled(state, seps, cfg.admit_posterior)
     inc_boxes = [s.inconsistent.boxes for s in seps]  # in the frame of the ground truth
     # The student learns from a weak (flipped) view made strong; the teacher saw the plain image.
     images, seps = student_views(batch.images, seps, state.generator, flip=cfg.flip, strong=cfg.strong_augment)
@@ -189,11 +189,7 @@ def distill_step(state: DistillState, batch: Batch, phase: Phase, cfg: DistillCo
     priv = concat_private([s.private for s in seps]).to(device)
     # 3. Fuse the inconsistent pairs (Table 6) and compute the student's losses.
     p_ckg = state.ckg(out.inconsistent.embeddings.detach(), inc.cloud_probs, inc.clip_probs)
-    if cfg.fusion == "ds":
-        fused = ds_posterior(state, inc)
-    else:
-        fused = FUSIONS[cfg.fusion](inc.cloud_probs, inc.clip_probs, inc.cloud_scores, inc.clip_scores,
-                                    p_ckg.detach())
+    fused = FUSIONS[cfg.fusion](inc.cloud_probs, inc.clip_probs, inc.cloud_scores, inc.clip_scores, p_ckg.detach())
     if phase.after_burn_up:
         state.fusion_stats.add(fused, cfg.pi, inc_boxes, batch.gt)
     losses = student_losses(state.detector, out, inc_fused=fused, private=priv, phase=phase, cfg=cfg)
@@ -218,39 +214,34 @@ def distill_step(state: DistillState, batch: Batch, phase: Phase, cfg: DistillCo
             "after_burn_up": float(phase.after_burn_up), "lr": float(state.optimizer.param_groups[-1]["lr"])}
 
 
-def admit_by_confusions(state: DistillState, seps: list[Separation], threshold: float) -> list[Separation]:
-    """Fusion "ds": per image, the inconsistent pairs whose true class the estimated
-    confusions make at least ``threshold`` sure join the consistent set with that label
-    (``coin_ray.separate.admit_confident``); counted in ``state.stats`` as "admitted"."""
-    if state.pair_posterior is None:
-        raise RuntimeError("fusion ds needs the sources' confusions: set state.pair_posterior "
-                           "(use_source_confusions)")
-    admitted = [admit_confident(sep, state.pair_posterior, threshold) for sep in seps]
+def admit_settled(state: DistillState, seps: list[Separation], threshold: float) -> list[Separation]:
+    """Fusion "ds": per image, the disagreements the corrected cloud's posterior settles
+    (``coin_ray.separate.admit_confident``) join the consistent set; counted in
+    ``state.stats`` as "admitted", by the label they were given."""
+    admitted = [admit_confident(sep, threshold) for sep in seps]
     for before, after in zip(seps, admitted):
         state.stats.count("admitted", after.consistent.cloud_labels[len(before.consistent):])
     return admitted
 
 
-def ds_posterior(state: DistillState, inc: PairedSet) -> torch.Tensor:
-    """(P, K+1) fusion "ds": p(true class | cloud label, CLIP-detector label) of each pair."""
-    assert state.pair_posterior is not None
-    table = state.pair_posterior.to(inc.cloud_labels.device)
-    return table[inc.cloud_labels, inc.clip_labels]
-
-
 def use_source_confusions(state: DistillState, dataset: DetectionDataset, clip: list[Detections],
                           clip_det: list[Detections], cfg: DistillConfig) -> SourceConfusions:
-    """Estimate the sources' confusions (Dawid-Skene over the training images' cloud boxes,
-    ``coin_ray.confusion``) and give the step their pair posterior; returns the estimate.
+    """Fusion "ds": estimate the sources' confusions (Dawid-Skene over the training images'
+    cloud boxes, ``coin_ray.confusion``) and correct ``dataset``'s cloud records with them
+    in place: their probs become the posterior over the true class, their label its class
+    where it is ``cfg.admit_posterior`` sure. Returns the estimate (also ``state.confusions``).
 
     clip: the collection's CLIP records of the cloud boxes; clip_det: the CLIP detector's
     stored detections (``clip_det_records``). Deterministic, so every rank computes the same.
     """
-    confusions = estimate_source_confusions(dataset.records, clip, clip_det, dataset.num_classes,
-                                            min_score=cfg.min_score, min_clip_score=cfg.min_clip_score,
-                                            match_iou=cfg.match_iou)
+    records, confusions = corrected_cloud(dataset.records, clip, clip_det, dataset.num_classes,
+                                          min_score=cfg.min_score, min_clip_score=cfg.min_clip_score,
+                                          match_iou=cfg.match_iou, threshold=cfg.admit_posterior)
+    for before, after in zip(dataset.records, records):
+        changed = torch.as_tensor(np.asarray(after.labels) != np.asarray(before.labels))
+        state.stats.count("relabelled", torch.as_tensor(np.asarray(after.labels))[changed])
+    dataset.records = records
     state.confusions = confusions
-    state.pair_posterior = confusions.pair_posterior("cloud", "clip_det")
     return confusions
 
 
