@@ -123,9 +123,9 @@ def dawid_skene(labels: np.ndarray, num_classes: int, *, sources: Sequence[str] 
         ``SourceConfusions``; EM starts from the majority vote and stops when no posterior
         entry moves by more than ``tolerance``.
     """
-    labels = np.asarray(labels, np.int64).reshape(len(labels), -1)
-    if labels.shape[1] != len(sources):
-        raise ValueError(f"{labels.shape[1]} annotators for {len(sources)} source names")
+    labels = np.asarray(labels, np.int64)
+    if labels.ndim != 2 or labels.shape[1] != len(sources):
+        raise ValueError(f"labels of shape {labels.shape} for {len(sources)} annotators ({', '.join(sources)})")
     posterior = majority_posterior(labels, num_classes)
     prior, confusion = m_step(labels, posterior, smoothing)
     iterations = 0
@@ -179,7 +179,8 @@ def estimate_source_confusions(cloud: list[Detections], clip: list[Detections], 
 
 def box_posteriors(labels: np.ndarray, confusions: SourceConfusions) -> np.ndarray:
     """(N, L) p(true class | the box's labels (N, J), as ``box_annotations`` gives them)."""
-    return e_step(np.asarray(labels, np.int64).reshape(len(labels), -1), confusions.prior, confusions.confusion)
+    return e_step(np.asarray(labels, np.int64).reshape(-1, len(confusions.sources)), confusions.prior,
+                  confusions.confusion)
 
 
 def corrected_record(cloud: Detections, posterior: np.ndarray, min_score: float, threshold: float) -> Detections:

@@ -96,3 +96,15 @@ def test_box_annotations_read_the_crop_label_and_match_the_detector_one_to_one()
     np.testing.assert_array_equal(out, [[0, 1, 1], [1, 2, 2]])
     alone = box_annotations(cloud, None, None, min_score=0.3, min_clip_score=0.1, match_iou=0.5)
     np.testing.assert_array_equal(alone, [[0, MISSING, MISSING], [1, MISSING, MISSING]])
+
+
+def test_an_image_whose_boxes_all_score_below_the_cut_passes_unchanged():
+    from coin_ray.confusion import corrected_cloud
+
+    low = record([[0, 0, 10, 10]], [1], [0.1])
+    sure = [record([[0, 0, 10, 10]], [t], [0.9]) for t in (0, 0, 1)]
+    out, est = corrected_cloud([low, *sure], sure, sure, 2, min_score=0.3, min_clip_score=0.1, match_iou=0.5,
+                               threshold=0.9)
+    assert out[0] is low and est.items == 3
+    with pytest.raises(ValueError, match="3 annotators"):
+        dawid_skene(np.zeros((4, 2), np.int64), 3)
