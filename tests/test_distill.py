@@ -300,3 +300,14 @@ def test_fusion_ds_corrects_the_cloud_records_with_the_estimated_confusions(clip
     assert [int(r.labels[0]) for r in dataset.records] == truth
     assert all(r.probs[0].argmax() == t for r, t in zip(dataset.records, truth))
     assert state.stats.counts["relabelled"] == 2 and state.stats.by_class["relabelled"] == {1: 2}
+
+
+def test_fusion_ds_without_the_clip_detectors_detections_is_a_clear_error(clip_dir):
+    from coin_ray.train.distill import prime_state
+
+    teacher, student = _models(clip_dir)
+    cfg = _cfg(fusion="ds")
+    state = build_state(teacher, student, cfg)
+    with pytest.raises(ValueError, match="fusion=ds needs the CLIP detector's detections.*run the clip_det stage"):
+        prime_state(state, DetectionDataset([], K), cfg, [], [])
+    prime_state(state, DetectionDataset([], K), _cfg(), [], [])  # the paper's CKG needs none

@@ -1,6 +1,7 @@
 """How users run it (issue 14), on real Ray: `ray job submit --working-dir .` against a
-`ray start --head` cluster (the whole pipeline with every path on S3; then twice with the
-default relative storage: results at the printed location, the second job pays nothing),
+`ray start --head` cluster (the whole pipeline with every path on S3; then a local run and a
+job with the default relative storage: results at the printed location, and the job pays
+nothing the local run paid for),
 `jobs/tune.py` with the default relative storage, and the user errors that only show once
 the cloud is asked (a refused token, a cloud that drops every connection)."""
 
@@ -143,7 +144,7 @@ def _submit(head: RayHead, env: dict[str, str], args: list[str]) -> subprocess.C
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_job_submit_with_every_path_on_s3_then_a_relative_storage_that_never_pays_twice(
+def test_job_submit_with_every_path_on_s3_then_a_local_run_and_a_job_that_never_pay_twice(
         world, cloud, s3_bucket, s3_endpoint, tmp_path):
     w, _ = world
     target = upload(w.target_train_images, s3_bucket, "data/train", s3_endpoint)
@@ -168,23 +169,30 @@ def test_job_submit_with_every_path_on_s3_then_a_relative_storage_that_never_pay
         manifest = json.loads(storage.read_text(f"{runs}/t/manifest.json"))
         assert list(manifest["stages"]) == ["collect", "disseminate", "clip_det", "distill", "evaluate", "export"]
         assert not home.exists()  # nothing written under the local home instead
-        # 2. The default relative storage and the per-user answer cache: results where it said.
+        # 2. A local run of the same collection from a user's folder: the default relative
+        #    storage there, and the per-user answer cache (not the bucket's): it pays.
         paid = cloud.stats()["detect_requests"]
-        second = _submit(head, env, ["--stages", "collect", *data])
-        assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+        here = tmp_path / "here"
+        here.mkdir()
+        local = subprocess.run([PY, str(ROOT / "jobs" / "adapt.py"), "--stages", "collect", *data], cwd=here, env=env,
+                               capture_output=True, text=True, timeout=600)
+        assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
         calls = cloud.stats()["detect_requests"]
         assert calls > paid  # another cache: asked again
-        run, answers = LOCATION.search(second.stdout).groups()
-        assert run.startswith(str(home / "runs") + "/")
+        local_run, answers = LOCATION.search(local.stdout).groups()
+        assert local_run.startswith(str(here / "runs") + "/")
         assert answers == os.path.join(os.environ["COIN_RAY_CACHE"], "answers")  # the per-user cache
-        for rel in ("manifest.json", "config.yaml", "collect/cloud.parquet", "collect/summary.json"):
-            assert (Path(run) / rel).exists(), rel  # after the job ended, where it said
         assert list(Path(answers).rglob("*.json"))
-        # 3. The same submission again: every answer is in the per-user cache.
+        # 3. The same collection through `ray job submit`: relative outputs under the
+        #    cluster's COIN_RAY_HOME, where it said, and every answer from the same per-user
+        #    cache: a local run and a job never pay twice for an image.
         third = _submit(head, env, ["--stages", "collect", *data])
         assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
-        assert cloud.stats()["detect_requests"] == calls, "the third submission must be all cache hits"
-        assert LOCATION.search(third.stdout).groups() == (run, answers)
+        assert cloud.stats()["detect_requests"] == calls, "the job must find every answer the local run paid for"
+        run, job_answers = LOCATION.search(third.stdout).groups()
+        assert job_answers == answers and run.startswith(str(home / "runs") + "/")
+        for rel in ("manifest.json", "config.yaml", "collect/cloud.parquet", "collect/summary.json"):
+            assert (Path(run) / rel).exists(), rel  # after the job ended, where it said
         assert f"[coin-ray] run: {run}" in third.stdout.split("stage collect done")[-1]  # at the end too
     finally:
         stop_head(head)

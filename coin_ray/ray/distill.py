@@ -10,7 +10,9 @@ the images by uri (local or s3://), and runs ``DistillTraining``
 (see ``coin_ray.train.distill``). While the teacher is frozen it answers each image once:
 the clip_det stage already ran that same detector on every target image, so its stored
 detections fill the teacher's cache (``remember_teacher_detections``) and the workers detect
-only on images it lacks; a teacher that tracks the student detects on every batch.
+only on images it lacks; a teacher that tracks the student detects on every batch. With
+``train.distill.fusion: ds`` the cloud's records are first corrected by the sources'
+estimated confusions (``prime_state``).
 
 Every ``checkpoint_every`` steps (and at the end) one checkpoint holds the student (with
 its prototypes), the EMA teacher, the CKG (with its two prototype matrices), both
@@ -33,8 +35,7 @@ from coin_ray.ray.train import prepare, run_stage, run_training, stage_uris, wor
 from coin_ray.run import RunDir
 from coin_ray.tensorboard_log import TensorBoardLog
 from coin_ray.train.data import DetectionDataset, clip_det_records, clip_records, cloud_records
-from coin_ray.train.distill import (DistillState, DistillTraining, build_run_state, distill_meta,
-                                    remember_teacher_detections, use_source_confusions)
+from coin_ray.train.distill import DistillState, DistillTraining, build_run_state, distill_meta, prime_state
 from coin_ray.train.loop import MetricsLog, StepLog
 
 STAGE = "distill"
@@ -52,11 +53,7 @@ def distill_worker(config: dict[str, Any], after_step: AfterStep | None = None) 
     d = w.cfg.train.distill
     dataset = DetectionDataset(cloud_records(w.run, w.uris), w.cfg.num_classes)
     state = build_run_state(w.cfg, w.run.clip_detector, wrap=prepare, device=w.device)
-    stored = clip_det_records(w.run)
-    remember_teacher_detections(state, dataset, stored, d.min_clip_score)
-    if d.fusion == "ds":
-        require_clip_det(stored, w.run)
-        use_source_confusions(state, dataset, clip_records(w.run), stored, d)
+    prime_state(state, dataset, d, clip_det_records(w.run), clip_records(w.run))
     training = DistillTraining(state, dataset, d, w.cfg.seed, w.rank, w.world_size, w.device)
 
     def logs(start: int) -> list[StepLog]:
@@ -71,13 +68,6 @@ def distill_worker(config: dict[str, Any], after_step: AfterStep | None = None) 
         meta = distill_meta(state, w.cfg)
         storage.write_text(w.run.distill_sets, json.dumps(meta, indent=1))
         save_detector(state.detector, w.run.target_detector, meta)
-
-
-def require_clip_det(stored: list, run: RunDir) -> None:
-    """Fusion "ds" estimates the CLIP detector's confusions from its stored detections."""
-    if not stored:
-        raise RuntimeError(f"train.distill.fusion=ds needs the CLIP detector's detections of the target images "
-                           f"({run.clip_detections}, current with its model): run the clip_det stage first")
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

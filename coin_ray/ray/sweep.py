@@ -35,8 +35,8 @@ from coin_ray.ray.train import STATE_FILE, Checkpoints, run_training
 from coin_ray.run import RunDir
 from coin_ray.search_space import Dimension, apply_params, is_finite_number, plain
 from coin_ray.sweep import SweepReport, Validation, collected_run, student_map50, sweep_name, validation, write_outputs
-from coin_ray.train.data import DetectionDataset, clip_det_records, cloud_records
-from coin_ray.train.distill import DistillTraining, build_run_state, remember_teacher_detections
+from coin_ray.train.data import DetectionDataset, clip_det_records, clip_records, cloud_records
+from coin_ray.train.distill import DistillTraining, build_run_state, prime_state
 from coin_ray.train.schedule import resolve_length
 
 EVALS_PER_TRIAL = 4  # default number of reports (ASHA rungs are placed on them)
@@ -92,7 +92,7 @@ def distill_trial(params: dict[str, Any], *, base: dict[str, Any], run_root: str
     cfg, _ = resolve_length(cfg, "distill", len(dataset))  # a no-op unless the space sets epochs
     d = cfg.train.distill
     state = build_run_state(cfg, run.clip_detector)
-    remember_teacher_detections(state, dataset, clip_det_records(run), d.min_clip_score)
+    prime_state(state, dataset, d, clip_det_records(run), clip_records(run))
     training = DistillTraining(state, dataset, d, cfg.seed)
 
     def report(step: int, metrics: dict[str, float]) -> dict[str, Any]:

@@ -224,6 +224,25 @@ def admit_settled(state: DistillState, seps: list[Separation], threshold: float)
     return admitted
 
 
+def prime_state(state: DistillState, dataset: DetectionDataset, cfg: DistillConfig, teacher_records: list[Detections],
+                clip_records: list[Detections]) -> None:
+    """Before the first step of a run (or of a resumed one): the frozen teacher's stored
+    detections fill its cache (``remember_teacher_detections``) and, for fusion "ds", the
+    dataset's cloud records are corrected by the sources' estimated confusions
+    (``use_source_confusions``), which needs those detections.
+
+    teacher_records: the clip_det stage's records (``clip_det_records``); clip_records: the
+    collection's CLIP records of the cloud boxes (``clip_records``).
+    """
+    remember_teacher_detections(state, dataset, teacher_records, cfg.min_clip_score)
+    if cfg.fusion != "ds":
+        return
+    if not teacher_records:
+        raise ValueError("train.distill.fusion=ds needs the CLIP detector's detections of the training images "
+                         "(the clip_det stage's, current with its model): run the clip_det stage first")
+    use_source_confusions(state, dataset, clip_records, teacher_records, cfg)
+
+
 def use_source_confusions(state: DistillState, dataset: DetectionDataset, clip: list[Detections],
                           clip_det: list[Detections], cfg: DistillConfig) -> SourceConfusions:
     """Fusion "ds": estimate the sources' confusions (Dawid-Skene over the training images'
@@ -459,10 +478,6 @@ def distill(cfg: Config, teacher_uri: str, train_items: list[Detections], *,
     cfg, length = resolve_length(cfg, "distill", len(dataset))
     print(length.describe(), flush=True)
     state = build_run_state(cfg, teacher_uri)
-    remember_teacher_detections(state, dataset, teacher_records or [], cfg.train.distill.min_clip_score)
-    if cfg.train.distill.fusion == "ds":
-        if not teacher_records:
-            raise ValueError("fusion ds needs teacher_records: the CLIP detector's detections of the images")
-        use_source_confusions(state, dataset, clip_records or [], teacher_records, cfg.train.distill)
+    prime_state(state, dataset, cfg.train.distill, teacher_records or [], clip_records or [])
     run_steps(state, dataset, cfg.train.distill, seed=cfg.seed, on_step=on_step, ground_truth=ground_truth)
     return state
