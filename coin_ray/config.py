@@ -224,7 +224,7 @@ class DistillConfig:
     # How an inconsistent pair becomes one target: the paper's Table 6 ("ckg" is COIN), or
     # "ds": each source's confusions estimated by Dawid-Skene EM (coin_ray/confusion.py).
     fusion: Literal["ckg", "cloud", "clip", "avg", "score_avg", "ds"] = "ckg"
-    admit_posterior: float = _range(0.0, 1.0, lo_open=True, default=0.9)  # ds: pairs this sure join the consistent set
+    admit_posterior: float = _range(0.0, 1.0, lo_open=True, default=0.7)  # ds: a box this sure of its class takes it (pi)
     use_align: bool = True
     use_con: bool = True
     use_inc: bool = True

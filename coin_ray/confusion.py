@@ -24,8 +24,7 @@ detector call rider, is then a rider: agreed with the detector, it reaches the c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -66,6 +65,7 @@ class SourceConfusions:
 
     @classmethod
     def from_dict(cls, blob: dict[str, Any]) -> "SourceConfusions":
+        """Inverse of ``to_dict``."""
         sources = tuple(blob["sources"])
         return cls(np.asarray(blob["prior"], np.float64),
                    np.stack([np.asarray(blob["confusion"][s], np.float64) for s in sources]),
