@@ -45,8 +45,10 @@ def test_fusions_are_the_table_6_variants():
     pc, pk = _probs(2, 3), _probs(2, 4)
     sc, sk = torch.tensor([0.9, 0.0]), torch.tensor([0.3, 0.0])
     ckg_p = _probs(2, 5)
-    assert set(FUSIONS) == {"cloud", "clip", "avg", "score_avg", "ckg"}
+    assert set(FUSIONS) == {"cloud", "clip", "avg", "score_avg", "ckg", "ds"}
     assert torch.equal(FUSIONS["cloud"](pc, pk, sc, sk, None), pc)
+    # ds: the corrected cloud records carry the estimated posterior as their probs.
+    assert torch.equal(FUSIONS["ds"](pc, pk, sc, sk, None), pc)
     assert torch.equal(FUSIONS["clip"](pc, pk, sc, sk, None), pk)
     assert torch.allclose(FUSIONS["avg"](pc, pk, sc, sk, None), (pc + pk) / 2)
     s_avg = FUSIONS["score_avg"](pc, pk, sc, sk, None)

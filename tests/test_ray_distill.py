@@ -116,7 +116,10 @@ def test_two_gloo_workers_agree_on_gradients_checkpoint_get_killed_and_resume(lo
 
     model = load_detector(model_uri)
     counts = model.meta["separation"]["counts"]  # counted since the resume (steps 3-4)
-    assert counts["inconsistent_cloud"] > 0
+    if fusion == "ckg":
+        assert counts["inconsistent_cloud"] > 0
+    else:  # the estimated confusions settle the half of the labels the cloud flipped
+        assert counts["relabelled"] > 0
     sets = json.loads((run_dir / "distill" / "sets.json").read_text())
     assert sets["separation"]["counts"] == counts and sets["fusion_name"] == fusion
     # Fusion ds estimated the sources' confusions from the stored records, on every box.
