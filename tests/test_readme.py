@@ -26,7 +26,7 @@ from readme_doc import doc_blocks, doc_commands, doc_name, documents, readme_com
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = str(ROOT / "examples" / "my_data.yaml")  # stands in for placeholder configs (my.yaml, s3://...)
-RAY_SUBCOMMANDS = {("ray", "start"), ("ray", "stop"), ("ray", "job")}
+RAY_SUBCOMMANDS = {("ray", "start"), ("ray", "stop"), ("ray", "job"), ("ray", "get-auth-token")}
 DOCS = documents()
 
 
