@@ -61,7 +61,7 @@ from coin_ray.schema import SOURCE_COIN, Detections, table_to_records  # noqa: E
 from coin_ray.separate import Separation, SeparationStats, as_source, separate  # noqa: E402
 from coin_ray.source_agreement import hit_labels  # noqa: E402
 from coin_ray.train.data import clip_det_records, clip_records  # noqa: E402
-from coin_ray.confusion import SOURCES, box_annotations, estimate_source_confusions  # noqa: E402
+from coin_ray.confusion import SOURCES, cloud_annotations, estimate_source_confusions  # noqa: E402
 from coin_ray.train.cloud_label import CLOUD_LABEL_STUDENT, best_cloud_label_student, detect_split  # noqa: E402
 from coin_ray.train.oracle import train_oracle  # noqa: E402
 
@@ -187,14 +187,13 @@ def source_confusions(cfg: Config, run: RunDir, train_gt: LabelledSplit) -> dict
     d, k = cfg.train.distill, cfg.num_classes
     truth_of = {g.uri: g for g in train_gt.items}
     cloud = [r for r in records_at(run.cloud_detections) if r.uri in truth_of]
-    clip, det = clip_records(run), records_at(run.clip_detections)
-    estimate = estimate_source_confusions(cloud, clip, det, k, min_score=d.min_score,
-                                          min_clip_score=d.min_clip_score, match_iou=d.match_iou)
-    clip_by, det_by = {r.uri: r for r in clip if r.ok}, {r.uri: r for r in det}
+    annotations = cloud_annotations(cloud, clip_records(run), records_at(run.clip_detections), min_score=d.min_score,
+                                    min_clip_score=d.min_clip_score, match_iou=d.match_iou)
+    estimate = estimate_source_confusions(annotations, k)
     counts = np.zeros((len(SOURCES), k + 1, k + 1))
-    for r in cloud:
-        labels = box_annotations(r, clip_by.get(r.uri), det_by.get(r.uri), min_score=d.min_score,
-                                 min_clip_score=d.min_clip_score, match_iou=d.match_iou)
+    for r, labels in zip(cloud, annotations):
+        if labels is None:
+            continue
         truth = hit_labels(truth_of[r.uri], np.asarray(r.boxes).reshape(-1, 4)[np.asarray(r.scores) >= d.min_score])
         truth = np.where(truth < 0, k, truth)
         for j in range(len(SOURCES)):

@@ -15,10 +15,11 @@ Labels and classes run over K+1 values: index K is "background" (CLIP calls the 
 background; the CLIP detector has no box there; the box holds no object). The cloud never
 says K. Ground truth is never read here; benchmarks compare the estimate with it.
 
-``corrected_cloud`` turns the estimate into what distillation learns from (fusion ``ds``):
-each cloud box carries its posterior over the true class given all three labels as its
-probs, and takes the posterior's class as its label where that class is an object and at
-least ``threshold`` sure. A rider the cloud calls person, but CLIP's crop and the CLIP
+``cloud_annotations`` gathers the three labels of every box, ``estimate_source_confusions``
+runs the EM on them, and ``corrected_cloud`` turns the estimate into what distillation learns
+from (fusion ``ds``): each cloud box carries its posterior over the true class given all
+three labels as its probs, and takes the posterior's class as its label where that class is
+an object and at least ``threshold`` sure. A rider the cloud calls person, but CLIP's crop and the CLIP
 detector call rider, is then a rider: agreed with the detector, it reaches the consistent set.
 """
 
@@ -165,18 +166,6 @@ def box_annotations(cloud: Detections, clip: Detections | None, clip_det: Detect
     return out
 
 
-def estimate_source_confusions(cloud: list[Detections], clip: list[Detections], clip_det: list[Detections],
-                               num_classes: int, *, min_score: float, min_clip_score: float,
-                               match_iou: float) -> SourceConfusions:
-    """Dawid-Skene over every usable cloud box of ``cloud`` (records matched by uri).
-
-    num_classes: K; the estimate is over K+1 classes. A source with no record for an image
-    leaves its labels MISSING there.
-    """
-    return corrected_cloud(cloud, clip, clip_det, num_classes, min_score=min_score, min_clip_score=min_clip_score,
-                           match_iou=match_iou, threshold=1.0)[1]
-
-
 def box_posteriors(labels: np.ndarray, confusions: SourceConfusions) -> np.ndarray:
     """(N, L) p(true class | the box's labels (N, J), as ``box_annotations`` gives them)."""
     return e_step(np.asarray(labels, np.int64).reshape(-1, len(confusions.sources)), confusions.prior,
@@ -198,27 +187,29 @@ def corrected_record(cloud: Detections, posterior: np.ndarray, min_score: float,
     return replace(cloud, labels=labels, probs=probs)
 
 
-def corrected_cloud(cloud: list[Detections], clip: list[Detections], clip_det: list[Detections], num_classes: int, *,
-                    min_score: float, min_clip_score: float, match_iou: float, threshold: float
-                    ) -> tuple[list[Detections], SourceConfusions]:
-    """The cloud's records corrected by the sources' estimated confusions, and the estimate.
-
-    Dawid-Skene over every usable box of ``cloud`` (``estimate_source_confusions``), then each
-    record through ``corrected_record``. Records are matched by uri; error records pass as
-    they are. num_classes: K.
-    """
+def cloud_annotations(cloud: list[Detections], clip: list[Detections], clip_det: list[Detections], *,
+                      min_score: float, min_clip_score: float, match_iou: float) -> list[np.ndarray | None]:
+    """Per record of ``cloud``: its boxes' labels by ``SOURCES`` (``box_annotations``; the
+    other sources' records matched by uri), or None for an error record or one with no box."""
     clip_by_uri = {r.uri: r for r in clip if r.ok}
     det_by_uri = {r.uri: r for r in clip_det if r.ok}
+    return [box_annotations(r, clip_by_uri.get(r.uri), det_by_uri.get(r.uri), min_score=min_score,
+                            min_clip_score=min_clip_score, match_iou=match_iou) if r.ok and len(r) else None
+            for r in cloud]
 
-    def annotate(r: Detections) -> np.ndarray:
-        return box_annotations(r, clip_by_uri.get(r.uri), det_by_uri.get(r.uri), min_score=min_score,
-                               min_clip_score=min_clip_score, match_iou=match_iou)
 
-    usable = [r for r in cloud if r.ok and len(r)]
-    annotations = {id(r): annotate(r) for r in usable}
-    rows = list(annotations.values())
+def estimate_source_confusions(annotations: list[np.ndarray | None], num_classes: int) -> SourceConfusions:
+    """Dawid-Skene over every annotated box (``cloud_annotations``); num_classes: K, the
+    estimate is over K+1 classes."""
+    rows = [a for a in annotations if a is not None]
     labels = np.concatenate(rows) if rows else np.zeros((0, len(SOURCES)), np.int64)
-    confusions = dawid_skene(labels, num_classes + 1)
-    out = [corrected_record(r, box_posteriors(annotations[id(r)], confusions), min_score, threshold)
-           if id(r) in annotations else r for r in cloud]
-    return out, confusions
+    return dawid_skene(labels, num_classes + 1)
+
+
+def corrected_cloud(cloud: list[Detections], annotations: list[np.ndarray | None], confusions: SourceConfusions, *,
+                    min_score: float, threshold: float) -> list[Detections]:
+    """The cloud's records corrected by the sources' estimated confusions: each record with
+    its ``annotations`` (``cloud_annotations``) through ``corrected_record``; records without
+    annotations pass as they are."""
+    return [r if a is None else corrected_record(r, box_posteriors(a, confusions), min_score, threshold)
+            for r, a in zip(cloud, annotations)]

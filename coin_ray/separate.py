@@ -24,8 +24,8 @@ rests on: consistent labels should be the most reliable).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Any, TypeVar
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Sequence, TypeVar
 
 import torch
 
@@ -50,6 +50,16 @@ class BoxTensors:
         """A copy with every field on ``device``."""
         return type(self)(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
+    def select(self: _Boxes, index: torch.Tensor) -> _Boxes:
+        """The rows ``index`` (a bool mask or indices) of every field."""
+        return type(self)(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+
+
+def concat(sets: Sequence[_Boxes]) -> _Boxes:
+    """One set of the same kind holding the rows of every set in ``sets`` (at least one), in order."""
+    return type(sets[0])(**{f.name: torch.cat([getattr(s, f.name) for s in sets]) for f in fields(sets[0])})
+
 
 @dataclass
 class SourceBoxes(BoxTensors):
@@ -59,10 +69,6 @@ class SourceBoxes(BoxTensors):
     labels: torch.Tensor
     scores: torch.Tensor
     probs: torch.Tensor
-
-    def select(self, index: torch.Tensor) -> "SourceBoxes":
-        return SourceBoxes(self.boxes[index], self.labels[index], self.scores[index],
-                           self.probs[index])
 
 
 def as_source(detections: Any, min_score: float = 0.0, num_classes: int | None = None) -> SourceBoxes:
@@ -183,12 +189,8 @@ def admit_confident(sep: Separation, threshold: float) -> Separation:
     admit = (best >= threshold) & (label < inc.cloud_probs.shape[1] - 1)
     if not bool(admit.any()):
         return sep
-    moved = PairedSet(inc.boxes[admit], label[admit], label[admit], inc.cloud_scores[admit],
-                      inc.clip_scores[admit], inc.cloud_probs[admit], inc.clip_probs[admit])
-    kept = PairedSet(*(getattr(inc, f.name)[~admit] for f in fields(PairedSet)))
-    consistent = PairedSet(*(torch.cat([getattr(sep.consistent, f.name), getattr(moved, f.name)])
-                             for f in fields(PairedSet)))
-    return Separation(consistent, kept, sep.private)
+    moved = replace(inc.select(admit), cloud_labels=label[admit], clip_labels=label[admit])
+    return Separation(concat([sep.consistent, moved]), inc.select(~admit), sep.private)
 
 
 def _cat_probs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

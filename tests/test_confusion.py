@@ -99,12 +99,13 @@ def test_box_annotations_read_the_crop_label_and_match_the_detector_one_to_one()
 
 
 def test_an_image_whose_boxes_all_score_below_the_cut_passes_unchanged():
-    from coin_ray.confusion import corrected_cloud
+    from coin_ray.confusion import cloud_annotations, corrected_cloud, estimate_source_confusions
 
     low = record([[0, 0, 10, 10]], [1], [0.1])
     sure = [record([[0, 0, 10, 10]], [t], [0.9]) for t in (0, 0, 1)]
-    out, est = corrected_cloud([low, *sure], sure, sure, 2, min_score=0.3, min_clip_score=0.1, match_iou=0.5,
-                               threshold=0.9)
+    annotations = cloud_annotations([low, *sure], sure, sure, min_score=0.3, min_clip_score=0.1, match_iou=0.5)
+    est = estimate_source_confusions(annotations, 2)
+    out = corrected_cloud([low, *sure], annotations, est, min_score=0.3, threshold=0.9)
     assert out[0] is low and est.items == 3
     with pytest.raises(ValueError, match="3 annotators"):
         dawid_skene(np.zeros((4, 2), np.int64), 3)

@@ -13,10 +13,10 @@ from coin_ray.models.clip_factory import write_clip
 from coin_ray.models.ov_rcnn import OpenVocabularyRCNN
 from coin_ray.run import RunDir
 from coin_ray.schema import SOURCE_CLIP_DET, Detections, records_to_table
-from coin_ray.separate import SourceBoxes, as_source
+from coin_ray.separate import SourceBoxes, as_source, concat
 from coin_ray.storage import write_parquet
 from coin_ray.train.data import DetectionDataset, clip_det_records
-from coin_ray.train.distill import (Batch, Phase, build_state, concat_paired, detect_and_separate,
+from coin_ray.train.distill import (Batch, Phase, build_state, detect_and_separate,
                                     distill_step, load_state_dict, phase_at, remember_teacher_detections,
                                     state_dict, teacher_detections, update_ckg)
 
@@ -97,9 +97,9 @@ def test_steps_in_both_phases_use_every_set_and_only_the_ckg_learns_from_l_ckg(c
 def _student_pass(state, batch, cfg):
     seps = detect_and_separate(state, batch, Phase(after_burn_up=False), cfg)
     out = state.student(batch.images, seps, state.generator)
-    inc = concat_paired([s.inconsistent for s in seps])
+    inc = concat([s.inconsistent for s in seps])
     p_ckg = state.ckg(out.inconsistent.embeddings.detach(), inc.cloud_probs, inc.clip_probs)
-    return out, concat_paired([s.consistent for s in seps]), p_ckg
+    return out, concat([s.consistent for s in seps]), p_ckg
 
 
 def test_after_burn_up_the_teacher_moves_toward_the_student_by_the_keep_rate(clip_dir):

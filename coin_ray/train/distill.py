@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from coin_ray.config import Config, DistillConfig, resolved_steps
-from coin_ray.confusion import SourceConfusions, corrected_cloud
+from coin_ray.confusion import SourceConfusions, cloud_annotations, corrected_cloud, estimate_source_confusions
 from coin_ray.losses import l_align, l_ckg, l_con, l_inc, l_pri
 from coin_ray.models.build import build_student, load_detector
 from coin_ray.models.ckg import CKG, FUSIONS, mlp_gradients
@@ -51,7 +51,7 @@ from coin_ray.models.student import DistillStudent, StudentPass
 from coin_ray.models.teacher import ema_update, make_teacher
 from coin_ray.schema import Detections
 from coin_ray.separate import (FusionStats, PairedSet, PrivateSet, Separation, SeparationStats, SourceBoxes,
-                               admit_confident, as_source, separate)
+                               admit_confident, as_source, concat, separate)
 from coin_ray.train.augment import student_views
 from coin_ray.train.data import DetectionDataset, image_tensor, step_indices
 from coin_ray.train.loop import StepHook, step_generator
@@ -184,9 +184,9 @@ def distill_step(state: DistillState, batch: Batch, phase: Phase, cfg: DistillCo
     images, seps = student_views(batch.images, seps, state.generator, flip=cfg.flip, strong=cfg.strong_augment)
     out = state.student(images, seps, state.generator)
     device = out.text_embeddings.device
-    cons = concat_paired([s.consistent for s in seps]).to(device)
-    inc = concat_paired([s.inconsistent for s in seps]).to(device)
-    priv = concat_private([s.private for s in seps]).to(device)
+    cons = concat([s.consistent for s in seps]).to(device)
+    inc = concat([s.inconsistent for s in seps]).to(device)
+    priv = concat([s.private for s in seps]).to(device)
     # 3. Fuse the inconsistent pairs (Table 6) and compute the student's losses.
     p_ckg = state.ckg(out.inconsistent.embeddings.detach(), inc.cloud_probs, inc.clip_probs)
     fused = FUSIONS[cfg.fusion](inc.cloud_probs, inc.clip_probs, inc.cloud_scores, inc.clip_scores, p_ckg.detach())
@@ -253,9 +253,11 @@ def use_source_confusions(state: DistillState, dataset: DetectionDataset, clip: 
     clip: the collection's CLIP records of the cloud boxes; clip_det: the CLIP detector's
     stored detections (``clip_det_records``). Deterministic, so every rank computes the same.
     """
-    records, confusions = corrected_cloud(dataset.records, clip, clip_det, dataset.num_classes,
-                                          min_score=cfg.min_score, min_clip_score=cfg.min_clip_score,
-                                          match_iou=cfg.match_iou, threshold=cfg.admit_posterior)
+    annotations = cloud_annotations(dataset.records, clip, clip_det, min_score=cfg.min_score,
+                                    min_clip_score=cfg.min_clip_score, match_iou=cfg.match_iou)
+    confusions = estimate_source_confusions(annotations, dataset.num_classes)
+    records = corrected_cloud(dataset.records, annotations, confusions, min_score=cfg.min_score,
+                              threshold=cfg.admit_posterior)
     for before, after in zip(dataset.records, records):
         changed = torch.as_tensor(np.asarray(after.labels) != np.asarray(before.labels))
         state.stats.count("relabelled", torch.as_tensor(np.asarray(after.labels))[changed])
@@ -334,16 +336,6 @@ def average_gradients(module: nn.Module) -> None:
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad)
         p.grad.div_(world)
-
-
-def concat_paired(sets: list[PairedSet]) -> PairedSet:
-    """One PairedSet holding the pairs of every image, in order."""
-    return PairedSet(*(torch.cat([getattr(s, f) for s in sets]) for f in PairedSet.__dataclass_fields__))
-
-
-def concat_private(sets: list[PrivateSet]) -> PrivateSet:
-    """One PrivateSet holding the private boxes of every image, in order."""
-    return PrivateSet(*(torch.cat([getattr(s, f) for s in sets]) for f in PrivateSet.__dataclass_fields__))
 
 
 def state_dict(state: DistillState) -> dict[str, Any]:
