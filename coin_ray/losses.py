@@ -118,12 +118,13 @@ def squared_error(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((probs - target) ** 2).sum(dim=-1).mean()
 
 
-def _unit_rows(g: torch.Tensor) -> torch.Tensor:
+def _unit_rows(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``g`` as rows (a matrix row by row, a vector as one row), each divided by its (detached)
     largest entry: the cosine and its gradient are unchanged, and tiny gradients no longer
-    underflow when squared for the norm."""
+    underflow when squared for the norm. Also returns which rows are non-zero (R,) bool."""
     rows = g.reshape(g.shape[0], -1) if g.dim() >= 2 else g.reshape(1, -1)
-    return rows / rows.detach().abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(rows.dtype).tiny)
+    largest = rows.detach().abs().amax(dim=1, keepdim=True)
+    return rows / largest.clamp_min(torch.finfo(rows.dtype).tiny), largest.squeeze(1) > 0
 
 
 def gradient_direction_loss(g_consistent: list[torch.Tensor], g_inconsistent: list[torch.Tensor]) -> torch.Tensor:
@@ -146,11 +147,11 @@ def gradient_direction_loss(g_consistent: list[torch.Tensor], g_inconsistent: li
     for a, b in zip(g_consistent, g_inconsistent):
         if a.shape != b.shape:
             raise ValueError(f"gradient shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
-        ra, rb = _unit_rows(a.detach()), _unit_rows(b)
+        (ra, live_a), (rb, live_b) = _unit_rows(a.detach()), _unit_rows(b)
         # A row that is zero on either side has no direction (a ReLU unit dead on these
         # regions, or no inconsistent box in the batch): it is left out rather than scored
         # as cos 0, a constant that only shifts the loss.
-        live = (ra.abs().amax(dim=1) > 0) & (rb.detach().abs().amax(dim=1) > 0)
+        live = live_a & live_b
         if bool(live.any()):
             cos = torch.nn.functional.cosine_similarity(ra[live], rb[live], dim=1, eps=1e-12)
             per_tensor.append(1.0 - cos.mean())

@@ -1,9 +1,11 @@
 """Weak and strong views of distillation: boxes follow the flip, photometry moves no box, seeded."""
 
+import pytest
 import torch
+from torchvision.transforms.v2 import functional as TF
 
 from coin_ray.separate import SourceBoxes, separate
-from coin_ray.train.augment import hflip_boxes, strong_view, student_views, weak_view
+from coin_ray.train.augment import adjust_hue, hflip_boxes, strong_view, student_views, weak_view
 
 K = 3
 
@@ -56,3 +58,14 @@ def test_student_views_keep_labels_and_probs_and_can_be_switched_off():
     images, seps = student_views([image], [sep], torch.Generator().manual_seed(3), flip=True, strong=True)
     assert torch.equal(seps[0].inconsistent.cloud_probs, sep.inconsistent.cloud_probs)
     assert seps[0].private.labels.tolist() == sep.private.labels.tolist()
+
+
+@pytest.mark.parametrize("shift", [-0.5, -0.1, -0.013, 0.0, 0.07, 0.1, 0.5])
+def test_adjust_hue_is_torchvisions_hsv_hue_shift(shift):
+    gen = torch.Generator().manual_seed(0)
+    smooth = torch.rand(3, 24, 40, generator=gen)
+    ties = torch.randint(0, 5, (3, 24, 40), generator=gen).float() / 4  # equal channels, grays, black, white
+    for image in (smooth, ties):
+        assert torch.allclose(adjust_hue(image, shift), TF.adjust_hue(image, shift), atol=1e-5)
+    gray = torch.full((3, 4, 4), 0.3)
+    assert torch.equal(adjust_hue(gray, shift), gray)  # no chroma, no hue to turn

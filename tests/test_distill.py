@@ -13,7 +13,7 @@ from coin_ray.models.clip_factory import write_clip
 from coin_ray.models.ov_rcnn import OpenVocabularyRCNN
 from coin_ray.run import RunDir
 from coin_ray.schema import SOURCE_CLIP_DET, Detections, records_to_table
-from coin_ray.separate import SourceBoxes, as_source, concat
+from coin_ray.separate import SourceBoxes, as_source, concat, separate
 from coin_ray.storage import write_parquet
 from coin_ray.train.data import DetectionDataset, clip_det_records
 from coin_ray.train.distill import (Batch, Phase, build_state, detect_and_separate,
@@ -167,6 +167,46 @@ def test_frozen_teacher_detections_are_reused_until_burn_up(clip_dir):
     assert all(x is y for x, y in zip(first, again))
     teacher_detections(state, batch, Phase(after_burn_up=True), cfg)
     assert state.teacher_cache == {}
+
+
+def test_a_frozen_teachers_separations_are_made_once_per_image_and_phase(clip_dir):
+    torch.manual_seed(0)
+    teacher, student = _models(clip_dir)
+    cfg = _cfg(teacher_after_burn_up="frozen")
+    state = build_state(teacher, student, cfg)
+    batch = _batch(state.teacher)
+    batch.image_ids = ["a", "b"]
+    before = detect_and_separate(state, batch, Phase(after_burn_up=False), cfg)
+    after = detect_and_separate(state, batch, Phase(after_burn_up=True), cfg)
+    assert set(state.separation_cache) == {("a", False), ("b", False), ("a", True), ("b", True)}
+
+    def no_detecting(images):
+        raise AssertionError("the frozen teacher detected again")
+
+    state.teacher.detect = no_detecting
+    assert all(x is y for x, y in zip(detect_and_separate(state, batch, Phase(after_burn_up=False), cfg), before))
+    assert all(x is y for x, y in zip(detect_and_separate(state, batch, Phase(after_burn_up=True), cfg), after))
+    # The cached separation is the one separating again gives.
+    for sep, cloud, found in zip(after, batch.cloud, [state.teacher_cache[k] for k in ("a", "b")]):
+        fresh = separate(cloud, found, iou_threshold=cfg.match_iou, fuse=True)
+        assert torch.equal(sep.inconsistent.boxes, fresh.inconsistent.boxes)
+        assert torch.equal(sep.consistent.boxes, fresh.consistent.boxes)
+        assert torch.equal(sep.private.labels, fresh.private.labels)
+
+
+def test_a_teacher_that_tracks_the_student_separates_every_batch_again(clip_dir):
+    torch.manual_seed(0)
+    teacher, student = _models(clip_dir)
+    cfg = _cfg(teacher_after_burn_up="ema")
+    state = build_state(teacher, student, cfg)
+    batch = _batch(state.teacher)
+    batch.image_ids = ["a", "b"]
+    detect_and_separate(state, batch, Phase(after_burn_up=False), cfg)
+    assert state.separation_cache
+    first = detect_and_separate(state, batch, Phase(after_burn_up=True), cfg)
+    assert state.separation_cache == {}
+    again = detect_and_separate(state, batch, Phase(after_burn_up=True), cfg)
+    assert all(x is not y for x, y in zip(first, again))
 
 
 def _stored(image_id: str, det: dict[str, torch.Tensor]) -> Detections:

@@ -68,13 +68,35 @@ def weak_view(image: torch.Tensor, sep: Separation, generator: torch.Generator
     return image.flip(-1), hflip_separation(sep, image.shape[-1])
 
 
+def adjust_hue(image: torch.Tensor, shift: float) -> torch.Tensor:
+    """``image`` (3,H,W) in [0,1] with its HSV hue turned by ``shift`` (a fraction of the
+    colour wheel, in [-0.5, 0.5]); value and saturation are kept.
+
+    The same HSV hue shift as torchvision's ``adjust_hue`` (equal to about 1e-6), written
+    as value minus chroma times the hue's piecewise-linear ramp per channel, which skips the
+    round trip through an HSV image: 2-3x faster on the CPU, where it was the dearest part
+    of a student's strong view.
+    """
+    r, g, b = image.unbind(-3)
+    value = torch.maximum(torch.maximum(r, g), b)
+    chroma = value - torch.minimum(torch.minimum(r, g), b)
+    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    # The hue in sixths of the wheel, [0, 6), from whichever channel is the largest.
+    hue = torch.where(value == r, (g - b) / safe,
+                      torch.where(value == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
+    hue = torch.remainder(hue + 6.0 * shift, 6.0)
+    offsets = torch.tensor([5.0, 3.0, 1.0], dtype=image.dtype, device=image.device).view(3, 1, 1)
+    k = torch.remainder(offsets + hue, 6.0)
+    return value - chroma * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
+
+
 def _jitter(image: torch.Tensor, aug: StrongAugment, generator: torch.Generator) -> torch.Tensor:
     # Brightness, contrast, saturation and hue in a random order, as colour jitter does.
     ops = [
         lambda x: TF.adjust_brightness(x, _uniform(generator, 1 - aug.brightness, 1 + aug.brightness)),
         lambda x: TF.adjust_contrast(x, _uniform(generator, 1 - aug.contrast, 1 + aug.contrast)),
         lambda x: TF.adjust_saturation(x, _uniform(generator, 1 - aug.saturation, 1 + aug.saturation)),
-        lambda x: TF.adjust_hue(x, _uniform(generator, -aug.hue, aug.hue)),
+        lambda x: adjust_hue(x, _uniform(generator, -aug.hue, aug.hue)),
     ]
     for k in torch.randperm(len(ops), generator=generator).tolist():
         image = ops[k](image)
@@ -111,13 +133,32 @@ def strong_view(image: torch.Tensor, generator: torch.Generator, aug: StrongAugm
     return _cutout(out.clamp(0.0, 1.0), aug, generator)
 
 
+@dataclass(frozen=True)
+class StudentView:
+    """What the student sees of one image: ``image`` (3,H,W) in [0,1], the weak view
+    (mirrored when ``flipped``) made strong; the separation follows with ``view_separation``."""
+
+    image: torch.Tensor
+    flipped: bool
+
+
+def draw_student_view(image: torch.Tensor, generator: torch.Generator, *, flip: bool, strong: bool
+                      ) -> StudentView:
+    """The student's view of ``image`` (3,H,W): a flip with probability 0.5 (``flip``), then
+    the strong photometric view (``strong``). Needs no boxes, so the batch loader can draw it
+    ahead of the step (``coin_ray.train.distill.load_batch``)."""
+    flipped = flip and _chance(generator, FLIP_PROBABILITY)
+    out = image.flip(-1) if flipped else image
+    return StudentView(strong_view(out, generator) if strong else out, flipped)
+
+
+def view_separation(sep: Separation, view: StudentView) -> Separation:
+    """``sep`` (boxes in the plain image's pixels) in the frame of ``view``."""
+    return hflip_separation(sep, view.image.shape[-1]) if view.flipped else sep
+
+
 def student_views(images: list[torch.Tensor], seps: list[Separation], generator: torch.Generator, *,
                   flip: bool, strong: bool) -> tuple[list[torch.Tensor], list[Separation]]:
     """What the student sees: per image the weak view (``flip``) made strong (``strong``)."""
-    out_images, out_seps = [], []
-    for image, sep in zip(images, seps):
-        if flip:
-            image, sep = weak_view(image, sep, generator)
-        out_images.append(strong_view(image, generator) if strong else image)
-        out_seps.append(sep)
-    return out_images, out_seps
+    views = [draw_student_view(image, generator, flip=flip, strong=strong) for image in images]
+    return [v.image for v in views], [view_separation(sep, v) for sep, v in zip(seps, views)]

@@ -106,8 +106,10 @@ def load_dissemination_records(run: RunDir, labels: Literal["clip", "cloud"],
 
 
 def image_tensor(image: np.ndarray) -> torch.Tensor:
-    """(H,W,3) uint8 RGB -> (3,H,W) float32 in [0,1]."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    """(H,W,3) uint8 RGB -> (3,H,W) float32 in [0,1]. A read-only array (a decoded image
+    shared by a cache) is copied first: torch only wraps writable memory."""
+    image = np.ascontiguousarray(image) if image.flags.writeable else np.array(image)
+    return torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0)
 
 
 def resize_to(image: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

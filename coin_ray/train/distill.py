@@ -30,8 +30,9 @@ prototypes are averaged over ranks here.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -52,9 +53,9 @@ from coin_ray.models.teacher import ema_update, make_teacher
 from coin_ray.schema import Detections
 from coin_ray.separate import (FusionStats, PairedSet, PrivateSet, Separation, SeparationStats, SourceBoxes,
                                admit_confident, as_source, concat, separate)
-from coin_ray.train.augment import student_views
+from coin_ray.train.augment import StudentView, draw_student_view, student_views, view_separation
 from coin_ray.train.data import DetectionDataset, image_tensor, step_indices
-from coin_ray.train.loop import StepHook, step_generator
+from coin_ray.train.loop import StepHook, step_generator, view_generator
 from coin_ray.train.schedule import Phase, build_distill_scheduler, phase_at, resolve_length
 
 
@@ -66,6 +67,7 @@ class Batch:
     cloud: list[SourceBoxes]
     gt: list[dict[str, torch.Tensor]] | None = None  # optional, for separation statistics only
     image_ids: list[str] | None = None  # lets the frozen teacher's detections be reused
+    views: list[StudentView] | None = None  # the student's views, when the loader drew them
 
 
 @dataclass
@@ -83,6 +85,9 @@ class DistillState:
     stats: SeparationStats = field(default_factory=SeparationStats)
     fusion_stats: FusionStats = field(default_factory=FusionStats)  # after burn-up only
     teacher_cache: dict[str, SourceBoxes] = field(default_factory=dict)  # while the teacher is frozen
+    # An image's separation while the teacher is frozen, by (image id, fused): its two inputs
+    # no longer change, so neither does it.
+    separation_cache: dict[tuple[str, bool], Separation] = field(default_factory=dict)
     confusions: SourceConfusions | None = None  # fusion "ds": the sources' estimated confusions
 
     @property
@@ -155,11 +160,21 @@ def detect_and_separate(state: DistillState, batch: Batch, phase: Phase,
     Cloud boxes scoring below ``cfg.min_score`` and CLIP-detector boxes below
     ``cfg.min_clip_score`` are left out (two thresholds: a CLIP detector's softmax over K+1
     classes is far less confident than a cloud detector's scores); after burn-up a matched
-    pair's box is the score-weighted fusion of both.
+    pair's box is the score-weighted fusion of both. While the teacher is frozen an image's
+    separation is computed once per phase kind (``state.separation_cache``): neither input changes.
     """
+    fuse = phase.after_burn_up
+    frozen = batch.image_ids is not None and not (fuse and teacher_tracks_student(state, cfg))
+    if not frozen:
+        state.separation_cache.clear()
+    elif all((key, fuse) in state.separation_cache for key in batch.image_ids):
+        return [state.separation_cache[key, fuse] for key in batch.image_ids]
     clip_det = teacher_detections(state, batch, phase, cfg)
-    return [separate(c.select(c.scores >= cfg.min_score), d, iou_threshold=cfg.match_iou,
-                     fuse=phase.after_burn_up) for c, d in zip(batch.cloud, clip_det)]
+    seps = [separate(c.select(c.scores >= cfg.min_score), d, iou_threshold=cfg.match_iou, fuse=fuse)
+            for c, d in zip(batch.cloud, clip_det)]
+    if frozen:
+        state.separation_cache.update(((key, fuse), sep) for key, sep in zip(batch.image_ids, seps))
+    return seps
 
 
 def teacher_tracks_student(state: DistillState, cfg: DistillConfig) -> bool:
@@ -181,7 +196,10 @@ def distill_step(state: DistillState, batch: Batch, phase: Phase, cfg: DistillCo
         seps = admit_settled(state, seps, cfg.admit_posterior)
     inc_boxes = [s.inconsistent.boxes for s in seps]  # in the frame of the ground truth
     # The student learns from a weak (flipped) view made strong; the teacher saw the plain image.
-    images, seps = student_views(batch.images, seps, state.generator, flip=cfg.flip, strong=cfg.strong_augment)
+    if batch.views is None:
+        images, seps = student_views(batch.images, seps, state.generator, flip=cfg.flip, strong=cfg.strong_augment)
+    else:
+        images, seps = [v.image for v in batch.views], [view_separation(s, v) for s, v in zip(seps, batch.views)]
     out = state.student(images, seps, state.generator)
     device = out.text_embeddings.device
     cons = concat([s.consistent for s in seps]).to(device)
@@ -369,14 +387,50 @@ def distill_meta(state: DistillState, cfg: Config) -> dict[str, Any]:
 
 
 def load_batch(dataset: DetectionDataset, indices: list[int], device: torch.device,
-               ground_truth: Mapping[str, dict[str, torch.Tensor]] | None = None) -> Batch:
+               ground_truth: Mapping[str, dict[str, torch.Tensor]] | None = None, *,
+               views: tuple[DistillConfig, torch.Generator] | None = None) -> Batch:
     """The images at ``indices`` on ``device`` with their cloud detections (on the CPU), and
-    their ground truth by uri when given (statistics only: never a training target)."""
+    their ground truth by uri when given (statistics only: never a training target).
+
+    ``views`` (the distillation's config, a generator): also draw the student's view of each
+    image here (``coin_ray.train.augment.draw_student_view``: flip, strong augmentation), on
+    the CPU, so a loader running ahead of the step takes that work off it.
+    """
     records = [dataset.records[i] for i in indices]
-    images = [image_tensor(dataset.load(r.uri)).to(device) for r in records]
+    images = [image_tensor(dataset.load(r.uri)) for r in records]
+    drawn = None
+    if views is not None:
+        cfg, generator = views
+        drawn = [draw_student_view(image, generator, flip=cfg.flip, strong=cfg.strong_augment) for image in images]
+        drawn = [StudentView(v.image.to(device), v.flipped) for v in drawn]
     gt = [ground_truth.get(r.uri, {}) for r in records] if ground_truth else None
-    return Batch(images, [as_source(r, num_classes=dataset.num_classes) for r in records], gt=gt,
-                 image_ids=[r.image_id for r in records])
+    return Batch([image.to(device) for image in images], [as_source(r, num_classes=dataset.num_classes) for r in records],
+                 gt=gt, image_ids=[r.image_id for r in records], views=drawn)
+
+
+def batches_ahead(dataset: DetectionDataset, cfg: DistillConfig, *, seed: int, first: int, last: int, rank: int = 0,
+                  world_size: int = 1, device: torch.device = torch.device("cpu"),
+                  ground_truth: Mapping[str, dict[str, torch.Tensor]] | None = None) -> Iterator[tuple[int, Batch]]:
+    """(step, batch) for steps ``first..last`` (1-based), each batch with its student views,
+    the next one loaded in a background thread while the caller runs the current step:
+    decoding and augmenting overlap the step (as a detection data loader's workers do).
+
+    A step's batch is a pure function of (seed, rank, step): ``step_indices`` picks its
+    images and ``view_generator`` draws its views, so a resumed run sees the same batches.
+    """
+    def load(step: int) -> Batch:
+        indices = step_indices(len(dataset), cfg.batch_size, step - 1, seed, rank, world_size)
+        return load_batch(dataset, indices, device, ground_truth, views=(cfg, view_generator(seed, rank, step)))
+
+    if first > last:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="coin-ray-batches") as loader:
+        ahead = loader.submit(load, first)
+        for step in range(first, last + 1):
+            batch = ahead.result()
+            if step < last:
+                ahead = loader.submit(load, step + 1)
+            yield step, batch
 
 
 def run_steps(state: DistillState, dataset: DetectionDataset, cfg: DistillConfig, *, seed: int,
@@ -388,17 +442,15 @@ def run_steps(state: DistillState, dataset: DetectionDataset, cfg: DistillConfig
     ``ground_truth`` (uri -> {"boxes", "labels"}) only feeds ``state.stats`` and
     ``state.fusion_stats`` (benchmarks judge the sets with it).
 
-    Each rank's batch at a step is ``step_indices(...)``, a pure function of (seed, step,
-    rank), and the samplers are reseeded per step, so a resumed run repeats the same steps.
+    Batches come from ``batches_ahead`` (a pure function of (seed, step, rank), loaded one
+    step ahead) and the samplers are reseeded per step, so a resumed run repeats the same steps.
     """
     if len(dataset) == 0:
         raise ValueError("no training images with cloud detections (all records are errors?)")
     steps = resolved_steps(cfg.steps, "train.distill")
     state.student.train()
-    while state.step < steps:
-        step = state.step + 1
-        batch = load_batch(dataset, step_indices(len(dataset), cfg.batch_size, step - 1, seed, rank,
-                                                 world_size), device, ground_truth)
+    for step, batch in batches_ahead(dataset, cfg, seed=seed, first=state.step + 1, last=steps, rank=rank,
+                                     world_size=world_size, device=device, ground_truth=ground_truth):
         state.generator = step_generator(seed, rank, step)
         metrics = distill_step(state, batch, phase_at(step - 1, cfg), cfg)
         if on_step is not None:

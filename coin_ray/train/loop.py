@@ -74,6 +74,13 @@ def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(step_seed)
 
 
+def view_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """The generator of the student views of one (rank, step)'s batch. The batch loader draws
+    them ahead of the step in another thread, so it never touches torch's global generator
+    (which ``step_generator`` reseeds for the step itself)."""
+    return torch.Generator().manual_seed(((seed * 7919 + rank) * 1_000_003 + step) ^ 0x5EED_F00D)
+
+
 class MetricsLog:
     """Per-step metrics as JSON lines in one file, rewritten on each flush (local or s3://)."""
 
