@@ -8,7 +8,8 @@ Stages 0-2 (collection, dissemination, CLIP detection) run once through the pipe
 variant then runs in-process (``coin_ray.train.distill.distill``) from the same stored
 cloud detections and CLIP detector, is evaluated on the labelled target val split
 (pycocotools AP50) and cached as JSON under ``<storage>/tables/<world>/<settings>/``, so a re-run only trains
-what is missing.
+what is missing. The trainings (every variant, Oracle and cloud-label student, per seed) run
+side by side, ``--jobs`` processes of one torch thread each (default: one per core).
 
     Table 1   Cloud det, CLIP, CLIP det (stored detections), COIN and Oracle (the same
               target detector and schedule on the target train split's ground truth);
@@ -36,11 +37,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -376,6 +381,54 @@ def with_cloud_label_student(cfg: Config, run: RunDir, seeds: list[int], split: 
     return table, data["cloud_label_student"]["note"]
 
 
+def table_variants(number: str, fusions: str = "") -> dict[str, list[str]]:
+    """Table 5's or 6's rows: name -> distillation overrides; Table 6 only the ``--fusions`` keys when given."""
+    if number == "5":
+        return dict(TABLE5)
+    return {name: ov for name, ov in TABLE6.items() if not fusions or TABLE6_KEYS[name] in fusions.split(",")}
+
+
+@dataclass(frozen=True, eq=False)
+class Job:
+    """One cached training of a table (a distilled variant, an Oracle, a cloud-label student) for one seed."""
+
+    fn: Callable[..., object]
+    args: tuple
+    key: tuple
+
+
+def training_jobs(cfg: Config, run: RunDir, args: argparse.Namespace, tables: set[str], split: LabelledSplit,
+                  cache: str, train_gt: LabelledSplit | None, *, oracle: bool, cloud_label: bool) -> list[Job]:
+    """Every training the tables will ask for, once each, in the order the tables ask."""
+    variants = [[]] if "1" in tables else []
+    variants += [ov for number in ("5", "6") if number in tables for ov in table_variants(number, args.fusions).values()]
+    jobs = [Job(run_variant, (cfg, run, ov, seed, split, cache, train_gt), ("variant", tuple(ov), seed))
+            for ov in variants for seed in args.seeds]
+    if "1" in tables and cloud_label:
+        jobs += [Job(run_cloud_label_student, (cfg, run, seed, split, cache), ("cloud-label", seed))
+                 for seed in args.seeds]
+    if "1" in tables and oracle and train_gt is not None:
+        jobs += [Job(run_oracle, (cfg, run, seed, split, cache, train_gt), ("oracle", seed)) for seed in args.seeds]
+    seen: set[tuple] = set()
+    return [job for job in jobs if not (job.key in seen or seen.add(job.key))]
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def run_side_by_side(jobs: list[Job], workers: int) -> None:
+    """Run ``jobs`` in ``workers`` processes of one torch thread each (``--jobs``), so a table
+    uses every core; each job stores its result in the tables' cache, where the tables then
+    read it. One worker: nothing runs here (the tables train in this process, in turn)."""
+    if workers <= 1 or len(jobs) <= 1:
+        return
+    context = multiprocessing.get_context("spawn")  # no fork of a process whose torch threads have started
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context, initializer=_one_thread) as pool:
+        for job, done in zip(jobs, [pool.submit(job.fn, *job.args) for job in jobs]):
+            done.result()  # raises the job's error here
+
+
 def world_tables(args: argparse.Namespace, overrides: list[str], tables: set[str],
                  oracle: bool, from_run: str = "", cloud_label: bool = True) -> tuple[str, dict]:
     """The tables of one world (one ``data.cloud_confusion``): Markdown and fidelity.json parts.
@@ -416,6 +469,8 @@ def world_tables(args: argparse.Namespace, overrides: list[str], tables: set[str
         return {name: [run_variant(cfg, run, ov, s, split, cache, train_gt) for s in args.seeds]
                 for name, ov in variants.items()}
 
+    jobs = training_jobs(cfg, run, args, tables, split, cache, train_gt, oracle=oracle, cloud_label=cloud_label)
+    run_side_by_side(jobs, args.jobs)
     teachers = teacher_rows(cfg, run)
     if "1" in tables:
         coin = [v.result for v in rows({FULL: []})[FULL]]
@@ -434,12 +489,10 @@ def world_tables(args: argparse.Namespace, overrides: list[str], tables: set[str
         out.append(f"Table 1 ({args.world} world, rho {cfg.data.cloud_confusion:g}, target val, COIN mean of "
                    f"seeds {args.seeds}; COIN mAP50 {spread(coin)})\n\n" + table1_markdown(table, cfg.data.categories)
                    + "".join(f"\n{n}\n" for n in notes))
-    for number, variants, keys in (("5", TABLE5, TABLE5_KEYS), ("6", TABLE6, TABLE6_KEYS)):
+    for number, keys in (("5", TABLE5_KEYS), ("6", TABLE6_KEYS)):
         if number not in tables:
             continue
-        if number == "6" and args.fusions:
-            variants = {name: ov for name, ov in variants.items() if keys[name] in args.fusions.split(",")}
-        results = rows(variants)
+        results = rows(table_variants(number, args.fusions))
         table = {"CLIP det": teachers["CLIP det"]} if number == "5" and "CLIP det" in teachers else {}
         table |= {f"{name} ({spread([v.result for v in r])})": mean_result([v.result for v in r])
                   for name, r in results.items()}
@@ -487,6 +540,9 @@ def main() -> None:
     parser.add_argument("--no-oracle", action="store_true", help="leave the Oracle row out of Table 1")
     parser.add_argument("--no-cloud-label-student", action="store_true",
                         help="leave the cloud-label student's row out of Table 1 (3 trainings per seed)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="trainings run side by side, one torch thread each (default: one per core; "
+                             "1 trains them in turn in this process, with torch's default threads)")
     parser.add_argument("--storage", default="runs-tables")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "fidelity.json"))
     parser.add_argument("--from-run", action="append", default=[], metavar="[RHO=]DIR",

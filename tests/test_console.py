@@ -82,6 +82,28 @@ def test_workers_get_transformers_switches_unless_the_user_or_the_job_set_them()
     assert worker_env_vars({"RAY_JOB_CONFIG_JSON_ENV_VAR": job}) == {"TRANSFORMERS_VERBOSITY": "error"}
 
 
+def test_a_local_instance_starts_no_preemption_watcher_unless_the_user_asks(monkeypatch):
+    """A local instance's workers get Ray Train's preemption watcher switched off (one actor
+    per training stage, watching for a node nobody drains); a user's own setting stands."""
+    import ray
+
+    from coin_ray.ray import cluster
+
+    started = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: started.append(kwargs))
+    monkeypatch.setattr(cluster, "private_instance_token", lambda: False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
+    cluster.join(num_cpus=2)
+    [kwargs] = started
+    assert kwargs["address"] == "local" and kwargs["num_cpus"] == 2
+    assert kwargs["runtime_env"]["env_vars"]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")
+    cluster.join()
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in started[1]["runtime_env"]["env_vars"]
+
+
 @pytest.mark.slow
 def test_the_readme_tiny_try_ends_as_the_readme_says(tiny_try):
     """The README's tiny try, run verbatim from an empty folder: it succeeds, prints Table 1

@@ -30,6 +30,7 @@ from coin_ray.ray.progress_feed import filter_known_ray_noise
 log = logging.getLogger(__name__)
 
 JOIN_TIMEOUT_S = 20.0  # the most ray.init may take to join
+NO_PREEMPTION_WATCHER = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}  # the workers of a local instance
 COMMAND_DEADLINE_S = 24.0  # + the 5 s fallback: a dead RAY_ADDRESS ends a command within 30 s
 
 
@@ -125,7 +126,10 @@ def join(num_cpus: int | None = None, timeout_s: float = JOIN_TIMEOUT_S) -> None
     quiet = {"runtime_env": {"env_vars": env}} if (env := worker_env_vars()) else {}
     if address in ("", "local"):  # "local": a fresh instance even when a cluster runs here
         private_instance_token()
-        ray.init(address="local", num_cpus=num_cpus or None, **quiet)
+        # One machine nobody drains: Ray Train's preemption watcher (an actor per training
+        # stage, for nodes a cluster's autoscaler takes away) would watch for nothing.
+        local_env = {**worker_env_vars(), **{k: v for k, v in NO_PREEMPTION_WATCHER.items() if k not in os.environ}}
+        ray.init(address="local", num_cpus=num_cpus or None, runtime_env={"env_vars": local_env})
         return
     if num_cpus:
         log.warning("--num-cpus is ignored when connecting to an existing cluster (RAY_ADDRESS)")
