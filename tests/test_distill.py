@@ -16,7 +16,7 @@ from coin_ray.schema import SOURCE_CLIP_DET, Detections, records_to_table
 from coin_ray.separate import SourceBoxes, as_source, concat, separate
 from coin_ray.storage import write_parquet
 from coin_ray.train.data import DetectionDataset, clip_det_records
-from coin_ray.train.distill import (Batch, Phase, build_state, detect_and_separate,
+from coin_ray.train.distill import (Batch, Phase, batches_ahead, build_state, detect_and_separate,
                                     distill_step, load_state_dict, phase_at, remember_teacher_detections,
                                     state_dict, teacher_detections, update_ckg)
 
@@ -351,3 +351,25 @@ def test_fusion_ds_without_the_clip_detectors_detections_is_a_clear_error(clip_d
     with pytest.raises(ValueError, match="fusion=ds needs the CLIP detector's detections.*run the clip_det stage"):
         prime_state(state, DetectionDataset([], K), cfg, [], [])
     prime_state(state, DetectionDataset([], K), _cfg(), [], [])  # the paper's CKG needs none
+
+
+def test_batches_loaded_ahead_are_a_function_of_the_step_so_a_resumed_run_sees_the_same():
+    def load(uri: str) -> np.ndarray:  # a distinct image per uri
+        return np.random.default_rng(int(uri[-5])).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+
+    records = [Detections(f"img{i}", f"/data/{i}.jpg", 32, 24, np.array([[2.0, 2.0, 12.0, 10.0]]), [i % K], [0.9],
+                          np.eye(K + 1)[[i % K]], "cloud") for i in range(5)]
+    dataset = DetectionDataset(records, K, load=load)
+    cfg = _cfg(steps=6, batch_size=2)
+    straight = dict(batches_ahead(dataset, cfg, seed=3, first=1, last=6))
+    resumed = dict(batches_ahead(dataset, cfg, seed=3, first=4, last=6))
+    assert sorted(straight) == [1, 2, 3, 4, 5, 6] and sorted(resumed) == [4, 5, 6]
+    for step in (4, 5, 6):
+        a, b = straight[step], resumed[step]
+        assert a.image_ids == b.image_ids
+        assert [v.flipped for v in a.views] == [v.flipped for v in b.views]
+        assert all(torch.equal(x.image, y.image) for x, y in zip(a.views, b.views))
+    # The views are the student's: same size as the plain image, changed by the strong view.
+    batch = straight[1]
+    assert all(v.image.shape == image.shape for v, image in zip(batch.views, batch.images))
+    assert any(not torch.equal(v.image, image) for v, image in zip(batch.views, batch.images))
