@@ -29,7 +29,6 @@ from coin_ray.cloud.backends import NEEDS_TOKEN, build_backend, client_for, mode
 from coin_ray.cloud.budget import (SpendLedger, adopt_run_ledger, budget_line, budget_summary, call_cap,
                                    spend_folder)
 from coin_ray.cloud.cache import AnswerCache
-from coin_ray.cloud.clip_score import ClipBoxScorer
 from coin_ray.cloud.errors import UNKNOWN_CATEGORIES, AuthError, Secret, read_token
 from coin_ray.cloud.export_coco import export_coco
 from coin_ray.cloud.label import RunTally, label_image
@@ -107,6 +106,10 @@ class _ClipScorer:
     """Actor: CLIP zero-shot probabilities for every cloud box of a batch."""
 
     def __init__(self, cfg: dict) -> None:
+        # Imported here, in the scorer's own actors: torch and transformers would add seconds
+        # of start-up to every cloud caller, which only waits on the network.
+        from coin_ray.cloud.clip_score import ClipBoxScorer
+
         cfg_ = from_dict(cfg)
         self.scorer = ClipBoxScorer(cfg_.clip.model, cfg_.data.categories,
                                     templates=cfg_.clip.templates, style=cfg_.data.style,
