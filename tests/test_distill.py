@@ -361,8 +361,8 @@ def test_batches_loaded_ahead_are_a_function_of_the_step_so_a_resumed_run_sees_t
                           np.eye(K + 1)[[i % K]], "cloud") for i in range(5)]
     dataset = DetectionDataset(records, K, load=load)
     cfg = _cfg(steps=6, batch_size=2)
-    straight = dict(batches_ahead(dataset, cfg, seed=3, first=1, last=6))
-    resumed = dict(batches_ahead(dataset, cfg, seed=3, first=4, last=6))
+    straight = dict(batches_ahead(dataset, cfg, seed=3, first=1, last=6, ahead=True))
+    resumed = dict(batches_ahead(dataset, cfg, seed=3, first=4, last=6, ahead=False))  # in turn: the same batches
     assert sorted(straight) == [1, 2, 3, 4, 5, 6] and sorted(resumed) == [4, 5, 6]
     for step in (4, 5, 6):
         a, b = straight[step], resumed[step]

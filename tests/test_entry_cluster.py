@@ -2,8 +2,9 @@
 `ray start --head` cluster (the whole pipeline with every path on S3; then a local run and a
 job with the default relative storage: results at the printed location, and the job pays
 nothing the local run paid for),
-`jobs/tune.py` with the default relative storage, and the user errors that only show once
-the cloud is asked (a refused token, a cloud that drops every connection)."""
+and the user errors that only show once the cloud is asked (a refused token, a cloud that
+drops every connection). `jobs/tune.py` with the default relative storage is in test_tune.py,
+on the run that module collects."""
 
 from __future__ import annotations
 
@@ -200,24 +201,6 @@ def test_job_submit_with_every_path_on_s3_then_a_local_run_and_a_job_that_never_
 
 def local_env() -> dict[str, str]:
     return {**os.environ, "RAY_ADDRESS": "local", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_tune_with_the_default_relative_storage(world, cloud, tmp_path):
-    _, cache = world
-    args = [f"data.world_cache={cache}", f"cloud.url={cloud.url}", *FAST]
-    adapt = subprocess.run([PY, str(ROOT / "jobs" / "adapt.py"), "--num-cpus", "4",
-                            "--stages", "collect,disseminate,clip_det", *args],
-                           cwd=tmp_path, env=local_env(), capture_output=True, text=True, timeout=600)
-    assert adapt.returncode == 0, adapt.stdout[-3000:] + adapt.stderr[-3000:]
-    tune = subprocess.run([PY, str(ROOT / "jobs" / "tune.py"), "--num-cpus", "4", "--num-samples", "2",
-                           "--eval-every", "2", *args],
-                          cwd=tmp_path, env=local_env(), capture_output=True, text=True, timeout=600)
-    assert tune.returncode == 0, tune.stdout[-3000:] + tune.stderr[-3000:]
-    [best] = list((tmp_path / "runs").glob("run-*/tune/sweep-*/best.yaml"))
-    rows = (best.parent / "results.csv").read_text().splitlines()[1:]
-    assert len(rows) == 2 and f"best config: {best}" in tune.stdout
 
 
 @pytest.mark.slow

@@ -267,3 +267,20 @@ def test_interrupted_sweep_resumes_without_calling_the_cloud(collected, local_ra
     assert (experiment / "results.csv").read_text().splitlines()[0].startswith("trial_id,gamma1")
     assert "val_map50" in (experiment / "results.md").read_text()
     assert _cpus_come_back(local_ray, 4.0)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_tune_with_the_default_relative_storage(collected):
+    """`jobs/tune.py` run from the user's folder, with the default relative storage, finds the
+    run collected there and writes the sweep under it, printing where its best config is."""
+    root, overrides, _ = collected
+    assert f"storage={root / 'runs'}" in overrides  # the collected run lives in ./runs of root
+    args = [o for o in overrides if not o.startswith("storage=")]
+    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    tune = subprocess.run([sys.executable, str(ROOT / "jobs" / "tune.py"), "--num-cpus", "4", "--num-samples", "2",
+                           "--eval-every", "2", *args], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert tune.returncode == 0, tune.stdout[-3000:] + tune.stderr[-3000:]
+    [best] = list((root / "runs").glob("run-*/tune/sweep-*/best.yaml"))
+    rows = (best.parent / "results.csv").read_text().splitlines()[1:]
+    assert len(rows) == 2 and f"best config: {best}" in tune.stdout
