@@ -72,6 +72,20 @@ def test_known_ray_noise_is_dropped_and_everything_else_kept():
         "The actor is dead because its worker process has died. Worker exit type: INTENDED_USER_EXIT",
         "Worker group of size 1 died"]}
     assert _keep(registered)["lines"] == ["Worker group of size 1 died"]
+    shutdown = {"actor_name": "TrainController", "lines": [
+        "Graceful shutdown of backend failed. This is expected if one of the workers has crashed.",
+        "Traceback (most recent call last):",
+        '  File "ray/train/torch/config.py", line 333, in on_shutdown',
+        "    ray.get(futures, timeout=timeout_s)",
+        "ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task.",
+        "\tclass_name: RayTrainWorker", "\tpid: 11935",
+        "The actor is dead because its worker process has died. Worker exit type: INTENDED_SYSTEM_EXIT Worker "
+        "exit detail: Destroying worker since its placement group was removed.",
+        "Worker group of size 1 shut down",
+        "\tan indented line of another message",
+        "ray.exceptions.RayTaskError: a real failure"]}
+    assert _keep(shutdown)["lines"] == ["Worker group of size 1 shut down", "\tan indented line of another message",
+                                        "ray.exceptions.RayTaskError: a real failure"]
 
 
 class CountingTraining:

@@ -112,22 +112,32 @@ QUIET_LINE = re.compile(r"core_worker\.cc:\d+: Actor with class name: .* has con
 # The controller then reports, with a traceback, that stopping that cleaner timed out.
 QUIET_STOP = "Failed to stop PlacementGroupCleaner gracefully"
 QUIET_REGISTER = "Failed to register placement group with cleaner"
-_CLEANER_DEATH = ("\t", "The actor is dead because")  # how QUIET_REGISTER's message goes on
+# After a stage's last step, Ray Train 2.60 can remove the worker group's placement group
+# while the torch backend is still shutting down on it; the controller then reports the
+# worker's exit ("Destroying worker since its placement group was removed") with a traceback,
+# and says itself that this is expected. The stage has finished by then: a worker that died
+# during training fails the stage with its own error, which is never filtered.
+QUIET_BACKEND_SHUTDOWN = "Graceful shutdown of backend failed"
+_ACTOR_DEATH = ("\t", "The actor is dead because")  # how a dead actor's description goes on
+_QUIET_MESSAGES = (QUIET_STOP, QUIET_REGISTER, QUIET_BACKEND_SHUTDOWN)
 
 
 def _without_cleaner_stop(lines: list[str]) -> list[str]:
-    """``lines`` less the QUIET_STOP and QUIET_REGISTER messages and what follows them (a
-    traceback to its exception line, the dead cleaner's description)."""
-    kept, skipping = [], False
+    """``lines`` less the ``_QUIET_MESSAGES`` and what follows them (a traceback to its
+    exception line, the dead actor's description)."""
+    kept, skipping, described = [], False, False
     for line in lines:
-        if QUIET_STOP in line or QUIET_REGISTER in line:
-            skipping = True
-        elif skipping and (line.startswith((" ", "Traceback", *_CLEANER_DEATH)) or not line.strip()):
+        if any(message in line for message in _QUIET_MESSAGES):
+            skipping, described = True, False
+        elif skipping and not described and (line.startswith((" ", "Traceback", *_ACTOR_DEATH)) or not line.strip()):
             pass
         elif skipping and line.startswith("ray.exceptions."):
-            skipping = False
+            described = "ActorDiedError" in line  # its description follows, tab-indented
+            skipping = described
+        elif described and line.startswith(_ACTOR_DEATH):
+            pass
         else:
-            skipping = False
+            skipping = described = False
             kept.append(line)
     return kept
 
