@@ -152,13 +152,20 @@ def test_checkpoint_resume_continues_exactly(clip_dir):
     assert again == pytest.approx(straight, rel=1e-5, abs=1e-6)
 
 
-def test_frozen_teacher_detections_are_reused_until_burn_up(clip_dir):
+def _state_and_named_batch(clip_dir, **cfg_kw):
+    """(cfg, state, batch) for the caching tests: ``_cfg(**cfg_kw)``, a fresh state and
+    ``_batch`` with image ids "a" and "b" (the caches are keyed by them)."""
     torch.manual_seed(0)
     teacher, student = _models(clip_dir)
-    cfg = _cfg()
+    cfg = _cfg(**cfg_kw)
     state = build_state(teacher, student, cfg)
     batch = _batch(state.teacher)
     batch.image_ids = ["a", "b"]
+    return cfg, state, batch
+
+
+def test_frozen_teacher_detections_are_reused_until_burn_up(clip_dir):
+    cfg, state, batch = _state_and_named_batch(clip_dir)
     first = teacher_detections(state, batch, Phase(after_burn_up=False), cfg)
     assert set(state.teacher_cache) == {"a", "b"}
     direct = [as_source(d) for d in state.teacher.detect(batch.images)]
@@ -170,12 +177,7 @@ def test_frozen_teacher_detections_are_reused_until_burn_up(clip_dir):
 
 
 def test_a_frozen_teachers_separations_are_made_once_per_image_and_phase(clip_dir):
-    torch.manual_seed(0)
-    teacher, student = _models(clip_dir)
-    cfg = _cfg(teacher_after_burn_up="frozen")
-    state = build_state(teacher, student, cfg)
-    batch = _batch(state.teacher)
-    batch.image_ids = ["a", "b"]
+    cfg, state, batch = _state_and_named_batch(clip_dir, teacher_after_burn_up="frozen")
     before = detect_and_separate(state, batch, Phase(after_burn_up=False), cfg)
     after = detect_and_separate(state, batch, Phase(after_burn_up=True), cfg)
     assert set(state.separation_cache) == {("a", False), ("b", False), ("a", True), ("b", True)}
@@ -195,12 +197,7 @@ def test_a_frozen_teachers_separations_are_made_once_per_image_and_phase(clip_di
 
 
 def test_a_teacher_that_tracks_the_student_separates_every_batch_again(clip_dir):
-    torch.manual_seed(0)
-    teacher, student = _models(clip_dir)
-    cfg = _cfg(teacher_after_burn_up="ema")
-    state = build_state(teacher, student, cfg)
-    batch = _batch(state.teacher)
-    batch.image_ids = ["a", "b"]
+    cfg, state, batch = _state_and_named_batch(clip_dir, teacher_after_burn_up="ema")
     detect_and_separate(state, batch, Phase(after_burn_up=False), cfg)
     assert state.separation_cache
     first = detect_and_separate(state, batch, Phase(after_burn_up=True), cfg)

@@ -123,13 +123,13 @@ def join(num_cpus: int | None = None, timeout_s: float = JOIN_TIMEOUT_S) -> None
     address = os.environ.get("RAY_ADDRESS", "")
     # transformers' chatter off in every worker (coin_ray.ray.console); merged by Ray with a
     # `ray job submit` runtime_env, whose own keys are left alone.
-    quiet = {"runtime_env": {"env_vars": env}} if (env := worker_env_vars()) else {}
+    env = worker_env_vars()
     if address in ("", "local"):  # "local": a fresh instance even when a cluster runs here
         private_instance_token()
         # One machine nobody drains: Ray Train's preemption watcher (an actor per training
         # stage, for nodes a cluster's autoscaler takes away) would watch for nothing.
-        local_env = {**worker_env_vars(), **{k: v for k, v in NO_PREEMPTION_WATCHER.items() if k not in os.environ}}
-        ray.init(address="local", num_cpus=num_cpus or None, runtime_env={"env_vars": local_env})
+        env |= {k: v for k, v in NO_PREEMPTION_WATCHER.items() if k not in os.environ}
+        ray.init(address="local", num_cpus=num_cpus or None, runtime_env={"env_vars": env})
         return
     if num_cpus:
         log.warning("--num-cpus is ignored when connecting to an existing cluster (RAY_ADDRESS)")
@@ -139,7 +139,7 @@ def join(num_cpus: int | None = None, timeout_s: float = JOIN_TIMEOUT_S) -> None
     timer = _watchdog(address, budget)
     timer.start()
     try:
-        ray.init(**quiet)
+        ray.init(**({"runtime_env": {"env_vars": env}} if env else {}))
     except KeyboardInterrupt:
         raise Unreachable(f"the Ray cluster at RAY_ADDRESS={address} did not answer within {budget:.0f} s") from None
     except (ConnectionError, RuntimeError) as err:  # what ray.init raises when no GCS answers

@@ -122,7 +122,7 @@ _ACTOR_DEATH = ("\t", "The actor is dead because")  # how a dead actor's descrip
 _QUIET_MESSAGES = (QUIET_STOP, QUIET_REGISTER, QUIET_BACKEND_SHUTDOWN)
 
 
-def _without_cleaner_stop(lines: list[str]) -> list[str]:
+def _without_quiet_messages(lines: list[str]) -> list[str]:
     """``lines`` less the ``_QUIET_MESSAGES`` and what follows them (a traceback to its
     exception line, the dead actor's description)."""
     kept, skipping, described = [], False, False
@@ -145,7 +145,7 @@ def _without_cleaner_stop(lines: list[str]) -> list[str]:
 def _keep(data: dict[str, Any]) -> dict[str, Any] | None:
     if str(data.get("actor_name") or "").startswith(QUIET_ACTORS):
         return None
-    lines = [line for line in _without_cleaner_stop(data.get("lines", [])) if not QUIET_LINE.search(line)]
+    lines = [line for line in _without_quiet_messages(data.get("lines", [])) if not QUIET_LINE.search(line)]
     return {**data, "lines": lines} if lines else None
 
 

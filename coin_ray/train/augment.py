@@ -63,9 +63,8 @@ def hflip_separation(sep: Separation, width: int) -> Separation:
 def weak_view(image: torch.Tensor, sep: Separation, generator: torch.Generator
               ) -> tuple[torch.Tensor, Separation]:
     """A horizontal flip with probability 0.5: image (3,H,W) and its separation together."""
-    if not _chance(generator, FLIP_PROBABILITY):
-        return image, sep
-    return image.flip(-1), hflip_separation(sep, image.shape[-1])
+    view = draw_student_view(image, generator, flip=True, strong=False)
+    return view.image, view_separation(sep, view)
 
 
 def adjust_hue(image: torch.Tensor, shift: float) -> torch.Tensor:
