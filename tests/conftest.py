@@ -42,9 +42,14 @@ def local_ray_instance(num_cpus: int, log_to_driver: bool = False,
     """
     import ray
 
+    from coin_ray.ray.cluster import NO_PREEMPTION_WATCHER
+
     if ship_by_value is not None:
         ray.cloudpickle.register_pickle_by_value(ship_by_value)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver)
+    # As the product's own local instance (cluster.join): no Ray Train preemption watcher, an
+    # actor per training run that would watch a single machine nobody drains.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
+             runtime_env={"env_vars": dict(NO_PREEMPTION_WATCHER)})
     try:
         yield ray
     finally:

@@ -3,6 +3,7 @@ a whole sweep of the distillation stage on the tiny world (issue 7's "done when"
 
 from __future__ import annotations
 
+import csv
 import math
 import os
 import signal
@@ -215,23 +216,25 @@ def test_proxy_validation_holds_out_cloud_detections(collected):
     assert 0.0 <= student_map50(teacher, val.split) <= 100.0
 
 
-def _sweep_cmd(root: Path, overrides: list[str]) -> list[str]:
-    return [sys.executable, str(ROOT / "jobs" / "tune.py"),
-            "--space", str(ROOT / "tune_spaces" / "demo.yaml"), "--storage", str(root / "sweeps"),
-            "--num-samples", str(SWEEP_ARGS["num_samples"]), "--eval-every", str(SWEEP_ARGS["eval_every"]),
-            *overrides]
+def _tune_args(overrides: list[str]) -> list[str]:
+    """`jobs/tune.py`'s arguments as a user in the collected run's folder types them: the
+    default relative storage (./runs, where the run lives), the demo space."""
+    args = [o for o in overrides if not o.startswith("storage=")]
+    return ["--space", str(ROOT / "tune_spaces" / "demo.yaml"), "--num-samples", str(SWEEP_ARGS["num_samples"]),
+            "--eval-every", str(SWEEP_ARGS["eval_every"]), *args]
 
 
-def _kill_after_first_checkpoint(cmd: list[str], sweeps: Path, timeout: float) -> None:
+def _kill_after_first_checkpoint(cmd: list[str], cwd: Path, checkpoints: str, timeout: float) -> None:
+    """Run ``cmd`` in ``cwd`` and SIGKILL it (and its Ray) once ``cwd.glob(checkpoints)`` finds one."""
     # A fresh local instance even when another Ray cluster runs on this machine.
-    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_AUTH_MODE": "disabled"}
-    log = sweeps.parent / "first-sweep.log"
+    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    log = cwd / "first-sweep.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
         deadline = time.monotonic() + timeout
-        while not list(sweeps.glob("sweep-*/*/checkpoint_*")):
+        while not list(cwd.glob(checkpoints)):
             assert proc.poll() is None, "the sweep ended before its first checkpoint:\n" + log.read_text()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.5)
@@ -240,47 +243,42 @@ def _kill_after_first_checkpoint(cmd: list[str], sweeps: Path, timeout: float) -
         proc.wait()
 
 
-@pytest.mark.timeout(900)
-def test_interrupted_sweep_resumes_without_calling_the_cloud(collected, local_ray):
-    from ray import tune
-
-    from coin_ray.demo import with_demo_world
-    from coin_ray.ray.sweep import sweep_distill
-
-    root, overrides, server = collected
-    calls = server.stats()["detect_requests"]
-    assert calls > 0
-    _kill_after_first_checkpoint(_sweep_cmd(root, overrides), root / "sweeps", timeout=600)
-    [experiment] = list((root / "sweeps").glob("sweep-*"))
-    assert tune.Tuner.can_restore(str(experiment))
-    space = sweep.load_space(str(ROOT / "tune_spaces" / "demo.yaml"))
-    report = sweep_distill(load_config(None, overrides), space, storage_uri=str(root / "sweeps"), **SWEEP_ARGS)
-    assert report.path == str(experiment), "the same command must resume the same sweep"
-    assert server.stats()["detect_requests"] == calls, "a sweep must never call the cloud detector"
-    assert len(report.rows) == SWEEP_ARGS["num_samples"]
-    assert all(not math.isnan(r["val_map50"]) and r["step"] >= 1 and not r["error"] for r in report.rows)
-    best = load_config(report.best_config)
-    assert best.train.distill.gamma1 == pytest.approx(report.best_params["gamma1"])
-    assert best.train.distill.lambda_ == pytest.approx(report.best_params["lambda"])
-    same_run = with_demo_world(best).resolved_run_id() == with_demo_world(load_config(None, overrides)).resolved_run_id()
-    assert same_run, "best.yaml must point jobs/adapt.py at the collected run"
-    assert (experiment / "results.csv").read_text().splitlines()[0].startswith("trial_id,gamma1")
-    assert "val_map50" in (experiment / "results.md").read_text()
-    assert _cpus_come_back(local_ray, 4.0)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_tune_with_the_default_relative_storage(collected):
+def test_a_sweep_with_the_default_relative_storage_killed_then_run_again_resumes_without_calling_the_cloud(
+        collected, local_ray, monkeypatch, capsys):
     """`jobs/tune.py` run from the user's folder, with the default relative storage, finds the
-    run collected there and writes the sweep under it, printing where its best config is."""
-    root, overrides, _ = collected
+    run collected there and writes the sweep under it; killed, the same command resumes the
+    same sweep (here in this process, on this module's Ray) and prints where best.yaml is."""
+    from ray import tune
+
+    from coin_ray import cli
+    from coin_ray.demo import with_demo_world
+
+    root, overrides, server = collected
     assert f"storage={root / 'runs'}" in overrides  # the collected run lives in ./runs of root
-    args = [o for o in overrides if not o.startswith("storage=")]
-    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
-    tune = subprocess.run([sys.executable, str(ROOT / "jobs" / "tune.py"), "--num-cpus", "4", "--num-samples", "2",
-                           "--eval-every", "2", *args], cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert tune.returncode == 0, tune.stdout[-3000:] + tune.stderr[-3000:]
-    [best] = list((root / "runs").glob("run-*/tune/sweep-*/best.yaml"))
-    rows = (best.parent / "results.csv").read_text().splitlines()[1:]
-    assert len(rows) == 2 and f"best config: {best}" in tune.stdout
+    calls = server.stats()["detect_requests"]
+    assert calls > 0
+    args = _tune_args(overrides)
+    _kill_after_first_checkpoint([sys.executable, str(ROOT / "jobs" / "tune.py"), *args], root,
+                                 "runs/run-*/tune/sweep-*/*/checkpoint_*", timeout=600)
+    [experiment] = list(root.glob("runs/run-*/tune/sweep-*"))
+    assert tune.Tuner.can_restore(str(experiment))
+    monkeypatch.chdir(root)
+    assert cli.main(["tune", *args]) == 0  # Ray is up already: the command joins it
+    out = capsys.readouterr().out
+    assert list(root.glob("runs/run-*/tune/sweep-*")) == [experiment], "the same command must resume the same sweep"
+    best_yaml = experiment / "best.yaml"
+    assert f"best config: {best_yaml}" in out
+    assert server.stats()["detect_requests"] == calls, "a sweep must never call the cloud detector"
+    with open(experiment / "results.csv") as f:
+        rows = list(csv.DictReader(f))  # best first
+    assert list(rows[0])[:2] == ["trial_id", "gamma1"] and len(rows) == SWEEP_ARGS["num_samples"]
+    assert all(not math.isnan(float(r["val_map50"])) and int(r["step"]) >= 1 and not r["error"] for r in rows)
+    best = load_config(str(best_yaml))
+    assert best.train.distill.gamma1 == pytest.approx(float(rows[0]["gamma1"]))
+    assert best.train.distill.lambda_ == pytest.approx(float(rows[0]["lambda"]))
+    same_run = with_demo_world(best).resolved_run_id() == with_demo_world(load_config(None, overrides)).resolved_run_id()
+    assert same_run, "best.yaml must point jobs/adapt.py at the collected run"
+    assert "val_map50" in (experiment / "results.md").read_text()
+    assert _cpus_come_back(local_ray, 4.0)
