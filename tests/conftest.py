@@ -1,11 +1,11 @@
-"""Shared fixtures: a real S3 protocol server (moto's server mode) on 127.0.0.1, local Ray
-instances for the Ray test modules, the project's detector server on a loopback port, and the
-expensive things built once per session: the tiny Foggy-Shapes world and the README's tiny try
-(one whole adaptation, run as a user runs it, whose console and outputs several tests read)."""
+"""Shared fixtures: a real S3 protocol server (moto's server mode) on 127.0.0.1, the project's
+detector server on a loopback port, and the expensive things built once per session (per xdist
+worker): the local Ray of the modules that run Ray in-process, the tiny Foggy-Shapes world and
+the README's tiny try (one whole adaptation, run as a user runs it, whose console and outputs
+several tests read)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -23,7 +23,23 @@ from readme_doc import readme_commands
 
 ROOT = Path(__file__).resolve().parents[1]
 
-LOCAL_RAY_CPUS = 4  # logical CPUs of a test's Ray instance (the default of ``ray_num_cpus``)
+LOCAL_RAY_CPUS = 4  # logical CPUs of the tests' in-process Ray (``session_ray``)
+
+
+# The test files that run Ray pipelines, longest first (`--durations`, 2026-12-08). With
+# `--dist loadfile --no-loadscope-reorder` (scripts/test) a worker takes whole files in this
+# order: the long files start first and the many short ones fill both workers' ends, instead
+# of xdist's default order (most tests first), which left the long files for last.
+LONGEST_FIRST = ["test_entry_cluster.py", "test_console.py", "test_tune.py", "test_ray_train.py",
+                 "test_cloud_collect.py", "test_adapt_job.py", "test_ray_distill.py", "test_spend_cap.py",
+                 "test_serve_model.py", "test_export.py"]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run ``LONGEST_FIRST``'s files first, in its order; every other file after them, as
+    collected (the sort is stable, so tests keep their order within a file)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def s3_env(endpoint: str) -> dict[str, str]:
@@ -32,30 +48,17 @@ def s3_env(endpoint: str) -> dict[str, str]:
             "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
 
 
-@contextlib.contextmanager
-def local_ray_instance(num_cpus: int, log_to_driver: bool = False,
-                       ship_by_value: ModuleType | None = None) -> Iterator[ModuleType]:
-    """A fresh local Ray (never an existing cluster) with ``num_cpus`` logical CPUs; yields ``ray``.
-
-    ``ship_by_value``: a test module whose functions workers must receive by value, because
-    workers cannot import modules from tests/.
-    """
+def start_local_ray(num_cpus: int, log_to_driver: bool = False) -> ModuleType:
+    """A fresh local Ray (never an existing cluster) with ``num_cpus`` logical CPUs; returns ``ray``."""
     import ray
 
     from coin_ray.ray.cluster import NO_PREEMPTION_WATCHER
 
-    if ship_by_value is not None:
-        ray.cloudpickle.register_pickle_by_value(ship_by_value)
     # As the product's own local instance (cluster.join): no Ray Train preemption watcher, an
     # actor per training run that would watch a single machine nobody drains.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
              runtime_env={"env_vars": dict(NO_PREEMPTION_WATCHER)})
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-        if ship_by_value is not None:
-            ray.cloudpickle.unregister_pickle_by_value(ship_by_value)
+    return ray
 
 
 def cache_home_of_its_own(home) -> str:
@@ -97,29 +100,33 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def ray_num_cpus() -> int:
-    """Logical CPUs of ``local_ray``; a test module overrides this fixture to change it."""
-    return LOCAL_RAY_CPUS
-
-
-@pytest.fixture(scope="module")
-def local_ray(request, ray_num_cpus):
-    """A local Ray for one test module (workers get the module's functions by value); yields ``ray``."""
-    with local_ray_instance(ray_num_cpus, ship_by_value=request.module) as ray:
-        yield ray
-
-
-@pytest.fixture(scope="module")
-def local_ray_with_s3(s3_endpoint, ray_num_cpus):
-    """A local Ray whose workers see the loopback S3 server, with worker logs sent to the driver
-    (so capfd sees them); yields ``ray``."""
-    # Ray workers inherit the environment at ray.init: point them at the loopback S3 now.
+@pytest.fixture(scope="session")
+def session_ray(s3_endpoint):
+    """One local Ray per test process (each xdist worker starts its own), shared by every module
+    that runs Ray in-process: a start costs about 7 CPU-s, and Ray Data's and Ray Train's helper
+    actors then start once, not once per module. Its workers see the loopback S3 server and send
+    their logs to the driver (so capfd sees them); yields ``ray``."""
+    # Ray workers inherit the environment at ray.init: point them at the loopback S3 for the
+    # init only, so the tests' own environment stays as each test sets it.
     with pytest.MonkeyPatch.context() as mp:
         for key, value in s3_env(s3_endpoint).items():
             mp.setenv(key, value)
-        with local_ray_instance(ray_num_cpus, log_to_driver=True) as ray:
-            yield ray
+        ray = start_local_ray(LOCAL_RAY_CPUS, log_to_driver=True)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_ray(request, session_ray):
+    """The session's local Ray for one test module, whose functions its workers get by value
+    (workers cannot import modules from tests/); yields ``ray``."""
+    session_ray.cloudpickle.register_pickle_by_value(request.module)
+    try:
+        yield session_ray
+    finally:
+        session_ray.cloudpickle.unregister_pickle_by_value(request.module)
 
 
 @pytest.fixture(scope="session")

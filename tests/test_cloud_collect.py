@@ -45,7 +45,7 @@ def max_in_one_second(arrivals: list[float]) -> int:
 
 
 @pytest.mark.timeout(240)
-def test_shared_rate_limit_outputs_and_cache_rerun(local_ray_with_s3, served, tmp_path):
+def test_shared_rate_limit_outputs_and_cache_rerun(local_ray, served, tmp_path):
     server = served(latency_s=0.05)
     uris = write_images(tmp_path / "imgs", 30)
     clip = str(write_clip(tmp_path / "clip", CATEGORIES, image_size=32, hidden_size=32,
@@ -85,7 +85,7 @@ def test_shared_rate_limit_outputs_and_cache_rerun(local_ray_with_s3, served, tm
 
 
 @pytest.mark.timeout(240)
-def test_fault_mix_every_image_accounted_for(local_ray_with_s3, served, tmp_path):
+def test_fault_mix_every_image_accounted_for(local_ray, served, tmp_path):
     server = served(fail_500=0.1, fail_429=0.1, fail_hang=0.05, fail_malformed=0.02,
                     hang_s=1.0, seed=3)
     uris = write_images(tmp_path / "imgs", 40)
@@ -107,7 +107,7 @@ def test_fault_mix_every_image_accounted_for(local_ray_with_s3, served, tmp_path
 
 
 @pytest.mark.timeout(240)
-def test_401_stops_fast_and_token_is_nowhere(local_ray_with_s3, served, tmp_path, monkeypatch, capfd):
+def test_401_stops_fast_and_token_is_nowhere(local_ray, served, tmp_path, monkeypatch, capfd):
     server = served(token=TOKEN)
     uris = write_images(tmp_path / "imgs", 12)
     monkeypatch.setenv("COIN_TEST_TOKEN", "wrong-" + TOKEN)
@@ -126,7 +126,7 @@ def test_401_stops_fast_and_token_is_nowhere(local_ray_with_s3, served, tmp_path
     assert "failed on one image" not in out + errout  # stopped images are no backend failures (issue 27, 4.8)
 
 
-def test_a_gone_limiter_ends_a_caller_as_stopped_not_as_a_backend_failure(local_ray_with_s3):
+def test_a_gone_limiter_ends_a_caller_as_stopped_not_as_a_backend_failure(local_ray):
     limiter = ClusterLimiter.create("gone-limiter-test", 50.0, 2)
     limiter.release(limiter.acquire(), ok=True)
     limiter.kill()
@@ -150,7 +150,7 @@ def _collect_job(cfg: dict, uris: list[str], out: str) -> dict:
 
 
 @pytest.mark.timeout(240)
-def test_resume_after_kill_pays_only_for_unanswered(local_ray_with_s3, served, tmp_path):
+def test_resume_after_kill_pays_only_for_unanswered(local_ray, served, tmp_path):
     server = served(latency_s=0.1)
     n, in_flight = 40, 4
     uris = write_images(tmp_path / "imgs", n)
@@ -172,7 +172,7 @@ def test_resume_after_kill_pays_only_for_unanswered(local_ray_with_s3, served, t
 
 
 @pytest.mark.timeout(240)
-def test_everything_on_s3(local_ray_with_s3, served, s3_bucket, tmp_path):
+def test_everything_on_s3(local_ray, served, s3_bucket, tmp_path):
     server = served()
     local = write_images(tmp_path / "imgs", 6)
     root = f"s3://{s3_bucket}/target"
@@ -197,7 +197,7 @@ def test_everything_on_s3(local_ray_with_s3, served, s3_bucket, tmp_path):
 
 
 @pytest.mark.timeout(240)
-def test_budget_stops_cleanly_and_a_raised_budget_finishes(local_ray_with_s3, tmp_path, monkeypatch):
+def test_budget_stops_cleanly_and_a_raised_budget_finishes(local_ray, tmp_path, monkeypatch):
     from cloud_world import ColourBoxes
 
     server = start_server(ColourBoxes(), Knobs(token=TOKEN), protocol="dds")
@@ -223,7 +223,7 @@ def test_budget_stops_cleanly_and_a_raised_budget_finishes(local_ray_with_s3, tm
 
 
 @pytest.mark.timeout(480)
-def test_dds_chaos_kill_and_resume_pays_each_task_once(local_ray_with_s3, tmp_path, monkeypatch):
+def test_dds_chaos_kill_and_resume_pays_each_task_once(local_ray, tmp_path, monkeypatch):
     from cloud_world import ColourBoxes
 
     knobs = Knobs(token=TOKEN, fail_500=0.05, fail_429=0.05, retry_after_s=0.2, retry_after_date=0.5,

@@ -129,12 +129,6 @@ def test_export_to_s3(exported, s3_bucket):
 
 
 @pytest.fixture(scope="module")
-def ray_num_cpus() -> int:
-    """Two logical CPUs for this module's ``local_ray`` (conftest.py)."""
-    return 2
-
-
-@pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     """Three readable images (one in a sub-folder), a corrupt one and a non-image file."""
     folder = tmp_path_factory.mktemp("images")

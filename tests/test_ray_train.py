@@ -1,4 +1,4 @@
-"""Ray Train (2 gloo workers) for stage 1 with a kill and a resume; the detection actor pool."""
+"""Ray Train (2 gloo workers) for stage 1: a kill, a resume, and a resubmission of the finished run; the detection actor pool."""
 
 from __future__ import annotations
 
@@ -66,8 +66,8 @@ def steps_done(folder: Path) -> list[int]:
     return [int(s) for s in (folder / "steps.txt").read_text().split()]
 
 
-@pytest.mark.timeout(420)
-def test_two_gloo_workers_checkpoint_get_killed_and_resume(local_ray, clip_dir, tmp_path):
+@pytest.mark.timeout(540)
+def test_two_gloo_workers_checkpoint_get_killed_resume_and_resume_again_when_resubmitted(local_ray, clip_dir, tmp_path):
     run_dir = tmp_path / "run"
     write_cloud_records(run_dir, tmp_path)
     cfg = run_config(clip_dir, run_dir, steps=4)
@@ -81,17 +81,10 @@ def test_two_gloo_workers_checkpoint_get_killed_and_resume(local_ray, clip_dir, 
     model = load_detector(model_uri)
     assert not torch.equal(model.prototypes.vectors, build_detector(cfg).prototypes.vectors)
 
-
-@pytest.mark.timeout(300)
-def test_a_resubmitted_run_resumes_from_its_last_checkpoint(local_ray, clip_dir, tmp_path):
-    run_dir = tmp_path / "run"
-    write_cloud_records(run_dir, tmp_path)
-    # One worker process: Ray's local mode (num_workers=0) keeps no run state to resume from.
-    cfg = with_updates(run_config(clip_dir, run_dir, steps=2), ["ray.num_workers=1"])
-    loop = functools.partial(disseminate_worker, after_step=functools.partial(fail_once_after, -1, str(tmp_path)))
-    run_disseminate(cfg, RunDir(str(run_dir)), loop=loop)
-    run_disseminate(with_updates(cfg, ["train.disseminate.steps=3"]), RunDir(str(run_dir)), loop=loop)
-    assert steps_done(tmp_path) == [1, 2, 3]
+    # The finished run submitted again with a longer schedule resumes from its last checkpoint
+    # (step 4) and trains step 5 only. (Ray's local mode, num_workers=0, keeps no run state.)
+    run_disseminate(with_updates(cfg, ["train.disseminate.steps=5"]), RunDir(str(run_dir)), loop=loop)
+    assert steps_done(tmp_path) == [1, 2, 3, 3, 4, 5]
 
 
 @pytest.mark.timeout(180)
