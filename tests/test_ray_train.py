@@ -1,4 +1,5 @@
-"""Ray Train (2 gloo workers) for stage 1: a kill, a resume, and a resubmission of the finished run; the detection actor pool."""
+"""Ray Train (2 gloo workers) for stage 1: a kill, a resume, and a resubmission of the finished
+run; the detection actor pool."""
 
 from __future__ import annotations
 
