@@ -1,4 +1,5 @@
-"""fit() fits again, from the newest checkpoint, when Ray Train loses a worker under its controller."""
+"""fit() fits again, from the newest checkpoint, when Ray Train loses a worker under its controller
+or the controller itself."""
 
 from __future__ import annotations
 
@@ -54,5 +55,20 @@ def test_other_controller_errors_and_too_many_losses_are_raised(trainer, tmp_pat
     trainer.fits = 0
     trainer.errors = [lost_worker() for _ in range(3)]
     with pytest.raises(ray.train.ControllerError):
+        train.fit(lambda config: None, {}, cfg, name="distill", storage_path=str(tmp_path), max_failures=2)
+    assert trainer.fits == 3
+
+
+def test_a_controller_that_died_is_fitted_again_under_the_same_name_a_bounded_number_of_times(trainer, tmp_path,
+                                                                                          capsys):
+    cfg = load_config(None)
+    trainer.errors = [ray.exceptions.ActorDiedError()]
+    assert train.fit(lambda config: None, {}, cfg, name="disseminate", storage_path=str(tmp_path)) == "fitted disseminate"
+    assert trainer.fits == 2
+    assert "[disseminate] Ray Train's controller died; resuming from the newest checkpoint" in capsys.readouterr().out
+
+    trainer.fits = 0
+    trainer.errors = [ray.exceptions.ActorDiedError() for _ in range(3)]
+    with pytest.raises(ray.exceptions.ActorDiedError):
         train.fit(lambda config: None, {}, cfg, name="distill", storage_path=str(tmp_path), max_failures=2)
     assert trainer.fits == 3

@@ -87,6 +87,14 @@ def fit(loop: Callable[[dict], None], loop_config: dict, cfg: Config, *, name: s
             # same name resumes from the newest checkpoint, so fitting again loses no step.
             print(f"[{name}] Ray Train lost a worker while restarting its group; resuming from the "
                   f"newest checkpoint", flush=True)
+        except ray.exceptions.ActorDiedError:
+            # fit() waits on its controller actor only: its process died (seen on a loaded
+            # 2-core machine: a SIGSEGV in Ray's metrics thread). Fitting again under the same
+            # name resumes from the newest checkpoint.
+            if restarts_left == 0:
+                raise
+            restarts_left -= 1
+            print(f"[{name}] Ray Train's controller died; resuming from the newest checkpoint", flush=True)
 
 
 def lost_a_worker(error: ray.train.ControllerError) -> bool:
