@@ -63,7 +63,8 @@ def test_a_controller_that_died_is_fitted_again_under_the_same_name_a_bounded_nu
                                                                                           capsys):
     cfg = load_config(None)
     trainer.errors = [ray.exceptions.ActorDiedError()]
-    assert train.fit(lambda config: None, {}, cfg, name="disseminate", storage_path=str(tmp_path)) == "fitted disseminate"
+    result = train.fit(lambda config: None, {}, cfg, name="disseminate", storage_path=str(tmp_path))
+    assert result == "fitted disseminate"
     assert trainer.fits == 2
     assert "[disseminate] Ray Train's controller died; resuming from the newest checkpoint" in capsys.readouterr().out
 
