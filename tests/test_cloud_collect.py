@@ -24,7 +24,7 @@ TOKEN = "tok-collect-7c1e55aa90d3"
 
 
 def make_cfg(tmp_path: Path, url: str, folder: str, clip: str = "", **cloud):
-    # The answer cache is named: the module's Ray workers and this process must share it (the
+    # The answer cache is named: the session's Ray workers and this process must share it (the
     # per-user default follows $COIN_RAY_CACHE, which conftest gives every test anew).
     cloud = {"backend": "http", "url": url, "requests_per_second": 10.0, "max_in_flight": 4,
              "num_actors": 4, "timeout_s": 2.0, "max_retries": 3, "cache": str(tmp_path / "answers"), **cloud}

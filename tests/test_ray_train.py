@@ -68,7 +68,8 @@ def steps_done(folder: Path) -> list[int]:
 
 
 @pytest.mark.timeout(540)
-def test_two_gloo_workers_checkpoint_get_killed_resume_and_resume_again_when_resubmitted(local_ray, clip_dir, tmp_path):
+def test_two_gloo_workers_checkpoint_get_killed_resume_and_resume_again_when_resubmitted(local_ray, clip_dir,
+                                                                                         tmp_path):
     run_dir = tmp_path / "run"
     write_cloud_records(run_dir, tmp_path)
     cfg = run_config(clip_dir, run_dir, steps=4)

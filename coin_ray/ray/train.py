@@ -78,28 +78,31 @@ def fit(loop: Callable[[dict], None], loop_config: dict, cfg: Config, *, name: s
                                torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"))
         try:
             return trainer.fit()
-        except ray.train.ControllerError as error:
-            if restarts_left == 0 or not lost_a_worker(error):
+        except (ray.train.ControllerError, ray.exceptions.ActorDiedError) as error:
+            reason = restartable(error)
+            if restarts_left == 0 or reason is None:
                 raise
             restarts_left -= 1
-            # Ray Train 2.60 can lose a worker of the group it is tearing down after a
-            # worker failure, and reports that as a (non-retryable) controller error. The
-            # same name resumes from the newest checkpoint, so fitting again loses no step.
-            print(f"[{name}] Ray Train lost a worker while restarting its group; resuming from the "
-                  f"newest checkpoint", flush=True)
-        except ray.exceptions.ActorDiedError:
-            # fit() waits on its controller actor only: its process died (seen on a loaded
-            # 2-core machine: a SIGSEGV in Ray's metrics thread). Fitting again under the same
-            # name resumes from the newest checkpoint.
-            if restarts_left == 0:
-                raise
-            restarts_left -= 1
-            print(f"[{name}] Ray Train's controller died; resuming from the newest checkpoint", flush=True)
+            # The same name resumes from the newest checkpoint, so fitting again loses no step.
+            print(f"[{name}] {reason}; resuming from the newest checkpoint", flush=True)
 
 
-def lost_a_worker(error: ray.train.ControllerError) -> bool:
-    """True when the controller failed because a training worker actor died under it."""
-    return isinstance(error.controller_failure, ray.exceptions.ActorDiedError)
+def restartable(error: Exception) -> str | None:
+    """Why a failed ``fit()`` may fit again, or None when it must not.
+
+    - Ray Train 2.60 can lose a worker of the group it is tearing down after a worker failure,
+      and reports that as a (non-retryable) ControllerError around an ActorDiedError.
+    - ``fit()`` itself waits on its controller actor only, so an ActorDiedError it raises means
+      the controller's process died (seen on a loaded 2-core machine: a SIGSEGV in Ray's
+      metrics thread).
+    """
+    if isinstance(error, ray.train.ControllerError):
+        if isinstance(error.controller_failure, ray.exceptions.ActorDiedError):
+            return "Ray Train lost a worker while restarting its group"
+        return None
+    if isinstance(error, ray.exceptions.ActorDiedError):
+        return "Ray Train's controller died"
+    return None
 
 
 def stage_uris(cfg: Config, uris: list[str] | None = None) -> list[str] | None:
